@@ -1,0 +1,69 @@
+"""The public verbs: ``optimize`` (compile a model in place) and ``explain`` (report only)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import chronicals_backend
+from .config import Config
+from .report import Report
+
+log = logging.getLogger("chronicals")
+
+# model -> the report of every graph compiled for it so far (dropped with the model).
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, Report]" = weakref.WeakKeyDictionary()
+
+
+def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool = False,
+             mode: str | None = None, **options: Any) -> nn.Module:
+    """Compile ``model`` in place with the chronicals backend and return it.
+
+    The same object comes back, of the same class, with the same ``state_dict`` keys (no
+    ``_orig_mod.`` prefix): ``nn.Module.compile`` swaps only the call path. ``.train()`` and
+    ``.eval()`` keep working (Dynamo guards on the mode and recompiles once per mode).
+    Compilation happens at the first call; each graph's report is logged then and available
+    from :func:`report_of`. ``options`` are :class:`Config` fields plus Inductor options.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
+    config = Config.from_options(options)
+    report = _REPORTS.setdefault(model, Report())
+
+    def collect(graph_report: Report) -> None:
+        report.extend(graph_report)
+        log.info("chronicals.optimize(%s):\n%s", type(model).__name__, graph_report)
+
+    backend = functools.partial(chronicals_backend, options=config, on_report=collect)
+    # nn.Module.compile, not model.compile: a subclass may define its own `compile`.
+    nn.Module.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
+    return model
+
+
+def report_of(model: nn.Module) -> Report:
+    """What the backend has matched and declined in ``model`` so far (after its first call)."""
+    if model not in _REPORTS:
+        raise KeyError(f"{type(model).__name__} was not passed to chronicals.optimize()")
+    return _REPORTS[model]
+
+
+def explain(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
+    """Capture ``model(*args, **kwargs)``'s graph(s) and report what the passes would do.
+
+    Nothing is trained: the forward runs once (the rewritten graph, op by op, no Inductor);
+    no backward and no optimizer step run, so no parameter changes. Grad mode is left as the
+    caller has it, since graphs captured without grad can differ from training graphs.
+    Options of :func:`optimize` go in the keyword ``chronicals_options``.
+    """
+    options = kwargs.pop("chronicals_options", {}) or {}
+    config = Config.from_options({**options, "compiler": "eager"})
+    report = Report()
+    backend = functools.partial(chronicals_backend, options=config, on_report=report.extend)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    compiled(*args, **kwargs)
+    return report

@@ -1,0 +1,58 @@
+"""The one small dataclass of options, validated where it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Report keys, in pipeline order. Every report carries all five, 0 where nothing matched.
+OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
+
+_COMPILERS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of the ``chronicals`` backend.
+
+    Pass them as ``torch.compile(model, backend="chronicals", options={...})`` or as keyword
+    arguments of :func:`chronicals.optimize`. Any other key of ``options`` is an Inductor
+    option and goes to Inductor unchanged.
+    """
+
+    # Which passes run. Default: all of them. Ops whose pass is off are left to Inductor.
+    passes: tuple[str, ...] = OP_NAMES
+    # What compiles the rewritten graph: "inductor" (the point of the exercise) or "eager"
+    # (runs the rewritten graph op by op: for debugging a mismatch).
+    compiler: str = "inductor"
+    # If a pass raises, the default is to log it, leave the graph as it was, and go on
+    # (the original subgraph runs). strict=True raises instead: for tests and CI.
+    strict: bool = False
+    # linear + cross-entropy: keep the [N, V] logits alive for the model's output even when
+    # the loss is computed in the same graph (costs the memory the fused op saves).
+    keep_logits: bool = False
+    # Options for Inductor (anything torch._inductor.config accepts).
+    inductor: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        passes = (self.passes,) if isinstance(self.passes, str) else tuple(self.passes)
+        unknown = [p for p in passes if p not in OP_NAMES]
+        if unknown:
+            raise ValueError(f"unknown pass(es) {unknown}; choose from {list(OP_NAMES)}")
+        object.__setattr__(self, "passes", passes)
+        if self.compiler not in _COMPILERS:
+            raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
+        object.__setattr__(self, "inductor", dict(self.inductor))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "Config" | None) -> "Config":
+        """Split ``torch.compile``'s ``options=`` into our fields and Inductor's options."""
+        if isinstance(options, Config):
+            return options
+        options = dict(options or {})
+        ours = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: options.pop(k) for k in list(options) if k in ours}
+        inductor = dict(mine.pop("inductor", {}))
+        inductor.update(options)
+        return cls(**mine, inductor=inductor)

@@ -1,0 +1,254 @@
+"""RMSNorm as one registered op with a fused backward.
+
+Forward, per row x of length H (all arithmetic in fp32; ``round_D`` rounds to dtype D where
+eager's graph held the value in D, and is the identity for fp32):
+
+    r     = 1 / sqrt(mean(x²) + eps)
+    x̂     = x · r
+    n     = round_NORM(x̂)                      # e.g. Llama's `.to(input_dtype)` before `weight *`
+    w_eff = round_WEIGHT(w + offset)           # offset = 1 for Gemma's `(1 + weight)`
+    y     = round_MUL(n ⊙ w_eff)  → stored in the output dtype
+
+Backward, with dn = dy ⊙ w_eff (dy when there is no weight), treating roundings as identity
+(as autograd does for casts):
+
+    dx = r · (dn − x̂ · mean(dn ⊙ x̂))
+    dw = Σ_rows dy ⊙ n                          # fp32 partial sums per program, summed after
+
+r is recomputed in the backward from x (which is read there anyway), so the op saves only
+x and w. References: Zhang & Sennrich 2019 (RMSNorm); Triton tutorial 05 (layer norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
+
+from ._triton import ROUND_CODES, launchable, program_count
+
+MAX_HIDDEN = 65536  # one row must fit one program's registers
+
+
+@triton.jit
+def _round(v, CODE: tl.constexpr):
+    """Round fp32 ``v`` through bf16 (CODE 1) or fp16 (CODE 2); CODE 0 keeps fp32."""
+    if CODE == 1:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    elif CODE == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def rms_norm_fwd_kernel(
+    X, W, Y,                    # x [M, H] (rows strided), weight [H], y [M, H]
+    stride_x, stride_y,         # row strides in elements; columns are contiguous
+    M, H,                       # rows, hidden size
+    eps, offset,                # w_eff = w + offset
+    HAS_WEIGHT: tl.constexpr,
+    NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, MUL_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # rows per program (several when H is small)
+    BLOCK_H: tl.constexpr,      # next power of two ≥ H
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_H)
+    col_mask = cols < H
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    rows = rows.to(tl.int64)  # M·H can exceed 2³¹
+
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)                       # [BLOCK_M]
+    y = _round(x * r[:, None], NORM_ROUND)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = _round(w + offset, WEIGHT_ROUND)
+        y = _round(y * w[None, :], MUL_ROUND)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(
+    DY, X, W, DX, DW_PARTIAL,   # dy, x, dx [M, H]; weight [H]; dw partial sums [programs, H]
+    stride_dy, stride_x, stride_dx,
+    M, H,
+    eps, offset,
+    rows_per_program,           # each program owns a contiguous band of rows
+    HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    col_mask = cols < H
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = _round(w + offset, WEIGHT_ROUND)
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows = rows.to(tl.int64)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+        x_hat = x * r[:, None]
+        if HAS_WEIGHT:
+            dn = dy * w[None, :]
+            if COMPUTE_DW:
+                dw += tl.sum(dy * _round(x_hat, NORM_ROUND), axis=0)
+        else:
+            dn = dy
+        c = tl.sum(dn * x_hat, axis=1) / H                                 # mean(dn ⊙ x̂)
+        dx = (dn - x_hat * c[:, None]) * r[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * H + cols, dw, mask=col_mask)
+
+
+def _tiles(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps): about 4k elements per program, whole rows."""
+    block_h = triton.next_power_of_2(hidden)
+    block_m = max(1, 4096 // block_h)
+    num_warps = min(16, max(4, block_m * block_h // 512))
+    return block_m, block_h, num_warps
+
+
+def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, offset: float,
+                     norm_dtype: torch.dtype, weight_dtype: torch.dtype,
+                     mul_dtype: torch.dtype) -> None:
+    """Launch the forward over rows of ``x`` [M, H] into ``y`` [M, H]."""
+    M, H = x.shape
+    block_m, block_h, num_warps = _tiles(H)
+    grid = (triton.cdiv(M, block_m),)
+    launchable(rms_norm_fwd_kernel, x)[grid](
+        x, x if weight is None else weight, y,
+        x.stride(0), y.stride(0), M, H, eps, offset,
+        HAS_WEIGHT=weight is not None,
+        NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
+        MUL_ROUND=ROUND_CODES[mul_dtype],
+        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+    )
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, eps: float,
+                      offset: float, norm_dtype: torch.dtype, weight_dtype: torch.dtype,
+                      compute_dw: bool) -> Tensor | None:
+    """Launch the backward; returns dw in fp32 (or None when not asked for)."""
+    M, H = x.shape
+    block_m, block_h, num_warps = _tiles(H)
+    programs = program_count(x.device, triton.cdiv(M, block_m))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
+    programs = triton.cdiv(M, rows_per_program)
+    dw_partial = torch.empty((programs, H) if compute_dw else (1,), dtype=torch.float32,
+                             device=x.device)
+    launchable(rms_norm_bwd_kernel, x)[(programs,)](
+        dy, x, x if weight is None else weight, dx, dw_partial,
+        dy.stride(0), x.stride(0), dx.stride(0), M, H, eps, offset, rows_per_program,
+        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw,
+        NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
+        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return dw_partial.sum(0) if compute_dw else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-torch reference: the test oracle (in float64) and the op's implementation off CUDA.
+# ---------------------------------------------------------------------------------------------
+def _round_to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).to(t.dtype) if dtype != t.dtype and t.dtype.itemsize > dtype.itemsize else t
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float, offset: float = 0.0,
+                       norm_dtype: torch.dtype = torch.float32,
+                       weight_dtype: torch.dtype = torch.float32,
+                       mul_dtype: torch.dtype = torch.float32,
+                       out_dtype: torch.dtype | None = None) -> Tensor:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    y = _round_to(xf * r, norm_dtype)
+    if weight is not None:
+        w = _round_to(weight.to(acc) + offset, weight_dtype)
+        y = _round_to(y * w, mul_dtype)
+    return y.to(out_dtype or x.dtype)
+
+
+def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float,
+                                offset: float = 0.0, norm_dtype: torch.dtype = torch.float32,
+                                weight_dtype: torch.dtype = torch.float32,
+                                compute_dw: bool = True) -> tuple[Tensor, Tensor | None]:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf, dyf = x.to(acc), dy.to(acc)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    x_hat = xf * r
+    dn = dyf
+    if weight is not None:
+        dn = dyf * _round_to(weight.to(acc) + offset, weight_dtype)
+    dx = (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True)) * r
+    dw = None
+    if weight is not None and compute_dw:
+        dw = (dyf * _round_to(x_hat, norm_dtype)).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered ops. triton_op (not custom_op): Inductor traces into the body and emits the
+# kernel launch in its own generated code, with no dispatcher call per use.
+# ---------------------------------------------------------------------------------------------
+@triton_op("chronicals::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
+             norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
+             out_dtype: torch.dtype) -> Tensor:
+    if x.device.type != "cuda":
+        return rms_norm_reference(x, weight, eps, offset, norm_dtype, weight_dtype, mul_dtype,
+                                  out_dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    y = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    rms_norm_forward(rows, weight, y, eps, offset, norm_dtype, weight_dtype, mul_dtype)
+    return y.view(x.shape)
+
+
+@triton_op("chronicals::rms_norm_backward", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offset: float,
+                 norm_dtype: torch.dtype, weight_dtype: torch.dtype,
+                 compute_dw: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dw); dw is an empty tensor when ``compute_dw`` is False."""
+    if x.device.type != "cuda":
+        dx, dw = rms_norm_backward_reference(dy, x, weight, eps, offset, norm_dtype,
+                                             weight_dtype, compute_dw)
+    else:
+        hidden = x.shape[-1]
+        rows = x.reshape(-1, hidden).contiguous()
+        dy_rows = dy.reshape(-1, hidden).contiguous()
+        dx = torch.empty_like(rows)
+        dw = rms_norm_backward(dy_rows, rows, weight, dx, eps, offset, norm_dtype, weight_dtype,
+                               compute_dw)
+        dx = dx.view(x.shape)
+    if dw is None:
+        return dx, x.new_empty(0)
+    return dx, dw.to(weight.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.params = (eps, offset, norm_dtype, weight_dtype)
+
+
+def _backward(ctx, dy: Tensor):
+    x, weight = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, weight, *ctx.params, compute_dw)
+    return dx, (dw if compute_dw else None), None, None, None, None, None, None
+
+
+rms_norm.register_autograd(_backward, setup_context=_setup_context)
