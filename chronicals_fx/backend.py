@@ -39,6 +39,10 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
         on_report(report)
     if config.compiler == "eager":
         return gm.forward
+    if config.compiler == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 # Report keys, in pipeline order. Every report carries all five, 0 where nothing matched.
 OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
 
-_COMPILERS = ("inductor", "eager")
+_COMPILERS = ("inductor", "aot_eager", "eager")
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,9 @@ class Config:
 
     # Which passes run. Default: all of them. Ops whose pass is off are left to Inductor.
     passes: tuple[str, ...] = OP_NAMES
-    # What compiles the rewritten graph: "inductor" (the point of the exercise) or "eager"
-    # (runs the rewritten graph op by op: for debugging a mismatch).
+    # What compiles the rewritten graph: "inductor" (the point of the exercise); "aot_eager"
+    # (AOTAutograd traces forward and backward, no code generation) or "eager" (the rewritten
+    # graph op by op): for debugging a mismatch, and fast tests.
     compiler: str = "inductor"
     # If a pass raises, the default is to log it, leave the graph as it was, and go on
     # (the original subgraph runs). strict=True raises instead: for tests and CI.

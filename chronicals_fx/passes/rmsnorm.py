@@ -125,8 +125,11 @@ def _decomposed(add: Canon):
     chain, normalized, x_a = _normalize_step(add.node)
     if normalized is None:
         return None
+    weight_first = None
     if _widening_base(x_a) is not base:
-        return None  # statistics of one tensor applied to another: not a norm
+        weight_first = _weight_times(x_a, base)
+        if weight_first is None:
+            return None  # statistics of one tensor applied to another: not a norm
 
     if normalize_dim(mean["dim"], value.dim()) != (value.dim() - 1,):
         return f"normalizes over dim {mean['dim']} of a {value.dim()}-D tensor; the kernel needs the last dim"
@@ -142,8 +145,32 @@ def _decomposed(add: Canon):
     site.norm_dtype = tensor_value(normalized).dtype
     if tensor_value(x_b).dtype in _LOW:
         site.note = f"statistics in fp32 (eager: {_short(tensor_value(x_b).dtype)})"
-    _extend(site)
+    if weight_first is None:
+        _extend(site)
+        return site
+    # (w ⊙ x) · r: the weight multiply comes first; the kernel reassociates to (x · r) ⊙ w,
+    # so only the final rounding point is kept.
+    mul, (site.weight, site.offset, site.weight_dtype, extra) = weight_first
+    site.matched += [*extra, mul]
+    site.internal.append(mul)
+    site.mul_dtype = site.norm_dtype
+    site.norm_dtype = torch.float32
+    site.output, site.mul_dtype = _absorb_casts(site, normalized, site.mul_dtype)
+    site.note = "weight applied before the normalization (reassociated)"
     return site
+
+
+def _weight_times(node, base):
+    """(mul node, weight info) if ``node`` is w ⊙ x with x the norm's input, else None."""
+    mul = is_kind(node, "mul")
+    if mul is None:
+        return None
+    for a, b in ((mul["input"], mul["other"]), (mul["other"], mul["input"])):
+        if isinstance(a, Node) and _widening_base(a) is base:
+            weight = _weight(b, tensor_value(base).shape[-1])
+            if weight is not None:
+                return mul.node, weight
+    return None
 
 
 def _normalize_step(a: Node) -> tuple[list[Node], Node | None, Node | None]:
