@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 from torch.library import wrap_triton
 
 # Rounding points are passed to kernels as small integer constexprs (a torch/Triton dtype as
@@ -13,6 +15,23 @@ from torch.library import wrap_triton
 ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def round_to(v, CODE: tl.constexpr):
+    """Round fp32 ``v`` to bf16 (CODE 1) or fp16 (CODE 2) precision, keeping fp32 storage.
+
+    bf16 rounding is done on the bits (round to nearest, ties to even: add 0x7FFF plus the
+    lowest kept bit, clear the low half) because Triton's interpreter truncates on
+    ``.to(tl.bfloat16)``; on the GPU both agree, and NaN and inf pass through unchanged.
+    """
+    if CODE == 1:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    elif CODE == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
 
 
 def launchable(kernel, like: torch.Tensor):

@@ -1,7 +1,7 @@
 """RMSNorm as one registered op with a fused backward.
 
-Forward, per row x of length H (all arithmetic in fp32; ``round_D`` rounds to dtype D where
-eager's graph held the value in D, and is the identity for fp32):
+Forward, per row x of length H (all arithmetic in fp32; ``round_D`` rounds to nearest-even in
+dtype D where eager's graph held the value in D, and is the identity for fp32):
 
     r     = 1 / sqrt(mean(x²) + eps)
     x̂     = x · r
@@ -27,19 +27,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, launchable, program_count
+from ._triton import ROUND_CODES, launchable, program_count, round_to
 
 MAX_HIDDEN = 65536  # one row must fit one program's registers
-
-
-@triton.jit
-def _round(v, CODE: tl.constexpr):
-    """Round fp32 ``v`` through bf16 (CODE 1) or fp16 (CODE 2); CODE 0 keeps fp32."""
-    if CODE == 1:
-        v = v.to(tl.bfloat16).to(tl.float32)
-    elif CODE == 2:
-        v = v.to(tl.float16).to(tl.float32)
-    return v
 
 
 @triton.jit
@@ -50,6 +40,7 @@ def rms_norm_fwd_kernel(
     eps, offset,                # w_eff = w + offset
     HAS_WEIGHT: tl.constexpr,
     NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, MUL_ROUND: tl.constexpr,
+    OUT_ROUND: tl.constexpr,    # the output's dtype, rounded to nearest-even before the store
     BLOCK_M: tl.constexpr,      # rows per program (several when H is small)
     BLOCK_H: tl.constexpr,      # next power of two ≥ H
 ):
@@ -61,11 +52,12 @@ def rms_norm_fwd_kernel(
 
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)                       # [BLOCK_M]
-    y = _round(x * r[:, None], NORM_ROUND)
+    y = round_to(x * r[:, None], NORM_ROUND)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = _round(w + offset, WEIGHT_ROUND)
-        y = _round(y * w[None, :], MUL_ROUND)
+        w = round_to(w + offset, WEIGHT_ROUND)
+        y = round_to(y * w[None, :], MUL_ROUND)
+    y = round_to(y, OUT_ROUND)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -77,7 +69,7 @@ def rms_norm_bwd_kernel(
     eps, offset,
     rows_per_program,           # each program owns a contiguous band of rows
     HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr,
+    NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, DX_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -87,7 +79,7 @@ def rms_norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = _round(w + offset, WEIGHT_ROUND)
+        w = round_to(w + offset, WEIGHT_ROUND)
     dw = tl.zeros([BLOCK_H], dtype=tl.float32)
 
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -101,11 +93,11 @@ def rms_norm_bwd_kernel(
         if HAS_WEIGHT:
             dn = dy * w[None, :]
             if COMPUTE_DW:
-                dw += tl.sum(dy * _round(x_hat, NORM_ROUND), axis=0)
+                dw += tl.sum(dy * round_to(x_hat, NORM_ROUND), axis=0)
         else:
             dn = dy
         c = tl.sum(dn * x_hat, axis=1) / H                                 # mean(dn ⊙ x̂)
-        dx = (dn - x_hat * c[:, None]) * r[:, None]
+        dx = round_to((dn - x_hat * c[:, None]) * r[:, None], DX_ROUND)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
     if COMPUTE_DW:
@@ -132,7 +124,7 @@ def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, of
         x.stride(0), y.stride(0), M, H, eps, offset,
         HAS_WEIGHT=weight is not None,
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
-        MUL_ROUND=ROUND_CODES[mul_dtype],
+        MUL_ROUND=ROUND_CODES[mul_dtype], OUT_ROUND=ROUND_CODES[y.dtype],
         BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )
 
@@ -153,7 +145,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
         dy.stride(0), x.stride(0), dx.stride(0), M, H, eps, offset, rows_per_program,
         HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw,
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+        DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )
     return dw_partial.sum(0) if compute_dw else None
 
