@@ -1,0 +1,181 @@
+"""What the demo and the end-to-end benchmark train: an embedded corpus, model shapes, and a
+measured training loop whose every speed figure carries its proof of training.
+
+The corpus is the Python standard library's own source text (it ships with every Python, so
+nothing is downloaded), read as bytes: token ids 0–255, every one a real token, no padding.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+# Model shapes by name. Vocabulary sizes are the real ones: the lm_head + loss cost depends on
+# them even though the byte corpus only uses ids 0–255.
+MODEL_SPECS: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(family="Qwen2Config", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "llama-3-8b": dict(family="LlamaConfig", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
+    # small enough to train on a CPU in seconds, same structure as the real ones
+    "tiny-llama": dict(family="LlamaConfig", vocab_size=512, hidden_size=128,
+                       intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=False, rms_norm_eps=1e-6),
+}
+
+
+def build_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> nn.Module:
+    """A randomly initialised causal LM of a named shape (no download)."""
+    import transformers
+
+    if spec not in MODEL_SPECS:
+        raise ValueError(f"unknown model spec {spec!r}; choose from {sorted(MODEL_SPECS)}")
+    fields = dict(MODEL_SPECS[spec])
+    config = getattr(transformers, fields.pop("family"))(**{**fields, **overrides})
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def corpus_bytes(limit: int = 8 << 20) -> bytes:
+    """Up to ``limit`` bytes of the standard library's .py sources, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    if total == 0:
+        raise RuntimeError(f"no Python sources found under {root}")
+    return b"".join(chunks)[:limit]
+
+
+def byte_batches(batch_size: int, seq_len: int, device: str = "cpu",
+                 limit: int = 8 << 20) -> Iterator[dict]:
+    """Endless batches of consecutive corpus windows: ``input_ids`` = ``labels`` [B, T].
+
+    The model shifts labels itself (HF convention), so every position is a real token.
+    """
+    data = torch.frombuffer(bytearray(corpus_bytes(limit)), dtype=torch.uint8).long()
+    window = batch_size * seq_len
+    if data.numel() < window:
+        raise ValueError(f"corpus has {data.numel()} bytes, a batch needs {window}")
+    offset = 0
+    while True:
+        if offset + window > data.numel():
+            offset = 0
+        ids = data[offset:offset + window].view(batch_size, seq_len).to(device)
+        offset += window
+        yield {"input_ids": ids, "labels": ids}
+
+
+@dataclass
+class TrainStats:
+    """One training run: per-step loss, grad norm and time; tokens are real tokens only."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
+    warmup_steps: int = 0
+    peak_gib: float = 0.0
+
+    @property
+    def timed_ms(self) -> list[float]:
+        return self.step_ms[self.warmup_steps:]
+
+    @property
+    def median_step_ms(self) -> float:
+        return statistics.median(self.timed_ms) if self.timed_ms else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.median_step_ms * 1000
+
+    @property
+    def min_grad_norm(self) -> float:
+        return min(self.grad_norms)
+
+    def proof_of_training(self) -> list[str]:
+        """Problems that would make a speed figure meaningless (empty when it trained)."""
+        problems = []
+        if not all(math.isfinite(x) for x in self.losses):
+            problems.append("non-finite loss")
+        if not self.grad_norms or self.min_grad_norm <= 0 or not math.isfinite(self.min_grad_norm):
+            problems.append(f"grad norm {self.min_grad_norm if self.grad_norms else 'missing'}")
+        if self.tokens_per_step <= 0:
+            problems.append("no real tokens")
+        return problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "median_step_ms": self.median_step_ms,
+                "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
+
+
+def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-4,
+          warmup_steps: int = 2, max_grad_norm: float = 1.0, progress: str | None = None,
+          optimizer: torch.optim.Optimizer | None = None) -> TrainStats:
+    """AdamW steps (fused on CUDA) with grad clipping; per-step time, loss and grad norm.
+
+    Device values are collected without syncing inside the step and read once at the end, so
+    the loop adds no host synchronization of its own beyond the per-step timer.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    model.train()
+    stats = TrainStats(warmup_steps=warmup_steps)
+    losses, norms = [], []
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=progress, unit="step", leave=False)
+    for _ in iterator:
+        batch = next(batches)
+        _sync(device)
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        _sync(device)
+        stats.step_ms.append((time.perf_counter() - start) * 1000)
+        stats.tokens_per_step = _real_tokens(batch)
+    stats.losses = [float(x) for x in torch.stack(losses).float().cpu()]
+    stats.grad_norms = [float(x) for x in torch.stack(norms).float().cpu()]
+    if device.type == "cuda":
+        stats.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return stats
+
+
+def _real_tokens(batch: dict) -> int:
+    """Tokens that are not padding: all of them unless an attention mask says otherwise."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
