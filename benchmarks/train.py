@@ -97,9 +97,13 @@ def main(argv=None) -> int:
             cmd += ["--passes", *args.passes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            print(f"{variant}: failed: {' | '.join(tail)}", flush=True)
-            results.append({"variant": variant, "error": " | ".join(tail)})
+            log = os.path.join(os.path.dirname(args.json or path), f"train_{variant}.log")
+            with open(log, "w") as f:
+                f.write(proc.stdout + proc.stderr)
+            lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
+            error = lines[-1][:300] if lines else f"exit {proc.returncode}"
+            print(f"{variant}: failed ({log}): {error}", flush=True)
+            results.append({"variant": variant, "error": error})
             continue
         with open(path) as f:
             results.append(json.load(f))

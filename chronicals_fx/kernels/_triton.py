@@ -25,6 +25,7 @@ def round_to(v, CODE: tl.constexpr):
     lowest kept bit, clear the low half) because Triton's interpreter truncates on
     ``.to(tl.bfloat16)``; on the GPU both agree, and NaN and inf pass through unchanged.
     """
+    v = v.to(tl.float32)  # Inductor may pass float scalars as fp64, promoting what they touch
     if CODE == 1:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000

@@ -51,11 +51,11 @@ def rms_norm_fwd_kernel(
     rows = rows.to(tl.int64)  # M·H can exceed 2³¹
 
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)                       # [BLOCK_M]
+    r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))      # [BLOCK_M]
     y = round_to(x * r[:, None], NORM_ROUND)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = round_to(w + offset, WEIGHT_ROUND)
+        w = round_to(w + offset, WEIGHT_ROUND)  # round_to also pins fp32
         y = round_to(y * w[None, :], MUL_ROUND)
     y = round_to(y, OUT_ROUND)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -88,7 +88,7 @@ def rms_norm_bwd_kernel(
         rows = rows.to(tl.int64)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+        r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))
         x_hat = x * r[:, None]
         if HAS_WEIGHT:
             dn = dy * w[None, :]
@@ -104,20 +104,22 @@ def rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * H + cols, dw, mask=col_mask)
 
 
-def _tiles(hidden: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_H, num_warps): about 4k elements per program, whole rows."""
+def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
+           ) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps): whole rows, about 4k elements per program by default."""
     block_h = triton.next_power_of_2(hidden)
-    block_m = max(1, 4096 // block_h)
-    num_warps = min(16, max(4, block_m * block_h // 512))
+    block_m = block_m or max(1, 4096 // block_h)
+    num_warps = num_warps or min(16, max(4, block_m * block_h // 512))
     return block_m, block_h, num_warps
 
 
 def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, offset: float,
                      norm_dtype: torch.dtype, weight_dtype: torch.dtype,
-                     mul_dtype: torch.dtype) -> None:
+                     mul_dtype: torch.dtype, block_m: int | None = None,
+                     num_warps: int | None = None) -> None:
     """Launch the forward over rows of ``x`` [M, H] into ``y`` [M, H]."""
     M, H = x.shape
-    block_m, block_h, num_warps = _tiles(H)
+    block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
     grid = (triton.cdiv(M, block_m),)
     launchable(rms_norm_fwd_kernel, x)[grid](
         x, x if weight is None else weight, y,
@@ -131,11 +133,12 @@ def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, of
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, eps: float,
                       offset: float, norm_dtype: torch.dtype, weight_dtype: torch.dtype,
-                      compute_dw: bool) -> Tensor | None:
+                      compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
+                      programs_per_sm: int = 4) -> Tensor | None:
     """Launch the backward; returns dw in fp32 (or None when not asked for)."""
     M, H = x.shape
-    block_m, block_h, num_warps = _tiles(H)
-    programs = program_count(x.device, triton.cdiv(M, block_m))
+    block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
+    programs = program_count(x.device, triton.cdiv(M, block_m), programs_per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((programs, H) if compute_dw else (1,), dtype=torch.float32,
