@@ -18,4 +18,4 @@ PY
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
 echo "== pytest (gpu) =="; timeout 300 python3 -m pytest -q -p no:warnings -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
 if [ -n "$1" ]; then echo "== ops =="; timeout 300 python3 -m benchmarks.ops --ops $1 --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.txt" | grep -v Warning; fi
-if [ -n "$2" ]; then echo "== train =="; timeout 420 python3 -m benchmarks.train $2 --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" | grep -v Warning; fi
+if [ -n "$2" ]; then echo "== train =="; timeout 420 python3 -m chronicals_fx.bench $2 --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" | grep -v Warning; fi

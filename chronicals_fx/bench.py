@@ -1,0 +1,144 @@
+"""End-to-end training-step benchmark, each variant in its own process, in one run.
+
+    chronicals bench [--model qwen2.5-0.5b] [--batch 8] [--seq 1024] [--steps 20]
+        [--variants eager compile liger chronicals] [--passes rmsnorm ...] [--lora 32]
+
+Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
+:mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
+first→last, min grad norm, the largest per-step loss gap to eager, and the ratio to
+torch.compile. A variant whose run did not train (non-finite loss, zero grad norm) is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from tabulate import tabulate
+
+VARIANTS = ("eager", "compile", "liger", "liger_compile", "chronicals")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--variants", nargs="*", default=["eager", "compile", "liger", "chronicals"])
+    p.add_argument("--passes", nargs="*", default=None, help="chronicals passes (default: all)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    return p
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    import chronicals
+    from chronicals_fx.workload import build_model, byte_batches, train
+
+    model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=args.lora,
+                                                 target_modules="all-linear", lora_dropout=0.0))
+    variant = args.variant
+    if variant.startswith("liger"):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if args.lora else model)
+    if variant in ("compile", "liger_compile"):
+        model.compile()
+    report = None
+    if variant == "chronicals":
+        options = {} if args.passes is None else {"passes": tuple(args.passes)}
+        chronicals.optimize(model, **options)
+    stats = train(model, byte_batches(args.batch, args.seq, device="cuda"), args.steps,
+                  lr=args.lr, warmup_steps=args.warmup)
+    if variant == "chronicals":
+        report = chronicals.report_of(model)
+    return {"variant": variant, **stats.to_dict(), "problems": stats.proof_of_training(),
+            "counts": report.counts if report else None,
+            "declined": report.declined_counts if report else None}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        with open(args.worker, "w") as f:
+            json.dump(run_variant(args), f)
+        return 0
+
+    import torch
+
+    header = (f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  model {args.model}"
+              f"  B={args.batch} T={args.seq}  steps {args.steps} (warm-up {args.warmup})"
+              f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}")
+    print(header, flush=True)
+    results = []
+    for variant in args.variants:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            path = tmp.name
+        cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path, "--variant", variant,
+               "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
+               "--lora", str(args.lora)]
+        if args.passes is not None:
+            cmd += ["--passes", *args.passes]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = os.path.join(os.path.dirname(args.json or path), f"train_{variant}.log")
+            with open(log, "w") as f:
+                f.write(proc.stdout + proc.stderr)
+            lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
+            error = lines[-1][:300] if lines else f"exit {proc.returncode}"
+            print(f"{variant}: failed ({log}): {error}", flush=True)
+            results.append({"variant": variant, "error": error})
+            continue
+        with open(path) as f:
+            results.append(json.load(f))
+        os.unlink(path)
+        r = results[-1]
+        print(f"{variant}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, loss "
+              f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, counts {r['counts']}", flush=True)
+
+    print(summary_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+def summary_table(results: list[dict]) -> str:
+    ok = {r["variant"]: r for r in results if "error" not in r}
+    compile_tps = ok.get("compile", {}).get("tokens_per_s")
+    eager_losses = ok.get("eager", {}).get("losses")
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append((r["variant"], "failed", "", "", "", "", "", "", r["error"][:60]))
+            continue
+        gap = (max(abs(a - b) for a, b in zip(r["losses"], eager_losses))
+               if eager_losses else float("nan"))
+        rows.append((r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['median_step_ms']:.1f}",
+                     f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
+                     f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
+                     f"{r['tokens_per_s'] / compile_tps:.2f}x" if compile_tps else "",
+                     "; ".join(r["problems"]) or "trained"))
+    return tabulate(rows, headers=("variant", "tok/s", "step ms", "peak GiB", "loss first→last",
+                                   "min grad norm", "max |Δloss| vs eager", "vs compile",
+                                   "proof"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
