@@ -16,7 +16,15 @@ Backward, with dn = dy ⊙ w_eff (dy when there is no weight), treating rounding
     dw = Σ_rows dy ⊙ n                          # fp32 partial sums per program, summed after
 
 r is recomputed in the backward from x (which is read there anyway), so the op saves only
-x and w. References: Zhang & Sennrich 2019 (RMSNorm); Triton tutorial 05 (layer norm).
+x and w.
+
+``add_rms_norm`` fuses the residual add that feeds most norms of a decoder:
+
+    h = round_H(a + b)            (stored: the next residual)      y = RMSNorm(h)
+    backward: dh_total = dh + dx(dy)  →  da = db = dh_total
+
+one read of a and b and one write of h and y forward; one read of h, dy and dh and one write
+of dh_total backward — the add's own pass over memory disappears in both directions. References: Zhang & Sennrich 2019 (RMSNorm); Triton tutorial 05 (layer norm).
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ MAX_HIDDEN = 65536  # one row must fit one program's registers
 @triton.jit
 def rms_norm_fwd_kernel(
     X, W, Y,                    # x [M, H] (rows strided), weight [H], y [M, H]
-    stride_x, stride_y,         # row strides in elements; columns are contiguous
+    B, H_OUT,                   # with HAS_RESIDUAL: x := x + b is the input, stored to H_OUT
+    stride_x, stride_y, stride_b, stride_h,  # row strides in elements; columns are contiguous
     M, H,                       # rows, hidden size
     eps, offset,                # w_eff = w + offset
-    HAS_WEIGHT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_ROUND: tl.constexpr,
     NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, MUL_ROUND: tl.constexpr,
     OUT_ROUND: tl.constexpr,    # the output's dtype, rounded to nearest-even before the store
     BLOCK_M: tl.constexpr,      # rows per program (several when H is small)
@@ -51,6 +60,10 @@ def rms_norm_fwd_kernel(
     rows = rows.to(tl.int64)  # M·H can exceed 2³¹
 
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        b = tl.load(B + rows[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = round_to(x + b, SUM_ROUND)
+        tl.store(H_OUT + rows[:, None] * stride_h + cols[None, :], x.to(H_OUT.dtype.element_ty), mask=mask)
     r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))      # [BLOCK_M]
     y = round_to(x * r[:, None], NORM_ROUND)
     if HAS_WEIGHT:
@@ -64,11 +77,12 @@ def rms_norm_fwd_kernel(
 @triton.jit
 def rms_norm_bwd_kernel(
     DY, X, W, DX, DW_PARTIAL,   # dy, x, dx [M, H]; weight [H]; dw partial sums [programs, H]
-    stride_dy, stride_x, stride_dx,
+    DH,                         # with HAS_DH: a gradient of x from elsewhere, added into dx
+    stride_dy, stride_x, stride_dx, stride_dh,
     M, H,
     eps, offset,
     rows_per_program,           # each program owns a contiguous band of rows
-    HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, HAS_DH: tl.constexpr,
     NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, DX_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -97,7 +111,10 @@ def rms_norm_bwd_kernel(
         else:
             dn = dy
         c = tl.sum(dn * x_hat, axis=1) / H                                 # mean(dn ⊙ x̂)
-        dx = round_to((dn - x_hat * c[:, None]) * r[:, None], DX_ROUND)
+        dx = (dn - x_hat * c[:, None]) * r[:, None]
+        if HAS_DH:
+            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dx = round_to(dx, DX_ROUND)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
     if COMPUTE_DW:
@@ -116,15 +133,23 @@ def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
 def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, offset: float,
                      norm_dtype: torch.dtype, weight_dtype: torch.dtype,
                      mul_dtype: torch.dtype, block_m: int | None = None,
-                     num_warps: int | None = None) -> None:
-    """Launch the forward over rows of ``x`` [M, H] into ``y`` [M, H]."""
+                     num_warps: int | None = None, residual: Tensor | None = None,
+                     h_out: Tensor | None = None) -> None:
+    """Launch the forward over rows of ``x`` [M, H] into ``y`` [M, H].
+
+    With ``residual``, the normalized input is ``x + residual`` (rounded to ``h_out``'s dtype),
+    also written to ``h_out``.
+    """
     M, H = x.shape
     block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
     grid = (triton.cdiv(M, block_m),)
+    has_residual = residual is not None
+    b, h = (residual, h_out) if has_residual else (x, y)
     launchable(rms_norm_fwd_kernel, x)[grid](
-        x, x if weight is None else weight, y,
-        x.stride(0), y.stride(0), M, H, eps, offset,
-        HAS_WEIGHT=weight is not None,
+        x, x if weight is None else weight, y, b, h,
+        x.stride(0), y.stride(0), b.stride(0), h.stride(0), M, H, eps, offset,
+        HAS_WEIGHT=weight is not None, HAS_RESIDUAL=has_residual,
+        SUM_ROUND=ROUND_CODES[h.dtype],
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         MUL_ROUND=ROUND_CODES[mul_dtype], OUT_ROUND=ROUND_CODES[y.dtype],
         BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
@@ -134,8 +159,11 @@ def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, of
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, eps: float,
                       offset: float, norm_dtype: torch.dtype, weight_dtype: torch.dtype,
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
-                      programs_per_sm: int = 4) -> Tensor | None:
-    """Launch the backward; returns dw in fp32 (or None when not asked for)."""
+                      programs_per_sm: int = 4, dh: Tensor | None = None) -> Tensor | None:
+    """Launch the backward; returns dw in fp32 (or None when not asked for).
+
+    With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh.
+    """
     M, H = x.shape
     block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
     programs = program_count(x.device, triton.cdiv(M, block_m), programs_per_sm)
@@ -144,9 +172,10 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
     dw_partial = torch.empty((programs, H) if compute_dw else (1,), dtype=torch.float32,
                              device=x.device)
     launchable(rms_norm_bwd_kernel, x)[(programs,)](
-        dy, x, x if weight is None else weight, dx, dw_partial,
-        dy.stride(0), x.stride(0), dx.stride(0), M, H, eps, offset, rows_per_program,
-        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw,
+        dy, x, x if weight is None else weight, dx, dw_partial, dx if dh is None else dh,
+        dy.stride(0), x.stride(0), dx.stride(0), dx.stride(0) if dh is None else dh.stride(0),
+        M, H, eps, offset, rows_per_program,
+        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, HAS_DH=dh is not None,
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )
@@ -178,7 +207,8 @@ def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float, offset: flo
 def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float,
                                 offset: float = 0.0, norm_dtype: torch.dtype = torch.float32,
                                 weight_dtype: torch.dtype = torch.float32,
-                                compute_dw: bool = True) -> tuple[Tensor, Tensor | None]:
+                                compute_dw: bool = True, dh: Tensor | None = None
+                                ) -> tuple[Tensor, Tensor | None]:
     acc = torch.promote_types(x.dtype, torch.float32)
     xf, dyf = x.to(acc), dy.to(acc)
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -187,6 +217,8 @@ def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor | None, ep
     if weight is not None:
         dn = dyf * _round_to(weight.to(acc) + offset, weight_dtype)
     dx = (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True)) * r
+    if dh is not None:
+        dx = dx + dh.to(acc)
     dw = None
     if weight is not None and compute_dw:
         dw = (dyf * _round_to(x_hat, norm_dtype)).reshape(-1, x.shape[-1]).sum(0)
@@ -214,19 +246,20 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
 
 @triton_op("chronicals::rms_norm_backward", mutates_args=())
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offset: float,
-                 norm_dtype: torch.dtype, weight_dtype: torch.dtype,
-                 compute_dw: bool) -> tuple[Tensor, Tensor]:
-    """(dx, dw); dw is an empty tensor when ``compute_dw`` is False."""
+                 norm_dtype: torch.dtype, weight_dtype: torch.dtype, compute_dw: bool,
+                 dh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(dx [+ dh], dw); dw is an empty tensor when ``compute_dw`` is False."""
     if x.device.type != "cuda":
         dx, dw = rms_norm_backward_reference(dy, x, weight, eps, offset, norm_dtype,
-                                             weight_dtype, compute_dw)
+                                             weight_dtype, compute_dw, dh)
     else:
         hidden = x.shape[-1]
         rows = x.reshape(-1, hidden).contiguous()
         dy_rows = dy.reshape(-1, hidden).contiguous()
+        dh_rows = None if dh is None else dh.reshape(-1, hidden).contiguous()
         dx = torch.empty_like(rows)
         dw = rms_norm_backward(dy_rows, rows, weight, dx, eps, offset, norm_dtype, weight_dtype,
-                               compute_dw)
+                               compute_dw, dh=dh_rows)
         dx = dx.view(x.shape)
     if dw is None:
         return dx, x.new_empty(0)
@@ -247,3 +280,38 @@ def _backward(ctx, dy: Tensor):
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+@triton_op("chronicals::add_rms_norm", mutates_args=())
+def add_rms_norm(a: Tensor, b: Tensor, weight: Tensor | None, eps: float, offset: float,
+                 norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
+                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(h, y) with h = a + b (same shape and dtype) and y = RMSNorm(h) as in ``rms_norm``."""
+    if a.device.type != "cuda":
+        h = a + b
+        return h, rms_norm_reference(h, weight, eps, offset, norm_dtype, weight_dtype,
+                                     mul_dtype, out_dtype)
+    hidden = a.shape[-1]
+    a_rows = a.reshape(-1, hidden).contiguous()
+    b_rows = b.reshape(-1, hidden).contiguous()
+    h = torch.empty_like(a_rows)
+    y = torch.empty(a_rows.shape, dtype=out_dtype, device=a.device)
+    rms_norm_forward(a_rows, weight, y, eps, offset, norm_dtype, weight_dtype, mul_dtype,
+                     residual=b_rows, h_out=h)
+    return h.view(a.shape), y.view(a.shape)
+
+
+def _add_setup_context(ctx, inputs, output) -> None:
+    _a, _b, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype = inputs
+    ctx.save_for_backward(output[0], weight)
+    ctx.params = (eps, offset, norm_dtype, weight_dtype)
+
+
+def _add_backward(ctx, dh: Tensor | None, dy: Tensor):
+    h, weight = ctx.saved_tensors
+    compute_dw = weight is not None and ctx.needs_input_grad[2]
+    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, h, weight, *ctx.params, compute_dw, dh)
+    return dx, dx, (dw if compute_dw else None), None, None, None, None, None, None
+
+
+add_rms_norm.register_autograd(_add_backward, setup_context=_add_setup_context)

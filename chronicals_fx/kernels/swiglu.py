@@ -1,7 +1,8 @@
 """Gated activations (SwiGLU, GeGLU) as one registered op with a fused backward.
 
 Forward, elementwise over gate g and up u of the same shape (fp32 arithmetic; ``round_D``
-rounds to the inputs' dtype D where eager's graph holds the value in D, identity for fp32):
+rounds to nearest-even in the inputs' dtype D where eager's graph holds the value in D,
+identity for fp32):
 
     a = round_D(act(g))                 # eager: act(g) is a tensor of dtype D
     y = a · u                           → stored in D (eager: the product is a tensor of D)
@@ -17,7 +18,8 @@ The activations (``ACTIVATIONS``; codes are kernel constexprs):
     silu       act = g · σ(g)                          act' = σ(g) · (1 + g · (1 − σ(g)))
     gelu       act = g · Φ(g),  Φ(g) = ½(1 + erf(g/√2))  act' = Φ(g) + g · φ(g),  φ = e^(−g²/2)/√(2π)
     gelu_tanh  act = ½g(1 + t),  t = tanh(k₀(g + k₁g³))  act' = ½(1 + t) + ½g(1 − t²) k₀(1 + 3k₁g²)
-               k₀ = √(2/π), k₁ = 0.044715
+               k₀ = √(2/π), k₁ = 0.044715; the kernel uses ½(1 + t) = σ(2k₀(g + k₁g³)), which
+               avoids eager's cancellation in 1 + t for g ≲ −3 (values there are below 1e-2)
 
 act(g) is recomputed in the backward from g (read there anyway), so the op saves only g and u.
 Memory traffic, the whole point of the op (it does a handful of flops per byte):
@@ -37,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, launchable
+from ._triton import ROUND_CODES, launchable, round_to
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
@@ -57,31 +59,18 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _round(v, CODE: tl.constexpr):
-    """Round fp32 ``v`` through bf16 (CODE 1) or fp16 (CODE 2); CODE 0 keeps fp32."""
-    if CODE == 1:
-        v = v.to(tl.bfloat16).to(tl.float32)
-    elif CODE == 2:
-        v = v.to(tl.float16).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _tanh(z):
-    # 1 − 2/(e^{2z} + 1): exact limits ±1 (e^{2z} → inf or 0), no libdevice needed.
-    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-
-
+# gelu_tanh is evaluated through ½(1 + tanh z) = σ(2z) and ½(1 − tanh² z) = 2σ(2z)(1 − σ(2z)):
+# the same function without the cancellation 1 + tanh z suffers in the negative tail.
 @triton.jit
 def _act(g, ACT: tl.constexpr):
     """act(g) in fp32: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)."""
     if ACT == 0:
         a = g / (1.0 + tl.exp(-g))
     elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))          # g·Φ(g)
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))           # g·Φ(g)
     else:
-        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+        z2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)                # 2z = 2k₀(g + k₁g³)
+        a = g / (1.0 + tl.exp(-z2))                                         # g·σ(2z)
     return a
 
 
@@ -98,9 +87,9 @@ def _act_and_grad(g, ACT: tl.constexpr):
         d = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327           # Φ + g·φ
     else:
         g2 = g * g
-        t = _tanh(0.7978845608028654 * (g + 0.044715 * g2 * g))
-        a = 0.5 * g * (1.0 + t)
-        d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g2)
+        s = 1.0 / (1.0 + tl.exp(-1.5957691216057308 * (g + 0.044715 * g2 * g)))  # σ(2z)
+        a = g * s
+        d = s + 2.0 * g * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * g2)
     return a, d
 
 
@@ -130,7 +119,7 @@ def swiglu_fwd_kernel(
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     a = _act(g, ACT)
-    y = _round(a, ROUND) * u
+    y = round_to(round_to(a, ROUND) * u, ROUND)     # rounded to nearest-even before the store
     tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -160,9 +149,9 @@ def swiglu_bwd_kernel(
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     a, d = _act_and_grad(g, ACT)
-    da = _round(dy * u, ROUND)
-    dg = da * d
-    du = dy * _round(a, ROUND)
+    da = round_to(dy * u, ROUND)
+    dg = round_to(da * d, ROUND)
+    du = round_to(dy * round_to(a, ROUND), ROUND)
     tl.store(DG + out_off, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + out_off, du.to(DU.dtype.element_ty), mask=mask)
 

@@ -296,11 +296,36 @@ def replace_with_call(graph: Graph, old: Node, target: Any, args: tuple,
     new.meta = {k: v for k, v in old.meta.items() if k not in ("example_value", "val")}
     new.meta["example_value"] = fake_call(target, args, kwargs)
     old.replace_all_uses_with(new)
+    erase_dead(graph, [*erase, old])
+    return new
+
+
+def insert_call(graph: Graph, before: Node, target: Any, args: tuple, meta_from: Node,
+                n_outputs: int) -> list[Node]:
+    """Insert ``target(*args)`` (returning a tuple of ``n_outputs`` tensors) before ``before``;
+    returns one ``getitem`` node per output, each with its fake ``example_value``.
+
+    The caller redirects users (``replace_all_uses_with``) and erases what became dead.
+    """
+    example = fake_call(target, args)
+    meta = {k: v for k, v in meta_from.meta.items() if k not in ("example_value", "val")}
+    with graph.inserting_before(before):
+        call = graph.call_function(target, args)
+        call.meta = {**meta, "example_value": example}
+        outputs = []
+        for i in range(n_outputs):
+            item = graph.call_function(operator.getitem, (call, i))
+            item.meta = {**meta, "example_value": example[i]}
+            outputs.append(item)
+    return outputs
+
+
+def erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
+    """Erase those of ``nodes`` that nothing uses any more, users before producers."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted(set(erase) | {old}, key=order.__getitem__, reverse=True):
+    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
         if not node.users and node.op in ("call_function", "call_method"):
             graph.erase_node(node)
-    return new
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.rmsnorm import MAX_HIDDEN
-from .graph import (Canon, canon, is_kind, narrower, normalize_dim, number, replace_with_call,
-                    sole_user, static_int, tensor_value, used_outside)
+from .graph import (Canon, canon, erase_dead, insert_call, is_kind, narrower, normalize_dim,
+                    number, replace_with_call, sole_user, static_int, tensor_value, used_outside)
 
 NAME = "rmsnorm"
 _LOW = (torch.bfloat16, torch.float16)
@@ -318,10 +318,41 @@ def _kernel_declines(site: _Site) -> str | None:
 
 def _rewrite(gm: GraphModule, site: _Site) -> None:
     out_dtype = tensor_value(site.output).dtype
-    args = (site.x, site.weight, site.eps, site.offset, site.norm_dtype, site.weight_dtype,
-            site.mul_dtype, out_dtype)
-    site.output = replace_with_call(gm.graph, site.output, torch.ops.chronicals.rms_norm.default,
-                                    args, erase=site.matched)
+    params = (site.weight, site.eps, site.offset, site.norm_dtype, site.weight_dtype,
+              site.mul_dtype, out_dtype)
+    residual = _residual_add(gm.graph, site)
+    if residual is None:
+        site.output = replace_with_call(gm.graph, site.output,
+                                        torch.ops.chronicals.rms_norm.default,
+                                        (site.x, *params), erase=site.matched)
+        return
+    # h = a + b feeds the norm: one op writes both h (for its other users) and the norm.
+    a, b = residual
+    h, y = insert_call(gm.graph, site.x, torch.ops.chronicals.add_rms_norm.default,
+                       (a, b, *params), meta_from=site.output, n_outputs=2)
+    old_h = site.x
+    old_h.replace_all_uses_with(h)
+    site.output.replace_all_uses_with(y)
+    erase_dead(gm.graph, [*site.matched, site.output, old_h])
+    site.output, site.note = y, ", ".join(filter(None, [site.note, "residual add fused"]))
+
+
+def _residual_add(graph, site: _Site) -> tuple[Node, Node] | None:
+    """(a, b) if the norm's input is a + b of two tensors of its own shape and dtype."""
+    add = is_kind(site.x, "add")
+    if add is None:
+        return None
+    a, b = add["input"], add["other"]
+    x = tensor_value(site.x)
+    for t in (a, b):
+        v = tensor_value(t)
+        if v is None or v.shape != x.shape or v.dtype != x.dtype or v.device != x.device:
+            return None
+    if site.weight is not None:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if order[site.weight] > order[site.x]:
+            return None  # the weight is computed after the add: no single insertion point
+    return a, b
 
 
 def _short(dtype: torch.dtype) -> str:

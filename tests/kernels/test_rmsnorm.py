@@ -98,3 +98,39 @@ def test_real_shapes_bf16_on_gpu(rows, hidden):
     assert rel_err(y, y_ref) < 1e-2
     assert rel_err(x.grad, dx_ref) < 1e-2
     assert rel_err(w.grad, dw_ref) < 1e-2
+
+
+@pytest.mark.parametrize("rows,hidden,dtype", [(7, 96, torch.float32), (33, 200, torch.bfloat16)])
+def test_fused_residual_add_forward_and_backward(rows, hidden, dtype):
+    """h = a + b is written and normalized in one pass; the backward adds dh into dx."""
+    a, b, dy, dh = (torch.randn(rows, hidden, device=DEVICE).to(dtype) for _ in range(4))
+    w = torch.randn(hidden, device=DEVICE).to(dtype)
+    h = torch.full_like(a, float("nan"))
+    y = torch.full_like(a, float("nan"))
+    K.rms_norm_forward(a, w, y, 1e-6, 0.0, dtype, dtype, dtype, residual=b, h_out=h)
+    h_ref = (a.double() + b.double())
+    tol = TOLERANCE[dtype]
+    assert rel_err(h, h_ref) < tol
+    # the norm reads the stored (rounded) h, as eager does
+    y_ref, dx_ref, dw_ref = _reference_with_grads(h, w, dy, 1e-6, 0.0)
+    assert rel_err(y, y_ref) < tol
+    dx = torch.full_like(a, float("nan"))
+    dw = K.rms_norm_backward(dy, h, w, dx, 1e-6, 0.0, dtype, dtype, True, dh=dh)
+    assert rel_err(dx, dx_ref + dh.double()) < tol
+    assert rel_err(dw, dw_ref) < tol
+
+
+def test_add_rms_norm_op_gradients_match_unfused():
+    a, b = (torch.randn(4, 5, 24, device=DEVICE, requires_grad=True) for _ in range(2))
+    w = torch.randn(24, device=DEVICE, requires_grad=True)
+    f32 = torch.float32
+    h, y = torch.ops.chronicals.add_rms_norm(a, b, w, 1e-6, 0.0, f32, f32, f32, f32)
+    (h.sin().sum() + (y * y).sum()).backward()
+    grads = [t.grad.clone() for t in (a, b, w)]
+    for t in (a, b, w):
+        t.grad = None
+    h2 = a + b
+    y2 = K.rms_norm_reference(h2, w, 1e-6)
+    (h2.sin().sum() + (y2 * y2).sum()).backward()
+    for got, t in zip(grads, (a, b, w)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,10 @@ def test_hf_family_counts_and_parity(family, compiler):
     assert not [d for d in report.declines if d.op == "rmsnorm"], str(report)
     chronicals.optimize(optimized, strict=True, compiler=compiler)
     assert_same_training_signal(eager, optimized, inputs)
+    # every norm after the first reads a residual sum: that add is fused into the op
+    fused = [m for m in report.matches if m.op == "rmsnorm" and "residual add fused" in m.detail]
+    # 2 layers: both post-attention norms, the second layer's input norm, and the final norm
+    assert len(fused) == 4, str(report)
     assert chronicals.report_of(optimized).counts["rmsnorm"] == expected_rmsnorm_count(family)
 
 

@@ -1,0 +1,418 @@
+"""Find gated MLP activations (SwiGLU, GeGLU) by what they compute; replace each with
+``chronicals::swiglu``.
+
+The computation matched, in either operand order:
+
+    y = act(g) · u
+
+where g and u are projections of the same tensor x:
+
+    projection  linear(x, W, b)                          bias or not
+              | P + low-rank delta                       LoRA: P + B(A(x))·s (PEFT's spelling)
+              | cast(P)
+              | piece of one fused projection P = x Wᵀ   chunk / split / slice on the last dim
+
+and act is an elementwise function of g alone, recognised by *evaluating* the subgraph from g
+to act(g) (elementwise ops and numeric constants only) on probe values in float64 and
+comparing with the activations the kernel has (``kernels.swiglu.ACTIVATIONS``):
+
+    silu        F.silu, nn.SiLU, g·sigmoid(g), g/(1+exp(-g)), ...
+    gelu        F.gelu, nn.GELU, g·½(1+erf(g/√2)), ...
+    gelu_tanh   F.gelu(approximate="tanh") (HF's gelu_pytorch_tanh), and the hand-written tanh
+                formula ½g(1+tanh(√(2/π)(g+0.044715g³))) in any arrangement (HF's gelu_new,
+                gelu_fast)
+
+The projections stay as matmuls; only act(g)·u becomes one op call. Not candidates, never
+mentioned: a non-gated MLP act(fc(x)), a product of two projections without an activation,
+products whose operands are not projections of one tensor. Declined with a reason: other
+gate activations (relu, sigmoid — GLU — quick_gelu, ...), dtypes or devices the kernel
+doesn't take, operands of different shapes (broadcasting), an activation value used
+elsewhere.
+
+Rounding: the kernel computes act(g) in fp32, rounds it to the inputs' dtype, multiplies and
+rounds again — exactly eager's rounding points for F.silu/F.gelu in bf16/fp16 (which compute
+in fp32 internally). A hand-written activation in bf16 rounds after each of its ops in
+eager; the kernel computes it in fp32 (more accurate, differences at bf16 rounding level),
+and the match says so.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from ..kernels._triton import KERNEL_DTYPES
+from ..kernels.swiglu import ACTIVATIONS
+from .graph import (canon, is_kind, narrower, normalize_dim, replace_with_call, strip_casts,
+                    tensor_value, used_outside)
+
+NAME = "swiglu"
+_LOW = (torch.bfloat16, torch.float16)
+_MAX_CHAIN = 32   # nodes in one activation subgraph; bigger is not an activation
+
+
+@dataclass
+class _Projection:
+    input: Node                  # the tensor projected (x)
+    fused: Node | None = None    # the fused projection the piece was cut from
+    split: str = ""              # how it was cut: "chunk", "split", "slice"
+
+
+@dataclass
+class _Site:
+    mul: Node                    # act(g) · u
+    gate: Node                   # g: the op's first input
+    up: Node                     # u: the op's second input
+    chain: list[Node]            # g → act(g), topological order (act(g) last)
+    gate_proj: _Projection
+    up_proj: _Projection
+    activation: str = ""
+    composite: bool = False      # spelled as several ops (rounds per op in eager)
+    casts: list[Node] = field(default_factory=list)
+
+
+def run(gm: GraphModule, ctx) -> None:
+    for node in list(gm.graph.nodes):
+        if node._erased:
+            continue
+        mul = is_kind(node, "mul")
+        if mul is None:
+            continue
+        site = _find(mul.node, mul["input"], mul["other"])
+        if site is None:
+            continue
+        site.activation = _identify(site.chain, site.gate) or ""
+        if site.activation == "identity":
+            continue    # cast(g) · u: a product of projections, no activation
+        reason = _activation_declines(site) or _kernel_declines(site)
+        if reason:
+            ctx.declined(node, reason)
+            continue
+        out = _rewrite(gm, site)
+        ctx.matched(out, _describe(site))
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections
+# ---------------------------------------------------------------------------------------------
+def projection(node) -> _Projection | None:
+    """How ``node`` projects a tensor x (see the module docstring), or None."""
+    node, _ = strip_casts(node)
+    if not isinstance(node, Node):
+        return None
+    c = canon(node)
+    if c is not None and c.kind == "linear" and isinstance(c["input"], Node):
+        return _Projection(c["input"])
+    if c is not None and c.kind == "add":
+        for base, delta in ((c["input"], c["other"]), (c["other"], c["input"])):
+            proj = projection(base)
+            if proj is not None and _low_rank_delta(delta):
+                return proj
+        return None
+    if c is not None and c.kind == "getitem":
+        return _piece(c["input"], c["index"])
+    return None
+
+
+def _low_rank_delta(node) -> bool:
+    """B(A(x)) · s: a linear, possibly scaled by a number and cast (LoRA's added branch)."""
+    node, _ = strip_casts(node)
+    c = is_kind(node, "mul", "div")
+    if c is not None:
+        a, b = c["input"], c["other"]
+        if c.kind == "mul" and not isinstance(a, Node):
+            a, b = b, a
+        if isinstance(b, Node) or isinstance(b, bool) or not isinstance(b, (int, float)):
+            return False
+        node, _ = strip_casts(a)
+    return is_kind(node, "linear") is not None
+
+
+_SPLITTERS = {torch.chunk: "chunk", torch.split: "split", "chunk": "chunk", "split": "split"}
+
+
+def _piece(source, index) -> _Projection | None:
+    """A projection if ``source[index]`` is a last-dim piece of a (fused) projection."""
+    if not isinstance(source, Node):
+        return None
+    how = None
+    if source.op == "call_function" and source.target in (torch.chunk, torch.split):
+        how = _SPLITTERS[source.target]
+    elif source.op == "call_method" and source.target in ("chunk", "split"):
+        how = _SPLITTERS[source.target]
+    if how is not None:
+        if not isinstance(index, int) or not source.args:
+            return None
+        fused = source.args[0]
+        dim = source.args[2] if len(source.args) > 2 else source.kwargs.get("dim", 0)
+        return _fused_piece(fused, dim, how)
+    if _last_dim_slice(index, source):
+        return _fused_piece(source, -1, "slice")
+    return None
+
+
+def _fused_piece(fused, dim, how) -> _Projection | None:
+    value = tensor_value(fused)
+    proj = projection(fused)
+    if value is None or proj is None or normalize_dim(dim, value.dim()) != (value.dim() - 1,):
+        return None
+    return _Projection(proj.input, fused, how)
+
+
+def _last_dim_slice(index, source: Node) -> bool:
+    """True if ``index`` is a basic slice of the last dim only (a view, no copy)."""
+    value = tensor_value(source)
+    if value is None:
+        return False
+    index = index if isinstance(index, tuple) else (index,)
+    if not index or not all(isinstance(e, slice) or e is Ellipsis for e in index):
+        return False
+    ellipses = sum(e is Ellipsis for e in index)
+    if ellipses > 1 or index[-1] is Ellipsis:
+        return False
+    if not ellipses and len(index) != value.dim():
+        return False
+    last = index[-1]
+    everything = slice(None, None, None)
+    if any(e is not Ellipsis and e != everything for e in index[:-1]):
+        return False
+    return (last != everything and last.step in (None, 1)
+            and all(v is None or isinstance(v, int) for v in (last.start, last.stop)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The activation: an elementwise subgraph of g alone, identified by evaluating it
+# ---------------------------------------------------------------------------------------------
+_UNARY = {"neg": torch.neg, "exp": torch.exp, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+          "silu": F.silu, "relu": F.relu, "reciprocal": torch.reciprocal, "sqrt": torch.sqrt,
+          "rsqrt": torch.rsqrt}
+_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+           "pow": torch.pow}
+_ERF = (torch.erf, torch.special.erf)
+
+
+def _is_erf(node: Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ERF and len(node.args) == 1
+             and not node.kwargs)
+            or (node.op == "call_method" and node.target == "erf" and len(node.args) == 1))
+
+
+def _operands(node: Node) -> list | None:
+    """The value operands of an elementwise node we can evaluate, or None."""
+    if _is_erf(node):
+        return [node.args[0]]
+    c = canon(node)
+    if c is None:
+        return None
+    if c.kind == "cast":
+        return [c["input"]] if c["dtype"] in (*KERNEL_DTYPES, torch.float64) else None
+    if c.kind in _UNARY:
+        return [c["input"]]
+    if c.kind == "gelu":
+        return [c["input"]] if c["approximate"] in ("none", "tanh") else None
+    if c.kind in _BINARY:
+        operands = [c["input"], c["exponent" if c.kind == "pow" else "other"]]
+        if not all(isinstance(o, Node) or _is_constant(o) for o in operands):
+            return None
+        return operands
+    return None
+
+
+def _is_constant(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _chain(out) -> tuple[Node, list[Node]] | None:
+    """(g, nodes from g to ``out``) if ``out`` is an elementwise function of one projection g."""
+    if not isinstance(out, Node):
+        return None
+    order: list[Node] = []
+    leaves: set[Node] = set()
+    seen: set[Node] = set()
+
+    def visit(node: Node) -> bool:           # post-order: operands before users
+        if node in seen:
+            return True
+        seen.add(node)
+        if projection(node) is not None:
+            leaves.add(node)
+            return True
+        operands = _operands(node)
+        if operands is None or len(seen) > _MAX_CHAIN:
+            return False
+        if not all(visit(o) for o in operands if isinstance(o, Node)):
+            return False
+        order.append(node)
+        return True
+
+    if not visit(out) or len(leaves) != 1 or not order:
+        return None
+    gate = leaves.pop()
+    # A widening cast of the projection belongs to the activation (the kernel computes in
+    # fp32 anyway): g stays the projection's own value, e.g. silu(g.float()).to(bf16).
+    while (cast := is_kind(gate, "cast")) is not None and isinstance(cast["input"], Node):
+        src = tensor_value(cast["input"])
+        if src is None or narrower(cast["dtype"], src.dtype) or not _only_feeds(gate, order):
+            break
+        order.insert(0, gate)
+        gate = cast["input"]
+    return gate, order
+
+
+def _only_feeds(node: Node, chain: list[Node]) -> bool:
+    return all(user in chain for user in node.users)
+
+
+def _evaluate(chain: list[Node], gate: Node, x: torch.Tensor) -> torch.Tensor:
+    env = {gate: x}
+    val = lambda a: env[a] if isinstance(a, Node) else a  # noqa: E731
+    for node in chain:
+        if _is_erf(node):
+            env[node] = torch.erf(val(node.args[0]))
+            continue
+        c = canon(node)
+        if c.kind == "cast":
+            env[node] = val(c["input"])          # rounding aside, a cast is the identity
+        elif c.kind == "gelu":
+            env[node] = F.gelu(val(c["input"]), approximate=c["approximate"])
+        elif c.kind in _UNARY:
+            env[node] = _UNARY[c.kind](val(c["input"]))
+        else:
+            a, b = val(c["input"]), val(c["exponent" if c.kind == "pow" else "other"])
+            if not isinstance(a, torch.Tensor):
+                a = torch.full_like(x, a)
+            env[node] = _BINARY[c.kind](a, b)
+    return env[chain[-1]]
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> torch.Tensor:
+    """Probe values: a dense grid over the range where activations differ, and beyond."""
+    return torch.cat([torch.linspace(-8.0, 8.0, 161, dtype=torch.float64),
+                      torch.tensor([-30.0, -12.5, 12.5, 30.0], dtype=torch.float64)])
+
+
+_KNOWN = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    # Known but not served: named in the decline.
+    "relu": F.relu,
+    "sigmoid (GLU)": torch.sigmoid,
+    "tanh": torch.tanh,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "identity": lambda x: x,
+}
+
+
+def _identify(chain: list[Node], gate: Node) -> str | None:
+    """The name of the activation ``chain`` computes, or None if none we know."""
+    x = _probe()
+    try:
+        y = _evaluate(chain, gate, x)
+    except Exception:  # an operand we can't reproduce (e.g. a tensor constant): not ours
+        return None
+    if y.shape != x.shape or not torch.isfinite(y).all():
+        return None
+    for name, fn in _KNOWN.items():
+        ref = fn(x)
+        if torch.allclose(y, ref, rtol=1e-6, atol=1e-7):
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding
+# ---------------------------------------------------------------------------------------------
+def _find(mul: Node, a, b) -> _Site | None:
+    if not isinstance(a, Node) or not isinstance(b, Node):
+        return None
+    for act_out, up in ((a, b), (b, a)):
+        up_proj = projection(up)
+        if up_proj is None:
+            continue
+        found = _chain(act_out)
+        if found is None:
+            continue
+        gate, chain = found
+        if gate is up or _same_call(gate, up):
+            continue    # g · f(g): an activation itself (e.g. g·sigmoid(g)), not a gate
+        gate_proj = projection(gate)
+        if gate_proj is None or gate_proj.input is not up_proj.input:
+            continue
+        return _Site(mul, gate, up, chain, gate_proj, up_proj)
+    return None
+
+
+def _same_call(a: Node, b: Node) -> bool:
+    """Two calls of one pure function on the same arguments (``fc(x) * sigmoid(fc(x))``)."""
+    return (a.op == b.op and a.op in ("call_function", "call_method") and a.target == b.target
+            and a.args == b.args and a.kwargs == b.kwargs)
+
+
+def _activation_declines(site: _Site) -> str | None:
+    name = site.activation
+    if not name:
+        return "gate activation is not SiLU or GELU (an elementwise function the kernel lacks)"
+    if name not in ACTIVATIONS:
+        return f"gate activation {name}: the kernel has {', '.join(ACTIVATIONS)}"
+    ops = [n for n in site.chain if is_kind(n, "cast") is None]
+    site.composite = len(ops) > 1
+    site.casts = [n for n in site.chain if is_kind(n, "cast") is not None]
+    return None
+
+
+def _kernel_declines(site: _Site) -> str | None:
+    """Why the kernel can't take this site, or None."""
+    g, u, y = tensor_value(site.gate), tensor_value(site.up), tensor_value(site.mul)
+    a = tensor_value(site.chain[-1])
+    if g is None or u is None or y is None or a is None:
+        return "no shape/dtype information"
+    if g.dtype not in KERNEL_DTYPES:
+        return f"gate dtype {g.dtype} (kernel: fp32, bf16, fp16)"
+    if not g.dtype == u.dtype == a.dtype == y.dtype:
+        return (f"dtypes gate {_short(g.dtype)}, act(gate) {_short(a.dtype)}, up {_short(u.dtype)}, "
+                f"product {_short(y.dtype)}: the kernel takes and returns one dtype")
+    for cast in site.casts:
+        if narrower(canon(cast)["dtype"], g.dtype):
+            return f"activation rounds through {_short(canon(cast)['dtype'])} inside"
+    if g.device.type not in ("cuda", "cpu"):
+        return f"device {g.device.type}"
+    if u.device != g.device:
+        return "gate and up on different devices"
+    if tuple(g.shape) != tuple(u.shape) or tuple(y.shape) != tuple(g.shape):
+        return (f"gate shape {tuple(g.shape)} and up shape {tuple(u.shape)} differ "
+                "(broadcasting; the kernel is elementwise over equal shapes)")
+    if (node := used_outside(site.chain, [*site.chain, site.mul])) is not None:
+        return f"intermediate {node.name} (part of act(gate)) is used outside the gated product"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting and reporting
+# ---------------------------------------------------------------------------------------------
+def _rewrite(gm: GraphModule, site: _Site) -> Node:
+    args = (site.gate, site.up, ACTIVATIONS[site.activation])
+    return replace_with_call(gm.graph, site.mul, torch.ops.chronicals.swiglu.default, args,
+                             erase=site.chain)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _describe(site: _Site) -> str:
+    g = tensor_value(site.gate)
+    parts = [f"{_short(g.dtype)} I={g.shape[-1]}", site.activation]
+    if site.gate_proj.fused is not None and site.gate_proj.fused is site.up_proj.fused:
+        parts.append(f"fused gate/up projection ({site.gate_proj.split})")
+    if site.composite:
+        note = "activation spelled out, matched by value"
+        if g.dtype in _LOW:
+            note += f"; computed in fp32 (eager rounds each op to {_short(g.dtype)})"
+        parts.append(note)
+    return ", ".join(parts)

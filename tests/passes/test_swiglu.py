@@ -1,0 +1,317 @@
+"""SwiGLU/GeGLU pass: exact counts and eager parity on HF models and hand-written spellings;
+non-gated MLPs and products without an activation left alone; declines say why."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+import chronicals
+from tests.tiny_models import assert_same_training_signal, batch, tiny_causal_lm, twins
+
+
+# Only the passes up to this one: other ops' passes are tested in their own files.
+PASSES = ("rmsnorm", "swiglu")
+
+
+def _swiglu_report(report):
+    return ([m for m in report.matches if m.op == "swiglu"],
+            [d for d in report.declines if d.op == "swiglu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face families: one gated MLP per layer.
+# ---------------------------------------------------------------------------------------------
+# One layer except Llama's two (both layers found, named by index): tracing HF models is what
+# costs CI time, and every family's MLP is the same in each layer.
+ONE = {"num_hidden_layers": 1}
+HF_CASES = {
+    "llama": ("llama", {}, "silu"),
+    "qwen2": ("qwen2", ONE, "silu"),
+    "mistral": ("mistral", ONE, "silu"),
+    "gemma": ("gemma", ONE, "gelu_tanh"),                     # gelu_pytorch_tanh: F.gelu(tanh)
+    "phi3": ("phi3", ONE, "silu, fused gate/up projection (chunk)"),
+    # hidden_act gelu_new: HF's hand-written tanh formula, matched by value
+    "llama_gelu_new": ("llama", {**ONE, "hidden_act": "gelu_new"}, "gelu_tanh"),
+}
+
+
+def _check_model(eager, optimized, inputs, count, detail=""):
+    """Compile (AOTAutograd through the op's autograd), compare loss and every gradient with
+    eager, then check what the pass reported for the compiled graph(s)."""
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
+    assert_same_training_signal(eager, optimized, inputs)
+    report = chronicals.report_of(optimized)
+    matches, declines = _swiglu_report(report)
+    assert len(matches) == count and not declines, str(report)
+    assert all(detail in m.detail for m in matches), str(report)
+    return matches
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_family_counts_and_parity(case):
+    family, overrides, detail = HF_CASES[case]
+    eager, optimized = twins(family, **overrides)
+    layers = eager.config.num_hidden_layers
+    matches = _check_model(eager, optimized, batch(), layers, detail)
+    assert [m.where for m in matches] == [f"model.layers.{i}.mlp" for i in range(layers)]
+
+
+def test_peft_lora_projections():
+    """LoRA wraps gate/up as linear(x) + B(A(x))·s: still projections of one tensor."""
+    model = tiny_causal_lm("llama", num_hidden_layers=1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["gate_proj", "up_proj", "down_proj"])
+    eager = peft.get_peft_model(model, config)
+    _check_model(eager, copy.deepcopy(eager), batch(), 1, "silu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written gated MLPs
+# ---------------------------------------------------------------------------------------------
+class GatedMLP(nn.Module):
+    """down(fn(gate, up)); gate and up from two linears or cut from one fused linear."""
+
+    def __init__(self, fn, hidden=24, inter=40, bias=False, split=None, up_features=None):
+        super().__init__()
+        self.fn, self.split, self.inter = fn, split, inter
+        if split is None:
+            self.gate = nn.Linear(hidden, inter, bias=bias)
+            self.up = nn.Linear(hidden, up_features or inter, bias=bias)
+        else:
+            self.gate_up = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down = nn.Linear(inter, hidden, bias=bias)
+        self.silu, self.gelu = nn.SiLU(), nn.GELU()
+
+    def forward(self, x):
+        if self.split is None:
+            g, u = self.gate(x), self.up(x)
+        else:
+            g, u = self.split(self.gate_up(x), self.inter)
+        return self.down(self.fn(self, g, u))
+
+
+SPELLINGS = {
+    # name: (fn(self, gate, up), activation)
+    "f_silu": (lambda s, g, u: F.silu(g) * u, "silu"),
+    "nn_silu": (lambda s, g, u: s.silu(g) * u, "silu"),
+    "up_first": (lambda s, g, u: u * F.silu(g), "silu"),
+    "x_sigmoid_x": (lambda s, g, u: g * torch.sigmoid(g) * u, "silu"),
+    "sigmoid_x_method": (lambda s, g, u: u * (g.sigmoid() * g), "silu"),
+    "div_one_plus_exp": (lambda s, g, u: g / (1 + torch.exp(-g)) * u, "silu"),
+    "f_gelu": (lambda s, g, u: F.gelu(g) * u, "gelu"),
+    "nn_gelu": (lambda s, g, u: u * s.gelu(g), "gelu"),
+    "gelu_erf_formula": (lambda s, g, u: g * 0.5 * (1.0 + torch.erf(g / math.sqrt(2.0))) * u, "gelu"),
+    "gelu_tanh": (lambda s, g, u: F.gelu(g, approximate="tanh") * u, "gelu_tanh"),
+    "hf_gelu_pytorch_tanh": (lambda s, g, u: ACT2FN["gelu_pytorch_tanh"](g) * u, "gelu_tanh"),
+    "hf_gelu_new": (lambda s, g, u: ACT2FN["gelu_new"](g) * u, "gelu_tanh"),
+    "hf_gelu_fast": (lambda s, g, u: u * ACT2FN["gelu_fast"](g), "gelu_tanh"),
+    "upcast_silu": (lambda s, g, u: F.silu(g.float()).to(g.dtype) * u, "silu"),
+}
+
+
+def _check_matches_and_parity(module, x, count=1, rtol=1e-5, atol=1e-6, compiler="aot_eager"):
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler=compiler, passes=PASSES)
+    x_e = x.detach().clone().requires_grad_()
+    x_o = x.detach().clone().requires_grad_()
+    y_e, y_o = module(x_e), optimized(x_o)
+    assert y_o.dtype == y_e.dtype and y_o.shape == y_e.shape
+    torch.testing.assert_close(y_o, y_e, rtol=rtol, atol=atol)
+    dy = torch.randn_like(y_e)
+    y_e.backward(dy)
+    y_o.backward(dy)
+    torch.testing.assert_close(x_o.grad, x_e.grad, rtol=rtol, atol=atol)
+    for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
+        torch.testing.assert_close(p_o.grad, p_e.grad, rtol=rtol, atol=atol, msg=name)
+    report = chronicals.report_of(optimized)
+    matches, declines = _swiglu_report(report)
+    assert len(matches) == count and not declines, str(report)
+    return matches
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_hand_written_spellings(name):
+    fn, activation = SPELLINGS[name]
+    torch.manual_seed(0)
+    [match] = _check_matches_and_parity(GatedMLP(fn), torch.randn(3, 5, 24) * 2)
+    assert match.detail.split(", ")[1] == activation
+
+
+def test_bias_projections():
+    torch.manual_seed(0)
+    _check_matches_and_parity(GatedMLP(SPELLINGS["f_silu"][0], bias=True), torch.randn(4, 24))
+
+
+FUSED = {
+    "chunk_method": lambda t, i: t.chunk(2, dim=-1),
+    "torch_chunk": lambda t, i: torch.chunk(t, 2, -1),
+    "split_size": lambda t, i: t.split(i, dim=-1),
+    "torch_split_sections": lambda t, i: torch.split(t, [i, i], dim=2),
+    "slice_ellipsis": lambda t, i: (t[..., :i], t[..., i:]),
+    "slice_full_index": lambda t, i: (t[:, :, i:], t[:, :, :i]),   # gate is the second half
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_gate_up_projection(name):
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS["f_silu"][0], split=FUSED[name])
+    [match] = _check_matches_and_parity(module, torch.randn(2, 5, 24))
+    assert "fused gate/up projection" in match.detail
+
+
+def test_fused_projection_through_inductor():
+    """Inductor's code generation over the op (its CPU path here), gelu_tanh on chunk views."""
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS["gelu_tanh"][0], split=FUSED["chunk_method"])
+    _check_matches_and_parity(module, torch.randn(2, 5, 24), compiler="inductor")
+
+
+def test_two_sites_in_one_graph():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = GatedMLP(SPELLINGS["f_silu"][0])
+            self.b = GatedMLP(SPELLINGS["f_gelu"][0], split=FUSED["chunk_method"])
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    _check_matches_and_parity(Two(), torch.randn(6, 24), count=2)
+
+
+@pytest.mark.parametrize("name,dtype,tol", [("f_silu", torch.bfloat16, 0),
+                                            ("gelu_tanh", torch.bfloat16, 0),
+                                            ("upcast_silu", torch.bfloat16, 0),
+                                            ("f_gelu", torch.float16, 1e-3)])
+def test_low_precision_rounds_where_eager_rounds(name, dtype, tol):
+    """bf16/fp16: act(g) rounded to the dtype, then the product rounded, and the backward's
+    dy·u rounded before act'(g): eager's rounding points, so on CPU (where both compute in
+    fp32 internally) the results are bit-identical; fp16 GELU's backward differs by an ulp
+    in the order of its fp32 terms."""
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS[name][0], split=FUSED["chunk_method"]).to(dtype)
+    _check_matches_and_parity(module, torch.randn(16, 24).to(dtype), rtol=tol, atol=tol)
+
+
+def test_hand_written_activation_in_bf16_is_noted():
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS["hf_gelu_new"][0]).to(torch.bfloat16)
+    [match] = _check_matches_and_parity(module, torch.randn(4, 24).to(torch.bfloat16),
+                                        rtol=5e-2, atol=5e-2)
+    assert "eager rounds each op to bf16" in match.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Not gated activations: never candidates, nothing reported, results identical.
+# ---------------------------------------------------------------------------------------------
+class Plain(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.a, self.b = nn.Linear(24, 40), nn.Linear(24, 40)
+        self.other = nn.Linear(16, 40)
+        self.down = nn.Linear(40, 24)
+
+    def forward(self, x, y):
+        return self.down(self.fn(self, x, y))
+
+
+NOT_GATED = {
+    "act_of_fc_silu": lambda s, x, y: F.silu(s.a(x)),
+    "act_of_fc_x_sigmoid_x": lambda s, x, y: s.a(x) * torch.sigmoid(s.a(x)),
+    "act_of_fc_gelu_new": lambda s, x, y: ACT2FN["gelu_new"](s.a(x)),
+    "bilinear_no_activation": lambda s, x, y: s.a(x) * s.b(x),
+    "projections_of_different_inputs": lambda s, x, y: F.silu(s.a(x)) * s.other(y),
+    "gate_times_non_projection": lambda s, x, y: F.silu(s.a(x)) * (x.sum(-1, keepdim=True) + 1),
+    "activation_of_product": lambda s, x, y: F.silu(s.a(x) * s.b(x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_GATED))
+def test_not_gated_is_not_a_candidate(name):
+    torch.manual_seed(0)
+    module = Plain(NOT_GATED[name])
+    x, y = torch.randn(3, 24), torch.randn(3, 16)
+    report = chronicals.explain(module, x, y, chronicals_options={"passes": PASSES})
+    assert _swiglu_report(report) == ([], []), str(report)
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="eager", passes=PASSES)
+    torch.testing.assert_close(optimized(x, y), module(x, y), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Declines: the gated product stays as it was, the report says why.
+# ---------------------------------------------------------------------------------------------
+DECLINES = {
+    # name: (fn, reason fragment)
+    "relu_gated": (lambda s, g, u: F.relu(g) * u, "relu"),
+    "sigmoid_glu": (lambda s, g, u: torch.sigmoid(g) * u, "sigmoid"),
+    "quick_gelu": (lambda s, g, u: ACT2FN["quick_gelu"](g) * u, "quick_gelu"),
+    "squared_relu": (lambda s, g, u: F.relu(g).pow(2) * u, "not SiLU or GELU"),
+}
+
+
+def _declined(module, x, fragment):
+    report = chronicals.explain(module, x, chronicals_options={"passes": PASSES})
+    matches, declines = _swiglu_report(report)
+    assert not matches, str(report)
+    assert len(declines) == 1 and fragment in declines[0].reason, str(report)
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="eager", passes=PASSES)
+    torch.testing.assert_close(optimized(x), module(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(DECLINES))
+def test_declines(name):
+    fn, fragment = DECLINES[name]
+    torch.manual_seed(0)
+    module = GatedMLP(fn)
+    _declined(module, torch.randn(3, 24), fragment)
+
+
+def test_activation_value_reused_declines():
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = nn.Linear(16, 32), nn.Linear(16, 32)
+
+        def forward(self, x):
+            a = F.silu(self.gate(x))
+            return a * self.up(x), a
+
+    x = torch.randn(3, 16)
+    report = chronicals.explain(Reused(), x, chronicals_options={"passes": PASSES})
+    matches, [decline] = _swiglu_report(report)
+    assert not matches and "used outside" in decline.reason
+
+
+def test_float64_declines():
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS["f_silu"][0]).double()
+    _declined(module, torch.randn(3, 24, dtype=torch.float64), "float64")
+
+
+def test_broadcast_shapes_decline():
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS["f_silu"][0], up_features=1)
+    _declined(module, torch.randn(3, 24), "differ")
+
+
+def test_mixed_dtypes_decline():
+    torch.manual_seed(0)
+    module = GatedMLP(lambda s, g, u: (F.silu(g) * u.float()).to(g.dtype)).to(torch.bfloat16)
+    _declined(module, torch.randn(3, 24).to(torch.bfloat16), "one dtype")
+
+
+def test_passes_option_turns_swiglu_off():
+    module = GatedMLP(SPELLINGS["f_silu"][0])
+    report = chronicals.explain(module, torch.randn(3, 24),
+                                chronicals_options={"passes": ("rmsnorm",)})
+    assert report.counts["swiglu"] == 0 and not _swiglu_report(report)[1]
