@@ -1,0 +1,85 @@
+"""lm_head + cross-entropy cases: hidden [N, H] and W [V, H] (both needing grads), int64 labels
+with about 10% ignored (-100); each variant returns the scalar mean loss.
+
+flops = 6·N·H·V: the useful work (forward logits 2NHV; backward dH and dW 4NHV), the same for
+every variant so the TFLOP/s column compares speed. chronicals executes 8·N·H·V (the backward
+recomputes the logits chunk by chunk: that is what keeps it exact in fp32 without an [N, V] or
+fp32 [V, H] buffer; see docs/linear_ce.md); Liger computes 6NHV, Cut Cross-Entropy 8NHV.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import OpCase
+
+SHAPES = ((8192, 896, 151936), (8192, 4096, 128256))   # Qwen2.5-0.5B-like, Llama-3-8B-like
+IGNORED = 0.1
+
+
+def eager(h, w, labels):
+    return F.cross_entropy((h @ w.T).float(), labels)
+
+
+def chronicals(h, w, labels):
+    loss, _ = torch.ops.chronicals.linear_cross_entropy(h, w, None, labels, -100, "mean", 0.0,
+                                                        1.0, 0.0, 0.0, torch.float32)
+    return loss
+
+
+def _liger():
+    """Liger's fused linear cross-entropy (its default: weight grad accumulated in the input
+    dtype), and with accum_dtype=float32 where the installed version has it."""
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as L
+    except ImportError:
+        return {}
+    import inspect
+
+    params = list(inspect.signature(L.forward).parameters)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    variants = {"liger": lambda h, w, y: first(L.apply(h, w, y))}
+    if "accum_dtype" in params:
+        # apply() takes positional arguments only: fill the defaults up to accum_dtype.
+        defaults = [p.default for p in inspect.signature(L.forward).parameters.values()][4:]
+        names = params[4:]
+        args = dict(zip(names, defaults))
+        args["accum_dtype"] = torch.float32
+        tail = [args[n] for n in names[:names.index("accum_dtype") + 1]]
+        variants["liger_fp32_accum"] = lambda h, w, y: first(L.apply(h, w, y, *tail))
+    return variants
+
+
+def _cut_ce():
+    try:
+        import cut_cross_entropy as cce
+    except ImportError:
+        return {}
+    return {
+        # its default filters small gradients (filter_eps="high"): not exact
+        "cut_ce": lambda h, w, y: cce.linear_cross_entropy(h, w, y),
+        "cut_ce_exact": lambda h, w, y: cce.linear_cross_entropy(h, w, y, filter_eps=None),
+    }
+
+
+def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
+    from chronicals_fx.kernels import linear_ce as kernel
+
+    variants = {"eager": eager, "inductor": torch.compile(eager), "chronicals": chronicals,
+                **_liger(), **_cut_ce()}
+    out = []
+    for n, hidden, vocab in SHAPES:
+        def inputs(n=n, hidden=hidden, vocab=vocab):
+            h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(vocab, hidden, device=device) * hidden ** -0.5).to(dtype)
+            labels = torch.randint(0, vocab, (n,), device=device)
+            labels[torch.rand(n, device=device) < IGNORED] = -100
+            return h, w.requires_grad_(), labels
+        out.append(OpCase("linear_cross_entropy", f"N={n} H={hidden} V={vocab}",
+                          kernel.ideal_bytes(n, hidden, vocab, dtype.itemsize), inputs, variants,
+                          flops=6 * n * hidden * vocab))
+    return out

@@ -1,0 +1,237 @@
+"""Fused linear + cross-entropy: the plain-torch reference and the Triton path (under
+TRITON_INTERPRET=1 on CPU) against float64 eager ``F.cross_entropy`` on materialized logits;
+the registered op under torch.compile; GPU tests at real shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chronicals  # noqa: F401  (registers the ops)
+from chronicals_fx.kernels import linear_ce as K
+from tests.conftest import DEVICE
+
+
+def eager_loss(h, w, b, y, ignore_index=-100, reduction="mean", label_smoothing=0.0, scale=1.0,
+               softcap=0.0, z_loss=0.0):
+    """What the op computes, written the obvious way on materialized [N, V] logits."""
+    x = h @ w.t() if b is None else h @ w.t() + b
+    z = softcap * torch.tanh(x * scale / softcap) if softcap else x * scale
+    loss = F.cross_entropy(z, y, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        valid = y != ignore_index
+        zl = (z_loss * torch.logsumexp(z, -1).square() * valid).sum()
+        loss = loss + (zl / valid.sum() if reduction == "mean" else zl)
+    return loss
+
+
+def make(n, hidden, vocab, dtype=torch.float64, bias=False, ignore_every=4, seed=0,
+         device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * hidden ** -0.5 * 3
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, vocab, (n,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = -100
+    move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return move(h), move(w), move(b), y.to(device)
+
+
+def float64_truth(h, w, b, y, **kw):
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (h, w) + ((b,) if b is not None else ())]
+    loss = eager_loss(leaves[0], leaves[1], leaves[2] if b is not None else None, y.cpu(), **kw)
+    grads = torch.autograd.grad(loss, leaves) if loss.requires_grad and torch.isfinite(loss) else None
+    return loss.detach(), grads
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+CONFIGS = {
+    "plain": {},
+    "sum": dict(reduction="sum"),
+    "smoothing": dict(label_smoothing=0.1),
+    "softcap": dict(softcap=4.0),
+    "scale_softcap_smoothing": dict(scale=0.7, softcap=3.0, label_smoothing=0.2),
+    "scale": dict(scale=0.125),
+    "z_loss": dict(z_loss=1e-3),
+    "z_loss_sum_smoothing": dict(z_loss=1e-2, reduction="sum", label_smoothing=0.05),
+    "ignore_index_0": dict(ignore_index=0),
+}
+
+
+def _kw(cfg):
+    return dict(ignore_index=cfg.get("ignore_index", -100), reduction=cfg.get("reduction", "mean"),
+                label_smoothing=cfg.get("label_smoothing", 0.0), scale=cfg.get("scale", 1.0),
+                softcap=cfg.get("softcap", 0.0), z_loss=cfg.get("z_loss", 0.0))
+
+
+def _labels_for(cfg, y):
+    """With ignore_index=0, the rows to ignore carry 0 (and -100 would be an invalid class)."""
+    return torch.where(y == -100, 0, y) if cfg.get("ignore_index") == 0 else y
+
+
+def _args(cfg):
+    kw = _kw(cfg)
+    return (kw["ignore_index"], kw["reduction"], kw["label_smoothing"], kw["scale"], kw["softcap"],
+            kw["z_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (plain torch, chunked): exact in float64
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_equals_float64_eager(name, bias):
+    cfg = CONFIGS[name]
+    h, w, b, y = make(29, 16, 150, bias=bias)
+    y = _labels_for(cfg, y)
+    truth, grads = float64_truth(h, w, b, y, **_kw(cfg))
+    loss, lse = K.linear_cross_entropy_reference(h, w, b, y, *_args(cfg), chunk=64)
+    assert rel(loss, truth) < 1e-12
+    one = torch.tensor(1.0, dtype=torch.float64)
+    got = K.linear_cross_entropy_backward_reference(one, h, w, b, y, lse, *_args(cfg), chunk=64)
+    for g_got, g_want in zip(got, grads):
+        assert rel(g_got, g_want) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path under the interpreter: fp32 compute, several chunks (the last one partial)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["plain", "sum", "scale_softcap_smoothing", "z_loss_sum_smoothing"])
+def test_triton_path_equals_float64(name):
+    cfg = CONFIGS[name]
+    h, w, b, y = make(37, 24, 211, dtype=torch.float32, bias=name == "plain", seed=3, device=DEVICE)
+    truth, grads = float64_truth(h, w, b, y, **_kw(cfg))
+    loss, lse = K.lce_forward(h, w, b, y, *_args(cfg), chunk=64)
+    assert loss.dtype == torch.float32 and lse.shape == (37,)
+    assert rel(loss, truth) < 1e-5
+    got = K.lce_backward(torch.tensor(1.0, device=DEVICE), h, w, b, y, lse, *_args(cfg),
+                         True, True, b is not None, chunk=64)
+    for g_got, g_want in zip(got, grads):
+        assert g_got.dtype == torch.float32
+        assert rel(g_got, g_want) < 1e-5
+
+
+def test_triton_path_bf16_within_bf16_error():
+    h, w, _, y = make(48, 32, 160, dtype=torch.bfloat16, seed=4, device=DEVICE)
+    truth, (dh_t, dw_t) = float64_truth(h, w, None, y)
+    loss, lse = K.lce_forward(h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, chunk=128)
+    assert rel(loss, truth) < 1e-3
+    dh, dw, db = K.lce_backward(torch.tensor(1.0, device=DEVICE), h, w, None, y, lse, -100, "mean",
+                                0.0, 1.0, 0.0, 0.0, True, True, False, chunk=128)
+    assert dh.dtype == dw.dtype == torch.bfloat16 and db is None
+    assert rel(dh, dh_t) < 1e-2 and rel(dw, dw_t) < 1e-2
+
+
+def test_triton_path_upstream_gradient_and_partial_grads():
+    """g scales every gradient; grads not asked for are not computed."""
+    h, w, _, y = make(20, 16, 100, dtype=torch.float32, seed=5, device=DEVICE)
+    _, (dh_t, _) = float64_truth(h, w, None, y)
+    loss, lse = K.lce_forward(h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, chunk=32)
+    dh, dw, db = K.lce_backward(torch.tensor(-2.5, device=DEVICE), h, w, None, y, lse, -100, "mean",
+                                0.0, 1.0, 0.0, 0.0, True, False, False, chunk=32)
+    assert dw is None and db is None
+    assert rel(dh, -2.5 * dh_t) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_path_every_label_ignored_matches_eager(reduction):
+    """Eager: "mean" over no tokens is nan, "sum" is 0; the gradients are 0 either way."""
+    h, w, _, y = make(16, 16, 100, dtype=torch.float32, seed=6, device=DEVICE)
+    y[:] = -100
+    loss, lse = K.lce_forward(h, w, None, y, -100, reduction, 0.1, 1.0, 0.0, 0.0, chunk=64)
+    want = eager_loss(h, w, None, y, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want, equal_nan=True)
+    dh, dw, _ = K.lce_backward(torch.tensor(1.0, device=DEVICE), h, w, None, y, lse, -100,
+                               reduction, 0.1, 1.0, 0.0, 0.0, True, True, False, chunk=64)
+    assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_vocab_chunk_policy():
+    # Real shapes: ≤ 256 MiB of [N, Vc] logits, powers of two, whole vocab when small.
+    for n, hidden, vocab in [(8192, 896, 151936), (8192, 4096, 128256), (65536, 4096, 128256),
+                             (1024, 64, 50000)]:
+        c = K.vocab_chunk(n, hidden, vocab, 2)
+        assert (c == vocab or c & (c - 1) == 0) and n * c * 2 <= K.MAX_CHUNK_BYTES
+    assert K.vocab_chunk(16, 32, 300, 4) == 300
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered op: autograd, fake tensors, torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_registered_op_passes_opcheck():
+    h, w, b, y = make(12, 8, 40, dtype=torch.float32, bias=True)
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, -100, "mean", 0.1, 1.0,
+            2.0, 0.0, torch.float32)
+    torch.library.opcheck(torch.ops.chronicals.linear_cross_entropy.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def _op_loss(h, w, y, **kw):
+    return K.linear_cross_entropy_loss(h, w, y, **kw)
+
+
+@pytest.mark.parametrize("all_ignored", [False, True])
+def test_op_under_torch_compile_with_ignored_labels(all_ignored):
+    """Device-side token count: no host sync, no graph break; nan like eager when nothing counts."""
+    h, w, _, y = make(24, 16, 90, dtype=torch.float32, seed=7)
+    if all_ignored:
+        y[:] = -100
+    compiled = torch.compile(_op_loss, backend="aot_eager", fullgraph=True)
+    leaves_c = [t.clone().requires_grad_() for t in (h, w)]
+    leaves_e = [t.clone().requires_grad_() for t in (h, w)]
+    got = compiled(*leaves_c, y)
+    want = eager_loss(*leaves_e, None, y)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    got.backward()
+    want.backward()
+    for a, e in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real shapes, float64 truth, memory bound
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,hidden,vocab,extra_gb", [(8192, 896, 151936, 0.6), (8192, 4096, 128256, 1.4)])
+def test_gpu_real_shapes_bf16(n, hidden, vocab, extra_gb):
+    torch.manual_seed(0)
+    h = torch.randn(n, hidden, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * hidden ** -0.5).bfloat16().requires_grad_()
+    y = torch.randint(0, vocab, (n,), device="cuda")
+    y[torch.rand(n, device="cuda") < 0.1] = -100
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = K.linear_cross_entropy_loss(h, w, y)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    assert peak <= extra_gb, f"peak extra memory {peak:.3f} GB (grads included)"
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    truth = F.cross_entropy(h64 @ w64.t(), y)
+    truth.backward()
+    assert rel(loss, truth) < 1e-3
+    assert rel(h.grad, h64.grad) < 1e-2 and rel(w.grad, w64.grad) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_gpu_configs_fp32(name):
+    cfg = CONFIGS[name]
+    h, w, b, y = make(300, 64, 5000, dtype=torch.float32, bias=True, device="cuda")
+    y = _labels_for(cfg, y)
+    truth, grads = float64_truth(h, w, b, y, **_kw(cfg))
+    loss, lse = K.lce_forward(h, w, b, y, *_args(cfg), chunk=1024)
+    assert rel(loss, truth) < 1e-5
+    got = K.lce_backward(torch.tensor(1.0, device="cuda"), h, w, b, y, lse, *_args(cfg),
+                         True, True, True, chunk=1024)
+    for g_got, g_want in zip(got, grads):
+        assert rel(g_got, g_want) < 1e-4
