@@ -46,7 +46,11 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
 
 
 def report_of(model: nn.Module) -> Report:
-    """What the backend has matched and declined in ``model`` so far (after its first call)."""
+    """What the backend has matched and declined in ``model`` so far (after its first call).
+
+    One entry per compiled graph: a model split at a graph break contributes each part, and a
+    recompilation (eval mode, a new input shape) adds its graph again.
+    """
     if model not in _REPORTS:
         raise KeyError(f"{type(model).__name__} was not passed to chronicals.optimize()")
     return _REPORTS[model]
