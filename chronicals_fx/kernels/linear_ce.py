@@ -285,6 +285,58 @@ def lce_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, l
             db.to(bias.dtype) if need_b else None)
 
 
+def row_chunk(vocab: int, itemsize: int) -> int:
+    """Rows per token chunk of the gradients-in-forward mode: a [C, V] buffer ≤ 256 MiB."""
+    want = max(128, MAX_CHUNK_BYTES // max(1, vocab * itemsize))
+    return 1 << (want.bit_length() - 1)
+
+
+def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                           ignore_index: int, reduction: str, label_smoothing: float,
+                           scale: float, softcap: float, z_loss: float, need_h: bool,
+                           need_w: bool, need_b: bool, rows: int | None = None
+                           ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Opt-in 6NHV mode: (loss fp32, dH, dW, db) for an upstream gradient of 1.
+
+    Token chunks of C rows hold whole rows of logits [C, V], so each row's lse is known inside
+    its chunk and d can be formed at once: dH_c = d_c @ W is exact (one GEMM over V), and
+    dW accumulates over chunks in an fp32 [V, H] buffer (cuBLAS addmm with an fp32 output:
+    exact, but 4·V·H bytes — the memory this mode trades for the recompute).
+    """
+    n, vocab = h.shape[0], weight.shape[0]
+    rows = rows or row_chunk(vocab, h.element_size())
+    f32 = dict(dtype=torch.float32, device=h.device)
+    one = torch.ones((), **f32)
+    row_w = row_weights(one, labels, ignore_index, reduction, torch.float32)
+    dh = torch.empty_like(h) if need_h else None
+    dw = torch.zeros(weight.shape, **f32) if need_w else None
+    db = torch.zeros(vocab, **f32) if need_b else None
+    lse = torch.empty(n, **f32)
+    zt, zsum = torch.zeros(n, **f32), torch.zeros(n, **f32)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        hc, yc = h[r0:r1], labels[r0:r1]
+        x = _logits(hc, weight, bias, 0, vocab)                           # [C, V]
+        m = torch.full((r1 - r0,), float("-inf"), **f32)
+        s = torch.zeros(r1 - r0, **f32)
+        lce_fwd_chunk(x, yc, m, s, zt[r0:r1], zsum[r0:r1], 0, scale, softcap,
+                      bool(label_smoothing))
+        lse[r0:r1] = m + torch.log(s)
+        lce_bwd_chunk(x, yc, lse[r0:r1], row_w[r0:r1], 0, vocab, scale, softcap,
+                      label_smoothing, z_loss)
+        if need_h:
+            torch.mm(x, weight, out=dh[r0:r1])
+        if need_w:
+            _accumulate_mm(dw, x.t(), hc)
+        if need_b:
+            db += x.sum(0, dtype=torch.float32)
+        del x
+    loss = finish_loss(lse, zt, zsum if label_smoothing else None, labels, vocab, ignore_index,
+                       reduction, label_smoothing, z_loss)
+    return (loss, dh, dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain-torch reference: the op off CUDA, and the same algorithm the tests hold to float64.
 # ---------------------------------------------------------------------------------------------
@@ -446,19 +498,77 @@ def _backward(ctx, grad_loss: Tensor, _grad_lse):
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Opt-in: the gradients computed in the forward (6NHV instead of 8NHV; an fp32 [V, H]
+# accumulator instead of the recompute). The forward returns them for an upstream gradient of
+# 1; the backward multiplies by the real one (one more rounding of dW when g is not a power of 2).
+@torch.library.custom_op("chronicals::linear_cross_entropy_grad_in_forward", mutates_args=())
+def linear_cross_entropy_gif(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                             ignore_index: int, reduction: str, label_smoothing: float,
+                             logit_scale: float, softcap: float, z_loss: float,
+                             out_dtype: torch.dtype, need_hidden: bool, need_weight: bool,
+                             need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dH, dW, db) with grads for g = 1; a grad not asked for is an empty tensor."""
+    _check(hidden, weight, labels, reduction)
+    need_bias = need_bias and bias is not None
+    args = (ignore_index, reduction, label_smoothing, logit_scale, softcap, z_loss)
+    if hidden.is_cuda:
+        loss, dh, dw, db = lce_forward_with_grads(hidden, weight, bias, labels, *args,
+                                                  need_hidden, need_weight, need_bias)
+    else:
+        loss, lse = linear_cross_entropy_reference(hidden, weight, bias, labels, *args)
+        one = torch.ones((), dtype=torch.float32, device=hidden.device)
+        dh, dw, db = linear_cross_entropy_backward_reference(one, hidden, weight, bias, labels,
+                                                             lse, *args)
+    empty = hidden.new_empty(0)
+    return (loss.to(out_dtype), dh if need_hidden else empty, dw if need_weight else empty,
+            db if need_bias else empty)
+
+
+@linear_cross_entropy_gif.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_scale,
+      softcap, z_loss, out_dtype, need_hidden, need_weight, need_bias):
+    empty = hidden.new_empty(0)
+    return (hidden.new_empty((), dtype=out_dtype),
+            torch.empty_like(hidden) if need_hidden else empty,
+            torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(bias) if need_bias and bias is not None else empty)
+
+
+def _setup_context_gif(ctx, inputs, output) -> None:
+    _loss, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.mark_non_differentiable(dh, dw, db)
+
+
+def _backward_gif(ctx, grad_loss: Tensor, *_unused):
+    dh, dw, db = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g = grad_loss.to(torch.float32)
+    scaled = [(t * g).to(t.dtype) if need and t.numel() else None
+              for t, need in ((dh, need_h), (dw, need_w), (db, need_b))]
+    return tuple(scaled) + (None,) * 11
+
+
+linear_cross_entropy_gif.register_autograd(_backward_gif, setup_context=_setup_context_gif)
+
+
 def linear_cross_entropy_loss(hidden: Tensor, weight: Tensor, labels: Tensor,
                               bias: Tensor | None = None, *, ignore_index: int = -100,
                               reduction: str = "mean", label_smoothing: float = 0.0,
                               logit_scale: float = 1.0, softcap: float = 0.0,
-                              z_loss: float = 0.0) -> Tensor:
+                              z_loss: float = 0.0, grad_in_forward: bool = False) -> Tensor:
     """Functional form: cross_entropy(transform(hidden @ weightᵀ + bias), labels), fp32 loss.
 
     hidden [..., H] and labels [...] are flattened; the [N, V] logits are never stored.
+    ``grad_in_forward=True``: the opt-in 6NHV mode (fp32 [V, H] accumulator, see the docs).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
-    loss, _ = torch.ops.chronicals.linear_cross_entropy(
-        h, weight, bias, labels.reshape(-1), ignore_index, reduction, label_smoothing,
-        logit_scale, softcap, z_loss, torch.float32)
+    args = (h, weight, bias, labels.reshape(-1), ignore_index, reduction, label_smoothing,
+            logit_scale, softcap, z_loss, torch.float32)
+    if grad_in_forward and torch.is_grad_enabled():
+        needs = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        return torch.ops.chronicals.linear_cross_entropy_grad_in_forward(*args, *needs)[0]
+    loss, _ = torch.ops.chronicals.linear_cross_entropy(*args)
     return loss
 
 
@@ -474,4 +584,4 @@ def ideal_bytes(n: int, hidden: int, vocab: int, itemsize: int) -> int:
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_loss", "linear_cross_entropy_reference",
            "linear_cross_entropy_backward_reference", "lce_forward", "lce_backward",
-           "vocab_chunk", "flops", "ideal_bytes"]
+           "lce_forward_with_grads", "vocab_chunk", "row_chunk", "flops", "ideal_bytes"]

@@ -153,6 +153,29 @@ def test_triton_path_every_label_ignored_matches_eager(reduction):
     assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
 
 
+@pytest.mark.parametrize("name", ["plain", "scale_softcap_smoothing", "z_loss_sum_smoothing"])
+def test_grad_in_forward_path_equals_float64(name):
+    """The opt-in 6NHV mode: whole rows per token chunk (the last one partial), grads for g=1."""
+    cfg = CONFIGS[name]
+    h, w, b, y = make(37, 24, 211, dtype=torch.float32, bias=True, seed=8, device=DEVICE)
+    truth, grads = float64_truth(h, w, b, y, **_kw(cfg))
+    loss, *got = K.lce_forward_with_grads(h, w, b, y, *_args(cfg), True, True, True, rows=16)
+    assert rel(loss, truth) < 1e-5
+    for g_got, g_want in zip(got, grads):
+        assert rel(g_got, g_want) < 1e-5
+
+
+def test_grad_in_forward_op_scales_by_upstream_gradient():
+    h, w, b, y = make(20, 16, 60, dtype=torch.float32, bias=True, seed=9)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    truth = [t.clone().requires_grad_() for t in (h, w, b)]
+    (-3.0 * K.linear_cross_entropy_loss(leaves[0], leaves[1], y, leaves[2],
+                                        grad_in_forward=True)).backward()
+    (-3.0 * eager_loss(*truth, y)).backward()
+    for a, e in zip(leaves, truth):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_vocab_chunk_policy():
     # Real shapes: ≤ 256 MiB of [N, Vc] logits, powers of two, whole vocab when small.
     for n, hidden, vocab in [(8192, 896, 151936), (8192, 4096, 128256), (65536, 4096, 128256),
@@ -235,3 +258,20 @@ def test_gpu_configs_fp32(name):
                          True, True, True, chunk=1024)
     for g_got, g_want in zip(got, grads):
         assert rel(g_got, g_want) < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_grad_in_forward_real_shape_bf16():
+    n, hidden, vocab = 8192, 896, 151936
+    torch.manual_seed(0)
+    h = torch.randn(n, hidden, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * hidden ** -0.5).bfloat16().requires_grad_()
+    y = torch.randint(0, vocab, (n,), device="cuda")
+    y[torch.rand(n, device="cuda") < 0.1] = -100
+    loss = K.linear_cross_entropy_loss(h, w, y, grad_in_forward=True)
+    loss.backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    truth = F.cross_entropy(h64 @ w64.t(), y)
+    truth.backward()
+    assert rel(loss, truth) < 1e-3
+    assert rel(h.grad, h64.grad) < 1e-2 and rel(w.grad, w64.grad) < 1e-2
