@@ -53,39 +53,47 @@ from ._triton import ROUND_CODES, launchable
 
 
 @triton.jit
-def _bf16_rtne(v):
-    """fp32 ``v`` rounded to the nearest bf16 (ties to even), kept in fp32, by integer arithmetic.
+def _round(v, CODE: tl.constexpr):
+    """Round fp32 ``v`` to bf16 (CODE 1) or fp16 (CODE 2) precision, to nearest even, kept in
+    fp32; CODE 0 keeps fp32.
 
-    The GPU's own conversion rounds this way; Triton's interpreter truncates instead, so kernels
-    run there (tests on CPU) use this spelling (``RTNE_BY_BITS``). Finite values only.
+    Spelled on the bits (add half an ulp minus one plus the lowest kept bit, clear the rest):
+    with a ``.to(bf16).to(fp32)`` round trip the kernel did not reproduce eager's roundings on an
+    H200 (Triton 3.6; its error matched one final rounding, as if the round trip were folded
+    away), and Triton's interpreter truncates instead of rounding. fp16: exact in fp16's normal range; below it (|v| < 2⁻¹⁴, subnormal in fp16) the
+    native conversion is used, which may round less often than eager (error < 2⁻²⁴).
     """
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = bits + (0x7FFF + ((bits >> 16) & 1))
-    bits = (bits >> 16) << 16
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round(v, CODE: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
-    """Round fp32 ``v`` through bf16 (CODE 1) or fp16 (CODE 2); CODE 0 keeps fp32."""
     if CODE == 1:
-        if RTNE_BY_BITS:
-            v = _bf16_rtne(v)
-        else:
-            v = v.to(tl.bfloat16).to(tl.float32)
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        v = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
     elif CODE == 2:
-        v = v.to(tl.float16).to(tl.float32)
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (0xFFF + ((bits >> 13) & 1))
+        r = ((bits >> 13) << 13).to(tl.float32, bitcast=True)
+        r = tl.where(tl.abs(v) < 6.103515625e-05, v.to(tl.float16).to(tl.float32), r)
+        v = tl.where(tl.abs(r) > 65504.0, v * float("inf"), r)  # fp16 overflows to ±inf
     return v
 
 
 @triton.jit
-def _to(v, DTYPE: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
-    """fp32 ``v`` as DTYPE, rounded to nearest even."""
-    if DTYPE == tl.bfloat16 and RTNE_BY_BITS:
-        out = _bf16_rtne(v).to(DTYPE)  # exact: already a bf16 value
+def _to(v, DTYPE: tl.constexpr):
+    """fp32 ``v`` stored as DTYPE, rounded to nearest even (see _round)."""
+    if DTYPE == tl.bfloat16:
+        out = _round(v, 1).to(DTYPE)  # exact: already a bf16 value (the interpreter truncates)
     else:
         out = v.to(DTYPE)
     return out
+
+
+@triton.jit
+def _rotate(x_i, x_j, c_i, c_j, s_i, s_j, ROUND: tl.constexpr):
+    """y_i = rnd(rnd(x_i·c_i) − rnd(x_j·s_i)),  y_j = rnd(rnd(x_j·c_j) + rnd(x_i·s_j))."""
+    a = _round(x_i * c_i, ROUND)
+    b = _round(x_j * s_i, ROUND)
+    c = _round(x_j * c_j, ROUND)
+    d = _round(x_i * s_j, ROUND)
+    return _round(a - b, ROUND), _round(c + d, ROUND)
 
 
 @triton.jit
@@ -95,8 +103,8 @@ def _rotate_heads(
     stride_yh, stride_yd,
     H, D, HALF_R,               # heads, head dim, R/2
     c_i, c_j, s_i, s_j,         # [BLOCK_P] fp32 angles of the pairs (s already negated for bwd)
-    INTERLEAVED: tl.constexpr, ROUND: tl.constexpr, RTNE_BY_BITS: tl.constexpr,
-    HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, ROUND: tl.constexpr, HAS_PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
     p = tl.arange(0, BLOCK_P)
     p_mask = p < HALF_R
@@ -117,20 +125,19 @@ def _rotate_heads(
             mask = h_mask & p_mask[None, :]
             x_i = tl.load(xh + p[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
             x_j = tl.load(xh + (p + HALF_R)[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        y_i = _round(_round(x_i * c_i, ROUND, RTNE_BY_BITS) - _round(x_j * s_i, ROUND, RTNE_BY_BITS), ROUND, RTNE_BY_BITS)
-        y_j = _round(_round(x_j * c_j, ROUND, RTNE_BY_BITS) + _round(x_i * s_j, ROUND, RTNE_BY_BITS), ROUND, RTNE_BY_BITS)
+        y_i, y_j = _rotate(x_i, x_j, c_i, c_j, s_i, s_j, ROUND)
         if INTERLEAVED:
             y = tl.reshape(tl.join(y_i, y_j), [BLOCK_H, 2 * BLOCK_P])
-            tl.store(yh + r[None, :] * stride_yd, _to(y, Y.dtype.element_ty, RTNE_BY_BITS), mask=mask)
+            tl.store(yh + r[None, :] * stride_yd, _to(y, Y.dtype.element_ty), mask=mask)
         else:
-            tl.store(yh + p[None, :] * stride_yd, _to(y_i, Y.dtype.element_ty, RTNE_BY_BITS), mask=mask)
-            tl.store(yh + (p + HALF_R)[None, :] * stride_yd, _to(y_j, Y.dtype.element_ty, RTNE_BY_BITS), mask=mask)
+            tl.store(yh + p[None, :] * stride_yd, _to(y_i, Y.dtype.element_ty), mask=mask)
+            tl.store(yh + (p + HALF_R)[None, :] * stride_yd, _to(y_j, Y.dtype.element_ty), mask=mask)
         if HAS_PASS:
             # Partial rotary: elements R … D−1 pass through unchanged (cast to y's dtype).
             d = 2 * HALF_R + tl.arange(0, BLOCK_PASS)
             pass_mask = h_mask & (d < D)[None, :]
             v = tl.load(xh + d[None, :] * stride_xd, mask=pass_mask, other=0.0).to(tl.float32)
-            tl.store(yh + d[None, :] * stride_yd, _to(v, Y.dtype.element_ty, RTNE_BY_BITS), mask=pass_mask)
+            tl.store(yh + d[None, :] * stride_yd, _to(v, Y.dtype.element_ty), mask=pass_mask)
 
 
 @triton.jit
@@ -148,7 +155,6 @@ def rope_kernel(
     INTERLEAVED: tl.constexpr,  # pairs (2p, 2p+1), else (p, p + R/2)
     BACKWARD: tl.constexpr,     # rotate by −θ: (s_i, s_j) → (−s_j, −s_i)
     ROUND: tl.constexpr,        # rounding code of the products and the sum (see _round)
-    RTNE_BY_BITS: tl.constexpr,  # round bf16 by integer arithmetic (Triton's interpreter)
     HAS_PASS: tl.constexpr,     # R < D
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_P: tl.constexpr,      # next power of two ≥ R/2
@@ -184,11 +190,11 @@ def rope_kernel(
 
     _rotate_heads(Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, sq_h, sq_d, sqo_h, sqo_d,
                   HQ, D, HALF_R, c_i, c_j, s_i, s_j,
-                  INTERLEAVED, ROUND, RTNE_BY_BITS, HAS_PASS, BLOCK_HQ, BLOCK_P, BLOCK_PASS)
+                  INTERLEAVED, ROUND, HAS_PASS, BLOCK_HQ, BLOCK_P, BLOCK_PASS)
     if HAS_K:
         _rotate_heads(K + b * sk_b + t * sk_t, KO + b * sko_b + t * sko_t, sk_h, sk_d, sko_h, sko_d,
                       HK, D, HALF_R, c_i, c_j, s_i, s_j,
-                      INTERLEAVED, ROUND, RTNE_BY_BITS, HAS_PASS, BLOCK_HK, BLOCK_P, BLOCK_PASS)
+                      INTERLEAVED, ROUND, HAS_PASS, BLOCK_HK, BLOCK_P, BLOCK_PASS)
 
 
 # Elements of one [BLOCK_H, BLOCK_P] tile (x_i and x_j each): enough per program to keep loads
@@ -196,24 +202,28 @@ def rope_kernel(
 _TILE = 2048
 
 
-def _tiles(hq: int, hk: int, rotary_dim: int, head_dim: int) -> dict:
+def _tiles(hq: int, hk: int, rotary_dim: int, head_dim: int, tile: int | None = None,
+           num_warps: int | None = None) -> dict:
+    tile = tile or _TILE
     block_p = triton.next_power_of_2(max(rotary_dim // 2, 1))
-    block_hq = min(triton.next_power_of_2(hq), max(1, _TILE // block_p))
-    block_hk = min(triton.next_power_of_2(max(hk, 1)), max(1, _TILE // block_p))
+    block_hq = min(triton.next_power_of_2(hq), max(1, tile // block_p))
+    block_hk = min(triton.next_power_of_2(max(hk, 1)), max(1, tile // block_p))
     rest = head_dim - rotary_dim
     work = 2 * block_p * max(block_hq, block_hk)
-    return dict(BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_P=block_p,
-                HAS_PASS=rest > 0, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)),
-                num_warps=max(1, min(8, work // 512)))
+    return {"BLOCK_HQ": block_hq, "BLOCK_HK": block_hk, "BLOCK_P": block_p,
+            "HAS_PASS": rest > 0, "BLOCK_PASS": triton.next_power_of_2(max(rest, 1)),
+            "num_warps": num_warps or max(1, min(8, work // 512))}
 
 
 def rope_launch(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, q_out: Tensor,
                 k_out: Tensor | None, *, interleaved: bool, half: bool,
-                round_dtype: torch.dtype, backward: bool = False) -> None:
+                round_dtype: torch.dtype, backward: bool = False, tile: int | None = None,
+                num_warps: int | None = None) -> None:
     """Rotate ``q`` [B, T, Hq, D] (and ``k`` [B, T, Hk, D]) into ``q_out`` (``k_out``).
 
     Any strides. cos/sin: [Bc, Tc, W], Bc ∈ {1, B}, Tc ∈ {1, T}; W = R/2 if ``half`` else R.
     ``backward=True`` applies the transposed rotation (q, k are then the output gradients).
+    ``tile``, ``num_warps``: override the launch heuristics (benchmark sweeps).
     """
     B, T, HQ, D = q.shape
     width = cos.shape[-1]
@@ -224,14 +234,15 @@ def rope_launch(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, q_out: Te
     if not has_k:
         k, k_out = q, q_out  # placeholders; HAS_K=False never touches them
     HK = k.shape[2] if has_k else 0
-    meta = _tiles(HQ, HK, rotary_dim, D)
+    # Block sizes are compile-time constants: under dynamic shapes this specializes on heads.
+    meta = _tiles(int(HQ), int(HK), int(rotary_dim), int(D), tile, num_warps)
     launchable(rope_kernel, q)[(B * T,)](
         q, k, cos, sin, q_out, k_out,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
         *cos.stride(), *sin.stride(),
         T, HQ, HK, D, rotary_dim // 2,
         HAS_K=has_k, HALF=half, INTERLEAVED=interleaved, BACKWARD=backward,
-        ROUND=ROUND_CODES[round_dtype], RTNE_BY_BITS=not q.is_cuda, **meta,
+        ROUND=ROUND_CODES[round_dtype], **meta,
     )
 
 
@@ -267,7 +278,9 @@ def rope_rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: b
     (c_i, c_j), (s_i, s_j) = ((c, c), (s, s)) if half else (pairs(c), pairs(s))
     if backward:
         s_i, s_j = -s_j, -s_i
-    r = lambda v: _round_to(v, round_dtype)  # noqa: E731
+    def r(v: Tensor) -> Tensor:
+        return _round_to(v, round_dtype)
+
     y_i = r(r(x_i * c_i) - r(x_j * s_i))
     y_j = r(r(x_j * c_j) + r(x_i * s_j))
     y = torch.stack((y_i, y_j), -1).flatten(-2) if interleaved else torch.cat((y_i, y_j), -1)
@@ -290,6 +303,18 @@ def rope_reference(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, seq_di
 # The registered ops. triton_op (not custom_op): Inductor traces into the body and emits the
 # kernel launch in its own generated code, with no dispatcher call per use.
 # ---------------------------------------------------------------------------------------------
+def _new_like(x: Tensor, seq_dim: int, dtype: torch.dtype) -> Tensor:
+    """A tensor shaped like ``x``, stored in [B, T, H, D] order whatever x's strides.
+
+    That is the storage of q and k in every model seen (HF transposes a [B, T, H·D]
+    projection; GPT-J and Meta keep [B, T, H, D]), so outputs and gradients come out in the
+    layout their consumers expect: the gradient of HF's q views back into the projection's
+    gradient without a copy, and a leaf's .grad needs no relayout.
+    """
+    B, T, H, D = _bthd(x, seq_dim).shape
+    return _bthd(torch.empty((B, T, H, D), dtype=dtype, device=x.device), seq_dim)
+
+
 def _run(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, seq_dim: int, interleaved: bool,
          half: bool, round_dtype: torch.dtype, out_dtype: torch.dtype,
          backward: bool) -> tuple[Tensor, Tensor]:
@@ -297,9 +322,8 @@ def _run(q: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, seq_dim: int, in
         q_out, k_out = rope_reference(q, k, cos, sin, seq_dim, interleaved, half, round_dtype,
                                       out_dtype, backward)
         return q_out, (k_out if k_out is not None else q.new_empty(0))
-    # Outputs keep the inputs' layout (HF's q is a transpose of [B, T, H, D] storage: so is q').
-    q_out = torch.empty_like(q, dtype=out_dtype)
-    k_out = torch.empty_like(k, dtype=out_dtype) if k is not None else None
+    q_out = _new_like(q, seq_dim, out_dtype)
+    k_out = _new_like(k, seq_dim, out_dtype) if k is not None else None
     rope_launch(_bthd(q, seq_dim), None if k is None else _bthd(k, seq_dim), cos, sin,
                 _bthd(q_out, seq_dim), None if k_out is None else _bthd(k_out, seq_dim),
                 interleaved=interleaved, half=half, round_dtype=round_dtype, backward=backward)
