@@ -287,9 +287,10 @@ def test_hand_written_spellings(name):
     assert not declines, str(report)
 
 
-@pytest.mark.parametrize("name", ["hf", "meta_complex"])
-def test_inductor(name):
-    fn, layout, rotary_dim, _ = SPELLINGS[name]
+def test_inductor_complex():
+    """Inductor compiles the inserted view_as_real/select of a complex table (on GPU, the HF
+    rotate-half path through Inductor is test_gpu_llama_bf16_inductor)."""
+    fn, layout, rotary_dim, _ = SPELLINGS["meta_complex"]
     torch.manual_seed(0)
     _check(Rotary(fn, layout, rotary_dim=rotary_dim), torch.randn(2, 6, 24), compiler="inductor")
 
