@@ -33,16 +33,19 @@ def ours_add(a, b, w):
     return torch.ops.chronicals.add_rms_norm(a, b, w, EPS, 0.0, a.dtype, w.dtype, a.dtype, a.dtype)
 
 
+def _static(fn):
+    # one compiled function per case: shared across shapes it would recompile with dynamic
+    # shapes and measure a slower kernel than a model of fixed shape gets
+    return torch.compile(fn, dynamic=False)
+
+
 def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
-    plain = {"eager": eager, "inductor": torch.compile(eager), "chronicals": torch.compile(ours)}
-    fused = {"eager": eager_add, "inductor": torch.compile(eager_add),
-             "chronicals": torch.compile(ours_add)}
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
-        plain["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
+        liger = {"liger": lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)}
     except ImportError:
-        pass
+        liger = {}
 
     out = []
     size = dtype.itemsize
@@ -57,6 +60,9 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
             b = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
             w = (1 + 0.1 * torch.randn(h, device=device)).to(dtype).requires_grad_()
             return a, b, w
+        plain = {"eager": eager, "inductor": _static(eager), "chronicals": _static(ours), **liger}
+        fused = {"eager": eager_add, "inductor": _static(eager_add),
+                 "chronicals": _static(ours_add)}
         # fwd: read x, write y; bwd: read x and dy, write dx (the weight is negligible)
         out.append(OpCase("rmsnorm", f"N={n} H={h}", 5 * n * h * size, inputs, plain))
         # fwd: read a, b, write h, y; bwd: read h, dy, dh, write dh_total (da = db)

@@ -31,7 +31,9 @@ def round_to(v, CODE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
     elif CODE == 2:
-        v = v.to(tl.float16).to(tl.float32)
+        # through the bits, so the compiler cannot fold the fp32→fp16→fp32 round trip away
+        half = v.to(tl.float16).to(tl.uint16, bitcast=True)
+        v = half.to(tl.float16, bitcast=True).to(tl.float32)
     return v
 
 

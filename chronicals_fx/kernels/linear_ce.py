@@ -463,9 +463,10 @@ def linear_cross_entropy_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias:
     else:
         dh, dw, db = linear_cross_entropy_backward_reference(grad, hidden, weight, bias, labels,
                                                              lse, *args)
-    empty = hidden.new_empty(0)
-    return (dh if need_hidden else empty, dw if need_weight else empty,
-            db if need_bias and db is not None else empty)
+    # each absent grad gets its own empty tensor: outputs of a custom op may not alias
+    return (dh if need_hidden else hidden.new_empty(0),
+            dw if need_weight else hidden.new_empty(0),
+            db if need_bias and db is not None else hidden.new_empty(0))
 
 
 @linear_cross_entropy_bwd.register_fake
@@ -519,9 +520,9 @@ def linear_cross_entropy_gif(hidden: Tensor, weight: Tensor, bias: Tensor | None
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
         dh, dw, db = linear_cross_entropy_backward_reference(one, hidden, weight, bias, labels,
                                                              lse, *args)
-    empty = hidden.new_empty(0)
-    return (loss.to(out_dtype), dh if need_hidden else empty, dw if need_weight else empty,
-            db if need_bias else empty)
+    return (loss.to(out_dtype), dh if need_hidden else hidden.new_empty(0),
+            dw if need_weight else hidden.new_empty(0),
+            db if need_bias and db is not None else hidden.new_empty(0))
 
 
 @linear_cross_entropy_gif.register_fake
