@@ -5,21 +5,30 @@ Two computations, one per kind of mask the attention pass can prove:
 **Causal** (no mask, or a mask proven equal to ``j ≤ i``): :func:`attention` calls one of the
 SDPA kernels torch already ships, picked when the graph is rewritten (``backend``):
 
-    "cudnn"  aten._scaled_dot_product_cudnn_attention   (cuDNN fused attention)
+    "sdpa"   F.scaled_dot_product_attention(is_causal=True, enable_gqa=…)   (the default)
+    "cudnn"  aten._scaled_dot_product_cudnn_attention   (cuDNN fused attention, GQA native)
     "flash"  aten._scaled_dot_product_flash_attention   (FlashAttention-2, GQA native)
-    "sdpa"   F.scaled_dot_product_attention(is_causal=True, enable_gqa=…)  (torch's own choice)
     "triton" the document kernel below with one document per row
 
 It is a plain function, not a registered op: AOTAutograd traces through it, so the compiled
-graph calls the aten kernel (and its aten backward) directly, with no dispatcher cost of an
-opaque custom op (51 µs per call, DESIGN.md) and with torch's own autograd formulas. Why these
-rather than a kernel of our own: FlashAttention-2 and cuDNN are within a few percent of the
-card's matmul rate for causal attention (ANCHORS.md: cuDNN 4.05 ms, 475 TFLOP/s, at B=4 T=4096
-Hq=32 Hk=8 D=128 on an H200), which a Triton kernel does not beat; what the HF graph loses is
-the *choice*: under torch.compile transformers materializes a [B,1,T,T] mask, which forbids
-flash and cuDNN (12.4 ms dense-mask SDPA at that shape). Proving the mask causal and dropping
-it is the win; picking cuDNN over flash is the second one (7.06 → 4.05 ms at D=128, T=4096).
-:func:`select_backend` holds the rule; the benchmark case measures every candidate per shape.
+graph calls the aten kernel (and its aten backward) directly, with torch's own autograd
+formulas and none of the dispatch cost of an opaque custom op (51 µs per call, DESIGN.md).
+Why SDPA's kernels rather than one of ours: cuDNN runs causal attention at 475 TFLOP/s
+(ANCHORS.md), which a Triton kernel does not beat. What the HF graph loses under
+torch.compile is the *use* of those kernels: transformers materializes a [B,1,T,T] mask there,
+which rules out flash and cuDNN (12.4 ms with the dense mask against 4.05 ms cuDNN at B=4
+T=4096 Hq=32 Hk=8 D=128, H200), and eager attention materializes the scores. Proving the mask
+causal and dropping it (and the K/V repeat, via ``enable_gqa``) is the win.
+
+Why "sdpa" is the default, measured on an H200 with torch 2.11 / cuDNN 9.19 (bf16, fwd+bwd,
+eager calls, median of 20 CUDA-event timings, 2026-11-27): with ``is_causal=True,
+enable_gqa=True`` SDPA's own dispatch already runs cuDNN's sm90 kernels (torch prefers cuDNN
+on sm90 with cuDNN ≥ 9.15; the profiler shows ``cudnn_generated_fort_native_sdpa_sm90_flash_
+{f,b}prop``), with GQA native: 4.00 ms at B=4 T=4096 Hq=32 Hk=8 D=128 against 4.27 ms calling
+the cuDNN op directly and 7.15 ms for flash; at B=8 T=1024 Hq=14 Hk=2 D=64 0.47 / 0.66 /
+0.59 ms. Routing inside the graph buys nothing there, so the other backends stay as options
+(``CHRONICALS_ATTENTION_BACKEND``) for other cards and versions; the benchmark case measures
+every candidate per shape.
 
 **Document-causal** (packed rows: token i attends to j iff j ≤ i and both are in the same
 document): ``chronicals::document_attention``, a FlashAttention-2-style Triton kernel that reads
@@ -39,6 +48,13 @@ layer. Why not ``varlen_attn``: it needs ``cu_seqlens`` of data-dependent length
 document ids (7–10 ms per call when built per call, ANCHORS.md), and inserting the flex
 higher-order op after Dynamo is not supported. Both are measured beside this kernel in
 ``benchmarks/op_cases/attention.py``.
+
+Status of the document kernel: exact against float64 under the Triton interpreter (fp32), and
+compiled ahead of time for sm_90 with Triton 3.9 (all three kernels, D = 64/128/256, bf16 and
+fp32; shared memory within a Hopper SM), but not yet run on a GPU: its speed against
+varlen_attn (2.39 ms at B=4 T=4096 Hq=32 Hk=8 D=128, 8 docs/row, ANCHORS.md) and
+FlexAttention with a prebuilt mask (4.29 ms) is the number that decides whether it stays the
+default for packed batches. Tiles are fixed per head dim (see :func:`_tiles`), not autotuned.
 
 Forward (per query row i, in fp32, log2 domain; s = scale · log2 e):
 
@@ -70,9 +86,9 @@ from torch.library import triton_op
 from ._triton import launchable
 
 MAX_HEAD_DIM = 256          # the Triton kernel keeps a [BLOCK, head_dim] tile per operand
-BACKENDS = ("auto", "cudnn", "flash", "sdpa", "triton")
-# Causal backend on CUDA; "auto" applies select_backend's rule. Set before compiling.
-CAUSAL_BACKEND = os.environ.get("CHRONICALS_ATTENTION_BACKEND", "auto")
+BACKENDS = ("sdpa", "cudnn", "flash", "triton")
+# Kernel for causal attention on CUDA (see the module docstring); read when a graph is rewritten.
+CAUSAL_BACKEND = os.environ.get("CHRONICALS_ATTENTION_BACKEND", "sdpa")
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -82,14 +98,23 @@ _LOG2E = 1.0 / _LN2
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a·b accumulated in fp32; fp32 operands exactly (IEEE) rather than through TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _doc_attn_fwd_kernel(
     Q, K, V, START, O, LSE,          # q [B,Hq,T,D], k/v [B,Hk,T,D], start [B,T] i32, o [B,Hq,T,D], lse [B,Hq,T]
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,   # strides (last dim contiguous)
     H, T, D, GROUP,                  # query heads, tokens, head dim, query heads per KV head
     qk_scale,                        # scale · log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,         # tl.dot input precision: "ieee" for fp32 inputs, else "tf32"
+    IEEE: tl.constexpr,              # fp32 inputs: exact fp32 products (no TF32)
 ):
+    qk_scale = tl.full([], qk_scale, tl.float32)   # Inductor may pass float scalars as fp64
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest rows first
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -118,7 +143,7 @@ def _doc_attn_fwd_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [BLOCK_M, BLOCK_N]
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale   # [BLOCK_M, BLOCK_N]
         allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= start[:, None])
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -126,7 +151,7 @@ def _doc_attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -145,8 +170,10 @@ def _doc_attn_bwd_dkdv_kernel(
     H, HK, T, D, GROUP,
     qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
+    qk_scale = tl.full([], qk_scale, tl.float32)   # Inductor may pass float scalars as fp64
+    scale = tl.full([], scale, tl.float32)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HK).to(tl.int64)
@@ -165,7 +192,7 @@ def _doc_attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
@@ -180,13 +207,13 @@ def _doc_attn_bwd_dkdv_kernel(
             lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
             start = tl.load(START + b * T + offs_m, mask=row_ok, other=T)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale       # [BLOCK_N, BLOCK_M]
+            s_t = _dot(k, tl.trans(q), IEEE) * qk_scale       # [BLOCK_N, BLOCK_M]
             allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] >= start[None, :])
             p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # [BLOCK_N, BLOCK_M]
+            dv += _dot(p_t.to(do.dtype), do, IEEE)
+            dp_t = _dot(v, tl.trans(do), IEEE)                # [BLOCK_N, BLOCK_M]
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            dk += _dot(ds_t.to(q.dtype), q, IEEE)
 
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=tile_ok)
@@ -201,8 +228,10 @@ def _doc_attn_bwd_dq_kernel(
     H, T, D, GROUP,
     qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
+    qk_scale = tl.full([], qk_scale, tl.float32)   # Inductor may pass float scalars as fp64
+    scale = tl.full([], scale, tl.float32)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -233,12 +262,12 @@ def _doc_attn_bwd_dq_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= start[:, None])
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
 
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
@@ -247,24 +276,34 @@ def _doc_attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host launchers: plain tensors, so tests can call them on CPU tensors under TRITON_INTERPRET=1.
 # ---------------------------------------------------------------------------------------------
-def _tiles(head_dim: int, device: torch.device, kind: str) -> dict:
-    """Block sizes and launch options (fixed per head dim; the benchmark case reports speed)."""
+def _tiles(head_dim: int, device: torch.device, kind: str, itemsize: int = 2) -> dict:
+    """Block sizes and launch options (fixed per head dim; the benchmark case reports speed).
+
+    Shared memory, compiled for sm_90 (bf16): 32/41/41 KB (fwd/dK dV/dQ) at D=64, 64/82/82 KB
+    at D=128, 128/99/98 KB at D=256. fp32 operands take twice that, so their tiles are halved
+    (at D=256 the bf16 tiles would need 295 KB, more than a Hopper SM has).
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":                  # the interpreter: small tiles, fast tests
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d}
+    if itemsize > 2:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": block_d,
+                "num_warps": 4 if block_d <= 64 else 8, "num_stages": 1 if block_d > 128 else 2}
     big = block_d > 64
     if kind == "fwd":
-        return dict(BLOCK_M=128, BLOCK_N=64 if big else 64, BLOCK_D=block_d,
-                    num_warps=8 if big else 4, num_stages=3 if block_d <= 128 else 2)
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": block_d,
+                "num_warps": 8 if big else 4, "num_stages": 3 if block_d <= 128 else 2}
+    # backward tiles after the Triton fused-attention tutorial (BLOCK_M1=32/BLOCK_N1=128 for
+    # dK/dV, BLOCK_M2=128/BLOCK_N2=32 for dQ)
     if kind == "dkdv":
-        return dict(BLOCK_M=32 if big else 64, BLOCK_N=128 if block_d <= 128 else 64,
-                    BLOCK_D=block_d, num_warps=8 if big else 4, num_stages=2)
-    return dict(BLOCK_M=128 if block_d <= 128 else 64, BLOCK_N=32 if big else 64,
-                BLOCK_D=block_d, num_warps=8 if big else 4, num_stages=2)
+        return {"BLOCK_M": 32, "BLOCK_N": 128 if block_d <= 128 else 64, "BLOCK_D": block_d,
+                "num_warps": 8 if big else 4, "num_stages": 2}
+    return {"BLOCK_M": 128 if block_d <= 128 else 64, "BLOCK_N": 32, "BLOCK_D": block_d,
+            "num_warps": 8 if big else 4, "num_stages": 2}
 
 
-def _precision(t: Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"
+def _ieee(t: Tensor) -> bool:
+    return t.dtype == torch.float32
 
 
 def _s(t: Tensor) -> tuple[int, int, int]:
@@ -275,11 +314,11 @@ def document_attention_forward(q: Tensor, k: Tensor, v: Tensor, start: Tensor, o
                                lse: Tensor, scale: float) -> None:
     """Launch the forward: q [B,Hq,T,D], k/v [B,Hk,T,D], start [B,T] int32 → out, lse [B,Hq,T]."""
     B, H, T, D = q.shape
-    tiles = _tiles(D, q.device, "fwd")
+    tiles = _tiles(D, q.device, "fwd", q.element_size())
     grid = (triton.cdiv(T, tiles["BLOCK_M"]), B * H)
     launchable(_doc_attn_fwd_kernel, q)[grid](
         q, k, v, start, out, lse, *_s(q), *_s(k), *_s(v), *_s(out),
-        H, T, D, H // k.shape[1], scale * _LOG2E, PRECISION=_precision(q), **tiles)
+        H, T, D, H // k.shape[1], scale * _LOG2E, IEEE=_ieee(q), **tiles)
 
 
 def document_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -289,16 +328,16 @@ def document_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     B, H, T, D = q.shape
     HK = k.shape[1]
     delta = (do.float() * out.float()).sum(-1).contiguous()                 # [B,Hq,T]
-    tiles = _tiles(D, q.device, "dkdv")
+    tiles = _tiles(D, q.device, "dkdv", q.element_size())
     launchable(_doc_attn_bwd_dkdv_kernel, q)[(triton.cdiv(T, tiles["BLOCK_N"]), B * HK)](
         q, k, v, do, lse, delta, start, end, dk, dv,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv),
-        H, HK, T, D, H // HK, scale * _LOG2E, scale, PRECISION=_precision(q), **tiles)
-    tiles = _tiles(D, q.device, "dq")
+        H, HK, T, D, H // HK, scale * _LOG2E, scale, IEEE=_ieee(q), **tiles)
+    tiles = _tiles(D, q.device, "dq", q.element_size())
     launchable(_doc_attn_bwd_dq_kernel, q)[(triton.cdiv(T, tiles["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, start, dq,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq),
-        H, T, D, H // HK, scale * _LOG2E, scale, PRECISION=_precision(q), **tiles)
+        H, T, D, H // HK, scale * _LOG2E, scale, IEEE=_ieee(q), **tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,51 +460,36 @@ document_attention.register_autograd(_backward, setup_context=_setup_context)
 # Causal (or unmasked) attention through SDPA's kernels: what the pass calls.
 # ---------------------------------------------------------------------------------------------
 def select_backend(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float) -> str:
-    """The kernel for causal attention of these (fake) tensors, fixed when the graph is rewritten.
+    """The kernel for this attention (fake tensors), fixed when the graph is rewritten.
 
-    Off CUDA: "sdpa". On CUDA, :data:`CAUSAL_BACKEND` if set; else cuDNN on Hopper and later for
-    bf16/fp16 with D ≤ 128 (fastest at T=4096 in ANCHORS.md), flash where it applies, else sdpa.
+    "sdpa" unless :data:`CAUSAL_BACKEND` names another backend that accepts the case.
     """
-    if q.device.type != "cuda":
-        return "sdpa"
-    low = q.dtype in (torch.bfloat16, torch.float16)
+    choice = CAUSAL_BACKEND if q.device.type == "cuda" else "sdpa"
     same_dims = q.shape[-1] == k.shape[-1] == v.shape[-1]
-    choice = CAUSAL_BACKEND
     if choice == "triton":
-        ok = is_causal and dropout_p == 0.0 and same_dims and q.shape[-1] <= MAX_HEAD_DIM \
-            and q.shape[2] == k.shape[2]
+        ok = (is_causal and dropout_p == 0.0 and same_dims and q.shape[-1] <= MAX_HEAD_DIM
+              and q.shape[2] == k.shape[2] and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
         return "triton" if ok else "sdpa"
     if choice in ("cudnn", "flash"):
+        low = q.dtype in (torch.bfloat16, torch.float16)
         return choice if low and same_dims and q.shape[-1] <= 256 else "sdpa"
-    if choice == "sdpa":
-        return "sdpa"
-    major, _ = torch.cuda.get_device_capability(q.device)
-    if low and same_dims and q.shape[-1] <= 128 and major >= 9 and torch.backends.cudnn.is_available():
-        return "cudnn"
-    if low and same_dims and q.shape[-1] <= 256 and major >= 8:
-        return "flash"
     return "sdpa"
 
 
-def _repeat_kv(t: Tensor, heads: int) -> Tensor:
-    """[B,Hk,T,D] → [B,H,T,D], head h reading KV head h // (H/Hk) (expand + reshape, as HF)."""
-    B, HK, T, D = t.shape
-    if HK == heads:
-        return t
-    return t[:, :, None].expand(B, HK, heads // HK, T, D).reshape(B, heads, T, D)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, is_causal: bool,
-              backend: str) -> Tensor:
-    """softmax(q·kᵀ·scale [+ causal mask]) · v with K/V of Hk ≤ Hq heads (GQA), [B,H,T,D]."""
+              backend: str, bounds: Tensor | None = None) -> Tensor:
+    """softmax(q·kᵀ·scale [+ causal mask]) · v with K/V of Hk ≤ Hq heads (GQA), [B,H,T,D].
+
+    With ``bounds`` (:func:`document_bounds`), attention is causal within documents and runs
+    the document kernel whatever ``backend`` says.
+    """
     H = q.shape[1]
     gqa = k.shape[1] != H
+    if bounds is not None:
+        return torch.ops.chronicals.document_attention(q, k, v, bounds, scale)[0]
     if q.is_cuda and backend == "cudnn":
-        # cuDNN's entry point takes K/V with all query heads; repeating them is an expand +
-        # copy whose gradient autograd sums back.
         return torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, _repeat_kv(k, H), _repeat_kv(v, H), None, True, dropout_p, is_causal, False,
-            scale=scale)[0]
+            q, k, v, None, True, dropout_p, is_causal, False, scale=scale)[0]
     if q.is_cuda and backend == "flash":
         return torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, dropout_p, is_causal, False, scale=scale)[0]

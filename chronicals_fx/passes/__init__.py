@@ -15,14 +15,14 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Config
 from ..report import Decline, Match, Report
-from . import linear_ce, rmsnorm, rope, swiglu
+from . import attention, linear_ce, rmsnorm, rope, swiglu
 from .graph import where
 
 log = logging.getLogger("chronicals")
 
 # Order matters: normalization first (its output feeds the projections the MLP and attention
 # passes look for), the loss last (it consumes the final norm's output).
-PIPELINE = (rmsnorm, swiglu, rope, linear_ce)
+PIPELINE = (rmsnorm, swiglu, rope, attention, linear_ce)
 
 
 @dataclass
