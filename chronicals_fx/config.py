@@ -10,6 +10,7 @@ from typing import Any, Mapping
 OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
+_ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "triton")  # kernels.attention.BACKENDS
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class Config:
     # linear + cross-entropy: keep the [N, V] logits alive for the model's output even when
     # the loss is computed in the same graph (costs the memory the fused op saves).
     keep_logits: bool = False
+    # Kernel for causal attention on CUDA: "sdpa" (PyTorch's dispatcher picks cuDNN or flash;
+    # measured fastest on an H200), or force "cudnn", "flash", or our "triton" kernel. Packed
+    # documents always use the document-masked Triton kernel.
+    attention_backend: str = "sdpa"
     # Options for Inductor (anything torch._inductor.config accepts).
     inductor: Mapping[str, Any] = field(default_factory=dict)
 
@@ -45,6 +50,9 @@ class Config:
         if self.compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
         object.__setattr__(self, "inductor", dict(self.inductor))
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {_ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "Config" | None) -> "Config":

@@ -27,7 +27,7 @@ on sm90 with cuDNN ≥ 9.15; the profiler shows ``cudnn_generated_fort_native_sd
 {f,b}prop``), with GQA native: 4.00 ms at B=4 T=4096 Hq=32 Hk=8 D=128 against 4.27 ms calling
 the cuDNN op directly and 7.15 ms for flash; at B=8 T=1024 Hq=14 Hk=2 D=64 0.47 / 0.66 /
 0.59 ms. Routing inside the graph buys nothing there, so the other backends stay as options
-(``CHRONICALS_ATTENTION_BACKEND``) for other cards and versions; the benchmark case measures
+(``attention_backend`` option) for other cards and versions; the benchmark case measures
 every candidate per shape.
 
 **Document-causal** (packed rows: token i attends to j iff j ≤ i and both are in the same
@@ -74,7 +74,6 @@ dK/dV programs own one key block of one KV head and loop over the query heads of
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +85,7 @@ from torch.library import triton_op
 from ._triton import launchable
 
 MAX_HEAD_DIM = 256          # the Triton kernel keeps a [BLOCK, head_dim] tile per operand
-BACKENDS = ("sdpa", "cudnn", "flash", "triton")
-# Kernel for causal attention on CUDA (see the module docstring); read when a graph is rewritten.
-CAUSAL_BACKEND = os.environ.get("CHRONICALS_ATTENTION_BACKEND", "sdpa")
+BACKENDS = ("sdpa", "cudnn", "flash", "triton")  # Config.attention_backend chooses among these
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
@@ -459,12 +456,14 @@ document_attention.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Causal (or unmasked) attention through SDPA's kernels: what the pass calls.
 # ---------------------------------------------------------------------------------------------
-def select_backend(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float) -> str:
+def select_backend(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float,
+                   preferred: str = "sdpa") -> str:
     """The kernel for this attention (fake tensors), fixed when the graph is rewritten.
 
-    "sdpa" unless :data:`CAUSAL_BACKEND` names another backend that accepts the case.
+    "sdpa" unless ``preferred`` (``Config.attention_backend``) names another backend that
+    accepts the case.
     """
-    choice = CAUSAL_BACKEND if q.device.type == "cuda" else "sdpa"
+    choice = preferred if q.device.type == "cuda" else "sdpa"
     same_dims = q.shape[-1] == k.shape[-1] == v.shape[-1]
     if choice == "triton":
         ok = (is_causal and dropout_p == 0.0 and same_dims and q.shape[-1] <= MAX_HEAD_DIM

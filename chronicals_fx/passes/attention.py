@@ -123,7 +123,7 @@ def run(gm: GraphModule, ctx) -> None:
             continue
         backend = "document" if kind == "document" else kernels.select_backend(
             tensor_value(site.q), tensor_value(site.k), tensor_value(site.v), kind == "causal",
-            site.dropout_p)
+            site.dropout_p, ctx.config.attention_backend)
         if (site.spelling == "sdpa" and site.mask is None and not site.repeated
                 and backend == "sdpa"):
             continue  # already SDPA's fused kernels: rewriting would change nothing

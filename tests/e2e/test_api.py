@@ -58,6 +58,8 @@ def test_options_are_validated():
         chronicals.optimize(torch.nn.Linear(2, 2), passes=("rmsnorm", "layernorm"))
     with pytest.raises(ValueError, match="compiler"):
         chronicals.Config(compiler="tvm")
+    with pytest.raises(ValueError, match="attention_backend"):
+        chronicals.Config(attention_backend="xformers")
     with pytest.raises(TypeError):
         chronicals.optimize("not a module")
     config = chronicals.Config.from_options({"passes": "rmsnorm", "max_autotune": True})

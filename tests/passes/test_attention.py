@@ -341,13 +341,13 @@ def test_runtime_masks_decline_and_run_unchanged():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", attention_kernels.BACKENDS)
-def test_gpu_causal_backends_bf16(backend, monkeypatch):
-    monkeypatch.setattr(attention_kernels, "CAUSAL_BACKEND", backend)
+def test_gpu_causal_backends_bf16(backend):
     torch.manual_seed(0)
     module = Attention(SPELLINGS["eager_additive_triu"], hidden=512, heads=8, kv_heads=2)
     module = module.to(DEVICE, torch.bfloat16)
     x = torch.randn(2, 256, 512, device=DEVICE, dtype=torch.bfloat16)
-    report = _check(module, x, compiler="inductor", rtol=3e-2, atol=3e-2)
+    report = _check(module, x, compiler="inductor", rtol=3e-2, atol=3e-2,
+                    attention_backend=backend)
     assert f"backend {backend}" in report.matches[0].detail
 
 
