@@ -4,6 +4,7 @@
                                     eager vs optimized side by side (CPU works; GPU when present)
     chronicals explain tiny-llama   what the passes match and decline in a model
     chronicals bench ...            the end-to-end benchmark (see chronicals_fx.bench)
+    chronicals run train.py ...     run an unmodified training script with its models optimized
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ def explain(args) -> int:
     return 0
 
 
+def run(args) -> int:
+    from chronicals_fx.runtime.launch import run_script
+
+    options = {k: v for k, v in (("passes", args.passes), ("compiler", args.compiler)) if v}
+    if "passes" in options:
+        options["passes"] = tuple(options["passes"])
+    run_script(args.script, args.script_args, **options)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chronicals", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log the backend's reports")
@@ -115,6 +126,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--attn", default="sdpa", help="attention implementation: sdpa or eager")
     p.set_defaults(func=explain)
+
+    p = sub.add_parser("run", help="run a training script unmodified, its models optimized")
+    p.add_argument("--passes", nargs="+", help="passes to run (default: all)")
+    p.add_argument("--compiler", help="inductor (default), aot_eager or eager")
+    p.add_argument("script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run)
 
     p = sub.add_parser("bench", help="end-to-end training benchmark (GPU)", add_help=False)
     p.set_defaults(func=None)

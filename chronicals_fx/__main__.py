@@ -1,0 +1,3 @@
+from chronicals_fx.cli import main
+
+raise SystemExit(main())
