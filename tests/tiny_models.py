@@ -72,3 +72,24 @@ def assert_same_training_signal(eager: torch.nn.Module, optimized: torch.nn.Modu
 def twins(family: str, **overrides):
     model = tiny_causal_lm(family, **overrides)
     return model, copy.deepcopy(model)
+
+
+def optimized_matches_eager(module: torch.nn.Module, *args, rtol: float = 1e-5, atol: float = 1e-6,
+                            compiler: str = "aot_eager", **options) -> torch.nn.Module:
+    """Optimize a copy of ``module``; assert its output and the gradients of the first input and
+    of every parameter equal eager's. Returns the optimized copy (for its report)."""
+    import chronicals
+
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler=compiler, **options)
+    x_e = args[0].detach().clone().requires_grad_()
+    x_o = args[0].detach().clone().requires_grad_()
+    y_e, y_o = module(x_e, *args[1:]), optimized(x_o, *args[1:])
+    assert y_o.dtype == y_e.dtype and y_o.shape == y_e.shape
+    torch.testing.assert_close(y_o, y_e, rtol=rtol, atol=atol)
+    dy = torch.randn_like(y_e)
+    y_e.backward(dy)
+    y_o.backward(dy)
+    torch.testing.assert_close(x_o.grad, x_e.grad, rtol=rtol, atol=atol)
+    for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
+        torch.testing.assert_close(p_o.grad, p_e.grad, rtol=rtol, atol=atol, msg=name)
+    return optimized

@@ -18,6 +18,7 @@ from tests.tiny_models import (
     assert_same_training_signal,
     batch,
     loss_and_grads,
+    optimized_matches_eager,
     tiny_causal_lm,
 )
 
@@ -191,18 +192,8 @@ class Attention(nn.Module):
 
 
 def _check(module, *args, count=1, compiler="aot_eager", rtol=1e-5, atol=1e-6, **options):
-    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler=compiler,
-                                    **ONLY, **options)
-    x_e = args[0].detach().clone().requires_grad_()
-    x_o = args[0].detach().clone().requires_grad_()
-    y_e, y_o = module(x_e, *args[1:]), optimized(x_o, *args[1:])
-    torch.testing.assert_close(y_o, y_e, rtol=rtol, atol=atol)
-    dy = torch.randn_like(y_e)
-    y_e.backward(dy)
-    y_o.backward(dy)
-    torch.testing.assert_close(x_o.grad, x_e.grad, rtol=rtol, atol=atol)
-    for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
-        torch.testing.assert_close(p_o.grad, p_e.grad, rtol=rtol, atol=atol, msg=name)
+    optimized = optimized_matches_eager(module, *args, rtol=rtol, atol=atol, compiler=compiler,
+                                        **ONLY, **options)
     report = chronicals.report_of(optimized)
     assert report.counts["attention"] == count, str(report)
     assert not report.declines, str(report)

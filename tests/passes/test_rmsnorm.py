@@ -13,7 +13,8 @@ from torch import nn
 
 import chronicals
 from tests.tiny_models import (FAMILIES, assert_same_training_signal, batch,
-                               expected_rmsnorm_count, tiny_causal_lm, twins)
+                               expected_rmsnorm_count, optimized_matches_eager, tiny_causal_lm,
+                               twins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,18 +89,7 @@ GEMMA = lambda s, x: (s.weight.float() + 1.0) * (x.float() * torch.rsqrt(x.float
 def _check_matches_and_parity(module, x, count=1, rtol=1e-5, atol=1e-6, compiler="aot_eager"):
     report = chronicals.explain(module, x)
     assert report.counts["rmsnorm"] == count, str(report)
-    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler=compiler)
-    x_e = x.detach().clone().requires_grad_()
-    x_o = x.detach().clone().requires_grad_()
-    y_e, y_o = module(x_e), optimized(x_o)
-    assert y_o.dtype == y_e.dtype and y_o.shape == y_e.shape
-    torch.testing.assert_close(y_o, y_e, rtol=rtol, atol=atol)
-    dy = torch.randn_like(y_e)
-    y_e.backward(dy)
-    y_o.backward(dy)
-    torch.testing.assert_close(x_o.grad, x_e.grad, rtol=rtol, atol=atol)
-    for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
-        torch.testing.assert_close(p_o.grad, p_e.grad, rtol=rtol, atol=atol, msg=name)
+    optimized_matches_eager(module, x, rtol=rtol, atol=atol, compiler=compiler)
     return report
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 import chronicals
-from tests.tiny_models import assert_same_training_signal, batch, tiny_causal_lm, twins
+from tests.tiny_models import (assert_same_training_signal, batch, optimized_matches_eager,
+                               tiny_causal_lm, twins)
 
 
 # Only the passes up to this one: other ops' passes are tested in their own files.
@@ -118,18 +119,8 @@ SPELLINGS = {
 
 
 def _check_matches_and_parity(module, x, count=1, rtol=1e-5, atol=1e-6, compiler="aot_eager"):
-    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler=compiler, passes=PASSES)
-    x_e = x.detach().clone().requires_grad_()
-    x_o = x.detach().clone().requires_grad_()
-    y_e, y_o = module(x_e), optimized(x_o)
-    assert y_o.dtype == y_e.dtype and y_o.shape == y_e.shape
-    torch.testing.assert_close(y_o, y_e, rtol=rtol, atol=atol)
-    dy = torch.randn_like(y_e)
-    y_e.backward(dy)
-    y_o.backward(dy)
-    torch.testing.assert_close(x_o.grad, x_e.grad, rtol=rtol, atol=atol)
-    for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
-        torch.testing.assert_close(p_o.grad, p_e.grad, rtol=rtol, atol=atol, msg=name)
+    optimized = optimized_matches_eager(module, x, rtol=rtol, atol=atol, compiler=compiler,
+                                        passes=PASSES)
     report = chronicals.report_of(optimized)
     matches, declines = _swiglu_report(report)
     assert len(matches) == count and not declines, str(report)
