@@ -428,7 +428,14 @@ def _logits_policy(site: _Site, returned: list[Node], keep_logits: bool) -> bool
     if loss is None or not loss.requires_grad:
         raise _Decline("no gradient is needed and the logits are returned: the loss is cheapest "
                        "computed from them")
-    return not keep_logits
+    return not keep_logits and not _outputs_must_be_tensors()
+
+
+def _outputs_must_be_tensors() -> bool:
+    """True inside DDP's graph splitting: AOTAutograd then reads a fake value off every graph
+    output, and a None output breaks it. The logits are kept there (the loss is still fused)."""
+    context = torch._guards.TracingContext.try_get()
+    return bool(context is not None and getattr(context, "fakify_first_call", False))
 
 
 # ---------------------------------------------------------------------------------------------
