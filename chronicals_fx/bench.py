@@ -3,6 +3,9 @@
     chronicals bench [--model qwen2.5-0.5b] [--batch 8] [--seq 1024] [--steps 20]
         [--variants eager compile liger chronicals] [--passes rmsnorm ...] [--lora 32]
 
+A variant ``chronicals:rmsnorm,swiglu`` runs chronicals with that pass set, so cumulative sets
+compare in one run: ``--variants compile chronicals:rmsnorm chronicals:rmsnorm,swiglu``.
+
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
 first→last, min grad norm, the largest per-step loss gap to eager, and the ratio to
@@ -60,12 +63,14 @@ def run_variant(args) -> dict:
     if variant in ("compile", "liger_compile"):
         model.compile()
     report = None
-    if variant == "chronicals":
+    if variant.startswith("chronicals"):
         options = {} if args.passes is None else {"passes": tuple(args.passes)}
+        if ":" in variant:  # chronicals:rmsnorm,swiglu — a pass set of its own
+            options["passes"] = tuple(variant.split(":", 1)[1].split(","))
         chronicals.optimize(model, **options)
     stats = train(model, byte_batches(args.batch, args.seq, device="cuda"), args.steps,
                   lr=args.lr, warmup_steps=args.warmup)
-    if variant == "chronicals":
+    if variant.startswith("chronicals"):
         report = chronicals.report_of(model)
     return {"variant": variant, **stats.to_dict(), "problems": stats.proof_of_training(),
             "counts": report.counts if report else None,
