@@ -1,6 +1,6 @@
-"""DDP with the chronicals backend, two CPU processes over gloo: the rewritten graphs (split by
-DDP's optimizer at gradient-bucket boundaries) train exactly like one process with the same
-global batch."""
+"""DDP and FSDP2 with the chronicals backend, two CPU processes over gloo: the rewritten graphs
+(split by DDP's optimizer at gradient-bucket boundaries, or at FSDP2's per-layer hooks) train
+exactly like one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _train(model, batches, rank=0, world=1):
     return torch.stack(losses)
 
 
-def _worker(rank: int, port: int, bucket_mb: float, out: str) -> None:
+def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -49,22 +49,30 @@ def _worker(rank: int, port: int, bucket_mb: float, out: str) -> None:
         from tests.tiny_models import tiny_causal_lm
 
         model = tiny_causal_lm("llama", **_SIZE[bucket_mb])
-        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
-        chronicals.optimize(ddp, strict=True, compiler="aot_eager")
-        losses = _train(ddp, _batches(STEPS), rank, WORLD)
+        if engine == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        chronicals.optimize(wrapped, strict=True, compiler="aot_eager")
+        losses = _train(wrapped, _batches(STEPS), rank, WORLD)
         dist.all_reduce(losses)
+        params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         if rank == 0:
-            report = chronicals.report_of(ddp)
-            torch.save((losses / WORLD, [p.detach() for p in model.parameters()],
-                        report.counts, report.graphs), out)
+            report = chronicals.report_of(wrapped)
+            torch.save((losses / WORLD, [p.detach() for p in params], report.counts,
+                        report.graphs), out)
     finally:
         dist.destroy_process_group()
 
 
 # 25 MB: one bucket, one graph. 1 MB (the smallest DDP's optimizer accepts) on a 13 MB model:
 # Dynamo splits the graph at about a dozen bucket boundaries, some inside matched patterns.
-@pytest.mark.parametrize("bucket_mb", [25.0, 1.0])
-def test_ddp_matches_single_process(bucket_mb, tmp_path):
+@pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0)])
+def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
     from tests.tiny_models import tiny_causal_lm
 
     reference = tiny_causal_lm("llama", **_SIZE[bucket_mb])
@@ -80,13 +88,16 @@ def test_ddp_matches_single_process(bucket_mb, tmp_path):
         ref_losses.append(loss.detach())
 
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_worker, args=(_free_port(), bucket_mb, out), nprocs=WORLD,
+    mp.start_processes(_worker, args=(_free_port(), engine, bucket_mb, out), nprocs=WORLD,
                        start_method="spawn")
     losses, params, counts, graphs = torch.load(out)
     torch.testing.assert_close(losses, torch.stack(ref_losses), rtol=1e-5, atol=1e-6)
     for p, q in zip(params, reference.parameters()):
         torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
-    if bucket_mb == 25.0:
+    if engine == "fsdp2":  # a graph per layer and one around them; every site still found
+        assert counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 0,
+                          "linear_cross_entropy": 1}, counts
+    elif bucket_mb == 25.0:
         assert graphs == 1 and counts["rmsnorm"] == 5, counts
     else:  # patterns cut by a seam are declined or missed, never wrong: parity above holds
         assert graphs > 1 and 1 <= counts["rmsnorm"] <= 9, (graphs, counts)
