@@ -100,7 +100,7 @@ def run(args) -> int:
 
     options = {k: v for k, v in (("passes", args.passes), ("compiler", args.compiler)) if v}
     if "passes" in options:
-        options["passes"] = tuple(options["passes"])
+        options["passes"] = tuple(options["passes"].split(","))
     run_script(args.script, args.script_args, **options)
     return 0
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=explain)
 
     p = sub.add_parser("run", help="run a training script unmodified, its models optimized")
-    p.add_argument("--passes", nargs="+", help="passes to run (default: all)")
+    p.add_argument("--passes", help="comma-separated passes to run (default: all)")
     p.add_argument("--compiler", help="inductor (default), aot_eager or eager")
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
