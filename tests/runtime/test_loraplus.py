@@ -9,21 +9,13 @@ from chronicals_fx.runtime import create_loraplus_optimizer, loraplus_param_grou
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+from tests.tiny_models import tiny_causal_lm  # noqa: E402
 
 LR, RATIO, WD = 2e-4, 16.0, 0.05
 
 
 def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_causal_lm("llama", hidden_size=32, intermediate_size=48, vocab_size=64)
 
 
 def peft_model(**lora) -> nn.Module:

@@ -235,18 +235,11 @@ def test_hf_causal_lm_sees_independent_documents():
 
     HF derives the document mask from position_ids only without a KV cache, hence use_cache=False.
     """
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        attn_implementation="sdpa",
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    from tests.tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", hidden_size=32, intermediate_size=48, vocab_size=1000,
+                           attn_implementation="sdpa").eval()
     docs = make_docs(12, seed=5, max_len=20)
     batch = next(iter(PackedDataset(docs, capacity=48, rows_per_batch=8, shuffle=False)))
     with torch.no_grad():
