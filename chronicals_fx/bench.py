@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             cmd += ["--passes", *args.passes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            log = os.path.join(os.path.dirname(args.json or path), f"train_{variant}.log")
+            log = os.path.join(os.path.dirname(args.json or path), f"train_{variant.replace(':', '_').replace(',', '_')}.log")
             with open(log, "w") as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()

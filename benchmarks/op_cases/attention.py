@@ -120,7 +120,7 @@ def _backend(name):
 
 def _chronicals(fn):
     backend = functools.partial(chronicals_backend, options=Config(passes=("attention",)))
-    return torch.compile(fn, backend=backend)
+    return torch.compile(fn, backend=backend, dynamic=False)
 
 
 _CACHE: dict = {}
@@ -138,7 +138,7 @@ def _flex_variants(packed: bool) -> dict:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return {}
-    flex = torch.compile(flex_attention)
+    flex = torch.compile(flex_attention, dynamic=False)
 
     def causal(q, k, v):
         T = q.shape[2]
@@ -210,25 +210,30 @@ def _flops(B, Hq, D, sq_lengths):
 def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     size = dtype.itemsize
     out = []
-    causal = {"eager": eager_causal, "hf_sdpa_dense_mask": torch.compile(hf_sdpa_causal),
-              "sdpa_default": torch.compile(_backend("sdpa")),
-              "sdpa_flash": torch.compile(_backend("flash")),
-              "sdpa_cudnn": torch.compile(_backend("cudnn")),
-              **_flex_variants(packed=False),
-              "triton": torch.compile(_backend("triton")),
-              "chronicals": _chronicals(eager_causal)}
+    # Variants are built per case: one compiled function shared by two shapes would recompile
+    # with symbolic shapes on the second, which is not what a fixed-shape training run compiles.
+    def compiled(fn):
+        return torch.compile(fn, dynamic=False)
+
     for B, T, Hq, Hk, D in CAUSAL_SHAPES:
+        causal = {"eager": eager_causal, "hf_sdpa_dense_mask": compiled(hf_sdpa_causal),
+                  "sdpa_default": compiled(_backend("sdpa")),
+                  "sdpa_flash": compiled(_backend("flash")),
+                  "sdpa_cudnn": compiled(_backend("cudnn")),
+                  **_flex_variants(packed=False),
+                  "triton": compiled(_backend("triton")),
+                  "chronicals": _chronicals(eager_causal)}
         out.append(OpCase(
             "attention", f"causal B={B} T={T} Hq={Hq} Hk={Hk} D={D}",
             6 * B * T * D * (Hq + Hk) * size,
             functools.partial(_qkv, B, T, Hq, Hk, D, device, dtype), causal,
             flops=_flops(B, Hq, D, T * T), reference=T * T * B * Hq <= 2**31))
 
-    packed = {"eager": eager_packed, "hf_dense_mask": torch.compile(hf_sdpa_packed),
-              **_flex_variants(packed=True), **_varlen_variant(),
-              "triton": _triton_documents, "chronicals": _chronicals(hf_sdpa_packed)}
     for B, T, Hq, Hk, D in PACKED_SHAPES:
         L = T // DOCS_PER_ROW
+        packed = {"eager": eager_packed, "hf_dense_mask": compiled(hf_sdpa_packed),
+                  **_flex_variants(packed=True), **_varlen_variant(),
+                  "triton": _triton_documents, "chronicals": _chronicals(hf_sdpa_packed)}
 
         def inputs(B=B, T=T, Hq=Hq, Hk=Hk, D=D, L=L):
             position_ids = torch.arange(T, device=device).remainder(L).expand(B, -1).contiguous()

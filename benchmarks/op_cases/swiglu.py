@@ -55,7 +55,7 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     def variants(eager, code, liger_name):
         out = {
             "eager": eager,
-            "inductor": torch.compile(eager),
+            "inductor": torch.compile(eager, dynamic=False),
             "chronicals": lambda g, u: torch.ops.chronicals.swiglu(g, u, code),
         }
         liger = _liger(liger_name)
@@ -80,7 +80,7 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
         g, u = gu.chunk(2, dim=-1)                 # row-strided views: read in place, no copy
         return torch.ops.chronicals.swiglu(g, u, SILU)
 
-    fused = {"eager": eager_fused, "inductor": torch.compile(eager_fused),
+    fused = {"eager": eager_fused, "inductor": torch.compile(eager_fused, dynamic=False),
              "chronicals": chronicals_fused}
     liger = _liger("silu")
     if liger is not None:

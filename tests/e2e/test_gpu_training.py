@@ -24,3 +24,27 @@ def test_tiny_llama_bf16_trains_like_eager_on_gpu():
     for a, b in zip(eager.losses, ours.losses):
         assert abs(a - b) <= 0.02 * abs(a), (eager.losses, ours.losses)
     assert chronicals.report_of(model).counts["rmsnorm"] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "phi3", "mistral"])
+def test_families_bf16_train_like_eager_on_gpu(family, record_property):
+    """The convergence suite on the GPU: bf16, Inductor, every pass on, 30 steps of real text.
+    The per-step losses go to the JUnit XML (``--junitxml``) for RESULTS.md."""
+    from tests.tiny_models import tiny_causal_lm
+
+    runs = {}
+    for variant in ("eager", "chronicals"):
+        model = tiny_causal_lm(family, vocab_size=256, use_cache=False).to("cuda", torch.bfloat16)
+        if variant == "chronicals":
+            chronicals.optimize(model, strict=True)
+        runs[variant] = train(model, byte_batches(8, 256, device="cuda"), 30, lr=1e-3)
+    eager, ours = runs["eager"], runs["chronicals"]
+    gaps = [abs(a - b) / abs(a) for a, b in zip(eager.losses, ours.losses)]
+    record_property("losses_eager", [round(x, 4) for x in eager.losses])
+    record_property("losses_chronicals", [round(x, 4) for x in ours.losses])
+    record_property("max_rel_gap", max(gaps))
+    record_property("counts", chronicals.report_of(model).counts)
+    assert not ours.proof_of_training(), ours.proof_of_training()
+    assert ours.losses[-1] < ours.losses[0] - 0.5
+    assert max(gaps) <= 0.02, (eager.losses, ours.losses)

@@ -330,15 +330,35 @@ def test_runtime_masks_decline_and_run_unchanged():
 # ---------------------------------------------------------------------------------------------
 # GPU: the kernels the CPU tests replace by references.
 # ---------------------------------------------------------------------------------------------
+def _output_and_grads(module, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    return [y, x.grad] + [p.grad for p in module.parameters()]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", attention_kernels.BACKENDS)
 def test_gpu_causal_backends_bf16(backend):
+    """bf16 output and every gradient no further from a float64 run than eager bf16 is (twice
+    eager's relative error plus one bf16 rounding): elementwise closeness of two bf16 runs is
+    not a meaningful bar for weight gradients summed over 512 tokens."""
     torch.manual_seed(0)
     module = Attention(SPELLINGS["eager_additive_triu"], hidden=512, heads=8, kv_heads=2)
     module = module.to(DEVICE, torch.bfloat16)
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="inductor",
+                                    attention_backend=backend, **ONLY)
     x = torch.randn(2, 256, 512, device=DEVICE, dtype=torch.bfloat16)
-    report = _check(module, x, compiler="inductor", rtol=3e-2, atol=3e-2,
-                    attention_backend=backend)
+    dy = torch.randn_like(x)
+    reference = _output_and_grads(copy.deepcopy(module).double(), x.double(), dy.double())
+    eager = _output_and_grads(module, x, dy)
+    ours = _output_and_grads(optimized, x, dy)
+    for i, (r, e, o) in enumerate(zip(reference, eager, ours)):
+        err_e = ((e.double() - r).norm() / r.norm()).item()
+        err_o = ((o.double() - r).norm() / r.norm()).item()
+        assert err_o <= 2 * err_e + 2 ** -8, (i, err_o, err_e)
+    report = chronicals.report_of(optimized)
+    assert report.counts["attention"] == 1 and not report.declines, str(report)
     assert f"backend {backend}" in report.matches[0].detail
 
 
