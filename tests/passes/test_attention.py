@@ -344,8 +344,9 @@ def test_gpu_causal_backends_bf16(backend):
     eager's relative error plus one bf16 rounding): elementwise closeness of two bf16 runs is
     not a meaningful bar for weight gradients summed over 512 tokens."""
     torch.manual_seed(0)
-    # the spelling repeats k and v twice: 8 query heads over 4 key/value heads
-    module = Attention(SPELLINGS["eager_additive_triu"], hidden=512, heads=8, kv_heads=4)
+    # the spelling repeats k and v twice: 8 query heads over 4 key/value heads; its boolean
+    # mask keeps the scores' dtype (the additive spellings' fp32 mask would promote bf16)
+    module = Attention(SPELLINGS["eager_masked_fill_not_tril"], hidden=512, heads=8, kv_heads=4)
     module = module.to(DEVICE, torch.bfloat16)
     optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="inductor",
                                     attention_backend=backend, **ONLY)
