@@ -52,6 +52,7 @@ training process and less for the checks (``--no-checks`` / ``--no-attention-op`
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -332,11 +333,16 @@ def hf_mask_info(model_spec: str, capacity: int, rows: int, device: str, seed: i
     batch = checked_row(document_pieces(capacity), capacity, seed)
     embeds = torch.zeros(rows, capacity, 1, device=device)
     parts = []
+    # the cache argument was renamed between transformers releases (past_key_values → cache)
+    params = inspect.signature(create_causal_mask).parameters
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    extra = ({"cache_position": torch.arange(capacity, device=device)}
+             if "cache_position" in params else {})
     for label, cache in (("use_cache=False", None),
                          ("use_cache=True", transformers.DynamicCache(config=config))):
         mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None,
-                                  cache=cache,
-                                  position_ids=batch["position_ids"].expand(rows, -1).to(device))
+                                  position_ids=batch["position_ids"].expand(rows, -1).to(device),
+                                  **{cache_name: cache}, **extra)
         parts.append(f"{label}: " + ("None (is_causal, across documents)" if mask is None else
                      f"{mask.dtype} {list(mask.shape)} materialized, "
                      f"{mask.numel() * mask.element_size() / 2**20:.1f} MiB"))
@@ -385,8 +391,13 @@ def run_checks(args) -> dict:
     out = {"variant": "checks",
            "documents": document_checks(args.model, args.seq, args.device,
                                         args.check_compiler, args.check_docs, args.seed)}
+    # printed now: a later stage failing must not take these numbers with it
+    print("CHECKS_DOCUMENTS " + json.dumps(out["documents"]), file=sys.stderr, flush=True)
     torch._dynamo.reset()
-    out["hf_mask"] = hf_mask_info(args.model, args.seq, args.batch, args.device, args.seed)
+    try:
+        out["hf_mask"] = hf_mask_info(args.model, args.seq, args.batch, args.device, args.seed)
+    except Exception as exc:  # transformers' private masking API moves between releases
+        out["hf_mask"] = f"not shown ({type(exc).__name__}: {exc})"
     if args.device == "cuda" and not args.no_attention_op:
         import gc
 
