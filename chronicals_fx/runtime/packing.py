@@ -543,6 +543,11 @@ class PackingCollator:
     conventions of the module docstring (first label of each document -100, positions restart).
     Features' own ``labels`` (e.g. prompt tokens already -100) are kept, except the first.
 
+    The batch also carries ``use_cache=False``: transformers (5.x) derives the documents from
+    ``position_ids`` only when the forward runs without a KV cache, and Llama/Qwen configs
+    default to ``use_cache=True`` even in training, which silently attends across documents.
+    Pass ``use_cache=None`` to leave the key out (a model whose forward takes no such argument).
+
     ``capacity=None`` concatenates the batch into one ``[1, total]`` row without padding.
     With a ``capacity``, documents (cut per ``long_documents``) are packed by :func:`pack_bfd` into
     ``[rows, capacity]``; the number of rows varies from batch to batch. Empty features are skipped.
@@ -554,6 +559,7 @@ class PackingCollator:
         pad_token_id: int = 0,
         long_documents: str = "truncate",
         column: str = "input_ids",
+        use_cache: bool | None = False,
     ):
         if capacity is not None:
             _check_positive_int("capacity", capacity)
@@ -563,8 +569,9 @@ class PackingCollator:
             )
         self.capacity, self.pad_token_id = capacity, pad_token_id
         self.long_documents, self.column = long_documents, column
+        self.use_cache = use_cache
 
-    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, Any]:
         tokens = [_tokens(f, self.column) for f in features]
         labels = [_tokens(f, "labels") if "labels" in f else t for f, t in zip(features, tokens)]
         for ids, lab in zip(tokens, labels):
@@ -588,4 +595,7 @@ class PackingCollator:
             rows = [[tokens[doc[i]][cut[i]] for i in b] for b in bins]
             label_rows = [[labels[doc[i]][cut[i]] for i in b] for b in bins]
             batch = _build_batch(rows, self.capacity, self.pad_token_id, label_rows)
-        return {key: batch[key] for key in ("input_ids", "labels", "position_ids")}
+        out = {key: batch[key] for key in ("input_ids", "labels", "position_ids")}
+        if self.use_cache is not None:
+            out["use_cache"] = self.use_cache
+        return out

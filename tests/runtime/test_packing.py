@@ -445,7 +445,9 @@ def test_collator_flattens_into_one_row():
         {"input_ids": [4]},
     ]
     batch = PackingCollator()(features)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache"}
+    assert batch["use_cache"] is False
+    assert "use_cache" not in PackingCollator(use_cache=None)(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
@@ -489,3 +491,20 @@ def _derived(batch):
         "num_real_tokens": (batch["input_ids"] != 0).sum(),
         "num_label_tokens": (labels != -100).sum(),
     }
+
+
+def test_collator_batch_keeps_documents_apart_in_a_model_that_defaults_to_a_cache():
+    """A Llama config defaults to use_cache=True, under which transformers ignores the
+    documents of packed position_ids; the collator's batch turns the cache off."""
+    from tests.tiny_models import tiny_causal_lm
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama", attn_implementation="sdpa")
+    assert model.config.use_cache
+    docs = [torch.randint(0, 96, (n,)).tolist() for n in (7, 5)]
+    batch = PackingCollator()([{"input_ids": d} for d in docs])
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits[0, len(docs[0]):]
+        alone = model(input_ids=torch.tensor([docs[1]])).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
