@@ -49,7 +49,10 @@ def run_variant(args) -> dict:
     import chronicals
     from chronicals_fx.workload import build_model, byte_batches, train
 
-    model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # bf16 on the GPU, as trained; fp32 on a CPU (a smoke run: the fused kernels are GPU-only)
+    model = build_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                        device=device)
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -68,7 +71,7 @@ def run_variant(args) -> dict:
         if ":" in variant:  # chronicals:rmsnorm,swiglu — a pass set of its own
             options["passes"] = tuple(variant.split(":", 1)[1].split(","))
         chronicals.optimize(model, **options)
-    stats = train(model, byte_batches(args.batch, args.seq, device="cuda"), args.steps,
+    stats = train(model, byte_batches(args.batch, args.seq, device=device), args.steps,
                   lr=args.lr, warmup_steps=args.warmup)
     if variant.startswith("chronicals"):
         report = chronicals.report_of(model)
@@ -86,7 +89,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    header = (f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  model {args.model}"
+    card = (torch.cuda.get_device_name() if torch.cuda.is_available()
+            else "CPU (smoke run: no speed claims, the fused kernels run on GPUs only)")
+    header = (f"# {card}  torch {torch.__version__}  model {args.model}"
               f"  B={args.batch} T={args.seq}  steps {args.steps} (warm-up {args.warmup})"
               f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}")
     print(header, flush=True)
@@ -109,19 +114,26 @@ def main(argv=None) -> int:
             error = lines[-1][:300] if lines else f"exit {proc.returncode}"
             print(f"{variant}: failed ({log}): {error}", flush=True)
             results.append({"variant": variant, "error": error})
+            _save(args, header, results)
             continue
         with open(path) as f:
             results.append(json.load(f))
         os.unlink(path)
         r = results[-1]
         print(f"{variant}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, loss "
-              f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, counts {r['counts']}", flush=True)
+              f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, min grad norm "
+              f"{min(r['grad_norms']):.3f}, counts {r['counts']}", flush=True)
+        _save(args, header, results)
 
     print(summary_table(results))
+    return 0
+
+
+def _save(args, header: str, results: list[dict]) -> None:
+    """Written after every variant: a run cut off at its time limit keeps what it measured."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "args": vars(args), "results": results}, f, indent=1)
-    return 0
 
 
 def summary_table(results: list[dict]) -> str:
