@@ -7,6 +7,7 @@ nothing is downloaded), read as bytes: token ids 0–255, every one a real token
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sysconfig
@@ -50,6 +51,19 @@ def build_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cp
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Hugging Face activation checkpointing of every layer, non-reentrant (what Dynamo traces
+    as a checkpointed region). ``activation_checkpointing_enable`` where transformers has it,
+    else the older ``gradient_checkpointing_enable``."""
+    model.config.use_cache = False
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -156,7 +170,10 @@ def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-
         start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the ranks' partial norms
+            norm = norm.full_tensor()
+        norms.append(norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -179,3 +196,90 @@ def _real_tokens(batch: dict) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the example scripts (examples/*.py) report, one format for all of them, so that
+# benchmarks/examples.py can compare the same script run three ways.
+
+EXAMPLE_PREFIX = "CHRONICALS_EXAMPLE "
+
+
+class ExampleMeter:
+    """Per-step loss, grad norm, real tokens and time of an example script's training run.
+
+    The script calls :meth:`step_done` after each optimizer step (with the real tokens of that
+    step: labels that are not ``-100``, or non-padding inputs) and :meth:`log` with that step's
+    loss. Throughput counts only the steps after the first ``warmup`` (compilation happens
+    there). :meth:`finish` prints one machine-readable line: ``CHRONICALS_EXAMPLE {json}``.
+    """
+
+    def __init__(self, warmup: int = 3):
+        self.warmup = max(1, warmup)
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def step_done(self, real_tokens: int) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        self.tokens.append(int(real_tokens))
+
+    def log(self, loss: float, grad_norm: float | None = None) -> None:
+        self.losses.append(float(loss))
+        if grad_norm is not None:
+            self.grad_norms.append(float(grad_norm))
+        norm = f"  grad_norm {float(grad_norm):.4f}" if grad_norm is not None else ""
+        print(f"step {len(self.losses) - 1:3d}  loss {float(loss):.4f}{norm}", flush=True)
+
+    def result(self, **extra) -> dict:
+        timed = len(self.times) - self.warmup
+        seconds = self.times[-1] - self.times[self.warmup - 1] if timed > 0 else float("nan")
+        tokens = sum(self.tokens[self.warmup:])
+        return {"tokens_per_s": tokens / seconds if timed > 0 else None,
+                "timed_steps": max(timed, 0), "timed_s": seconds if timed > 0 else None,
+                "real_tokens": tokens, "real_tokens_per_step": self.tokens,
+                "warmup_steps": self.warmup, "losses": self.losses,
+                "min_grad_norm": min(self.grad_norms) if self.grad_norms else None,
+                "total_s": time.perf_counter() - self.start, **extra}
+
+    def finish(self, **extra) -> dict:
+        result = self.result(**extra)
+        if result["tokens_per_s"] is not None:
+            print(f"{result['timed_steps']} timed steps: {result['tokens_per_s']:,.0f} real tokens/s")
+        print(EXAMPLE_PREFIX + json.dumps(result), flush=True)
+        return result
+
+
+def parse_example_output(text: str) -> dict | None:
+    """The last ``CHRONICALS_EXAMPLE`` result printed in ``text``, or None."""
+    found = None
+    for line in text.splitlines():
+        if line.startswith(EXAMPLE_PREFIX):
+            found = json.loads(line[len(EXAMPLE_PREFIX):])
+    return found
+
+
+def example_trainer_callback(meter: ExampleMeter):
+    """A ``transformers.TrainerCallback`` feeding ``meter`` (HF ``Trainer`` and TRL alike).
+
+    Loss and grad norm come from the Trainer's own logs (``logging_steps=1``); real tokens from
+    ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen`` on).
+    """
+    import transformers
+
+    class _Callback(transformers.TrainerCallback):
+        seen = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.step_done(state.num_input_tokens_seen - self.seen)
+            self.seen = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                meter.log(logs["loss"], logs.get("grad_norm"))
+
+    return _Callback()

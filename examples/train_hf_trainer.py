@@ -1,35 +1,70 @@
 """A Hugging Face Trainer script, nothing chronicals-specific in it.
 
-    python examples/train_hf_trainer.py --max_steps 20
-    chronicals run examples/train_hf_trainer.py --max_steps 20
+    python examples/train_hf_trainer.py                       # eager, as written
+    python examples/train_hf_trainer.py --compile             # TrainingArguments(torch_compile=True)
+    chronicals run examples/train_hf_trainer.py               # same script, model optimized
+    python examples/train_hf_trainer.py --size qwen0.5b       # GPU: Qwen2.5-0.5B shape, bf16, 8×1024
+
+Any other ``TrainingArguments`` flag passes through (``--max_steps 20``, ``--torch_compile_backend
+chronicals`` after ``import chronicals`` or under ``chronicals run``, ...). Prints each step's loss
+and grad norm, then one ``CHRONICALS_EXAMPLE {json}`` line with the real-token throughput of the
+steps after ``--warmup`` (see benchmarks/examples.py).
 """
 
-import sys
+import argparse
 
 import torch
 import transformers
-from datasets import Dataset
 
-from chronicals_fx.workload import corpus_bytes
+# the embedded corpus (Python's own sources), model shapes and the result line
+from chronicals_fx.workload import (
+    ExampleMeter,
+    build_model,
+    corpus_bytes,
+    example_trainer_callback,
+)
+
+SIZES = {  # name -> (model shape, dtype, batch, seq, steps, warmup)
+    "tiny": ("tiny-llama", torch.float32, 4, 128, 12, 3),
+    "qwen0.5b": ("qwen2.5-0.5b", torch.bfloat16, 8, 1024, 25, 5),
+}
 
 
 def main():
-    parser = transformers.HfArgumentParser(transformers.TrainingArguments)
-    defaults = ["--output_dir", "/tmp/chronicals-example", "--per_device_train_batch_size", "4",
-                "--learning_rate", "1e-3", "--logging_steps", "5", "--report_to", "none",
-                "--save_strategy", "no", "--max_steps", "20"]
-    (args,) = parser.parse_args_into_dataclasses(defaults + sys.argv[1:])
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344,
-                                      num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, use_cache=False)
-    model = transformers.LlamaForCausalLM(config)
-    data = corpus_bytes(1 << 20)
-    rows = [list(data[i:i + 128]) for i in range(0, len(data) - 128, 128)][:2048]
-    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    p = argparse.ArgumentParser(epilog="other flags: transformers.TrainingArguments")
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int, help="untimed first steps")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    args, hf_flags = p.parse_known_args()
+    spec, dtype, batch, seq, steps, warmup = SIZES[args.size]
+    seq = args.seq or seq
+    defaults = ["--output_dir", "/tmp/chronicals-example-hf", "--per_device_train_batch_size",
+                str(args.batch or batch), "--max_steps", str(args.steps or steps),
+                "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+                "--max_grad_norm", "1.0", "--logging_steps", "1", "--report_to", "none",
+                "--save_strategy", "no", "--include_num_input_tokens_seen", "true",
+                "--dataloader_drop_last", "true", "--disable_tqdm", "true", "--seed", "0"]
+    if args.compile:
+        defaults.append("--torch_compile")
+    (training_args,) = transformers.HfArgumentParser(transformers.TrainingArguments) \
+        .parse_args_into_dataclasses(defaults + hf_flags)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer would move it there
+    model = build_model(spec, dtype=dtype, device=device, seed=0)  # random init, no download
+    data = corpus_bytes(4 << 20)  # bytes are the tokens: ids 0–255, no padding
+    rows = [list(data[i:i + seq]) for i in range(0, len(data) - seq, seq)][:4096]
+    dataset = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows]
+
+    meter = ExampleMeter(warmup=args.warmup if args.warmup is not None else warmup)
+    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=dataset,
+                                   callbacks=[example_trainer_callback(meter)])
     result = trainer.train()
     print(f"train_loss {result.training_loss:.4f}")
+    meter.finish(script="train_hf_trainer", size=args.size, compile=training_args.torch_compile,
+                 compile_backend=training_args.torch_compile_backend)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,58 @@
 """A plain PyTorch training loop, nothing chronicals-specific in it.
 
-    python examples/train_plain.py --steps 20                 # as written
-    chronicals run examples/train_plain.py --steps 20         # same script, models optimized
+    python examples/train_plain.py                            # eager, as written
+    python examples/train_plain.py --compile                  # torch.compile(model): Inductor
+    chronicals run examples/train_plain.py                    # same script, model optimized
+    python examples/train_plain.py --size qwen0.5b            # GPU: Qwen2.5-0.5B shape, bf16, 8×1024
+
+Prints each step's loss and grad norm, then one ``CHRONICALS_EXAMPLE {json}`` line with the
+real-token throughput of the steps after ``--warmup`` (see benchmarks/examples.py).
 """
 
 import argparse
-import time
 
 import torch
-import transformers
 
-from chronicals_fx.workload import byte_batches  # the embedded corpus: Python's own sources
+# the embedded corpus (Python's own sources), model shapes and the result line
+from chronicals_fx.workload import ExampleMeter, build_model, byte_batches
+
+SIZES = {  # name -> (model shape, dtype, batch, seq, steps, warmup)
+    "tiny": ("tiny-llama", torch.float32, 4, 128, 12, 3),
+    "qwen0.5b": ("qwen2.5-0.5b", torch.bfloat16, 8, 1024, 25, 5),
+}
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int, help="untimed first steps")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--compile", action="store_true", help="torch.compile(model)")
     args = p.parse_args()
+    spec, dtype, batch, seq, steps, warmup = SIZES[args.size]
+    steps, warmup = args.steps or steps, args.warmup if args.warmup is not None else warmup
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344,
-                                      num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = byte_batches(args.batch, args.seq, device=device)
+
+    model = build_model(spec, dtype=dtype, device=device, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device == "cuda")
+    if args.compile:
+        model = torch.compile(model)
+    batches = byte_batches(args.batch or batch, args.seq or seq, device=device)
+    meter = ExampleMeter(warmup=warmup)
     model.train()
-    start = time.perf_counter()
-    for step in range(args.steps):
-        loss = model(**next(batches)).loss
+    for _ in range(steps):
+        inputs = next(batches)
+        loss = model(**inputs).loss
         loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        optimizer.zero_grad()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.4f}")
-    print(f"{args.steps} steps in {time.perf_counter() - start:.1f}s")
+        optimizer.zero_grad(set_to_none=True)
+        meter.step_done(int((inputs["labels"] != -100).sum()))
+        meter.log(loss.item(), grad_norm.item())
+    meter.finish(script="train_plain", size=args.size, compile=args.compile)
 
 
 if __name__ == "__main__":
