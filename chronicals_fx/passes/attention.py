@@ -49,6 +49,7 @@ from torch.fx import GraphModule, Node
 from ..kernels import attention as kernels
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
+    OUTER_NODE,
     canon,
     fake_call,
     is_kind,
@@ -131,7 +132,15 @@ def run(gm: GraphModule, ctx) -> None:
         if kind == "document":
             bounds = bounds_of.get(doc)
             if bounds is None:
-                bounds = bounds_of[doc] = _insert_bounds(gm, doc, tensor_value(site.q).shape[0])
+                # Document ids built outside a checkpointed region: the bounds are computed
+                # there, once for all layers, and passed in as an input of the region.
+                call = ctx.region_call
+                if doc.graph is not gm.graph and (call is None or doc.graph is not call.graph):
+                    ctx.declined(node, "document ids built outside this graph")
+                    continue
+                batch = tensor_value(site.q).shape[0]
+                bounds = ctx.local(gm, _insert_bounds(doc.graph.owning_module, doc, batch))
+                bounds_of[doc] = bounds
         _rewrite(gm, site, kind, backend, bounds)
         ctx.matched(site.output, _describe(site, kind, backend))
     _erase_dead(gm, [n for n, v in analyzer.memo.items() if isinstance(v, Val)])
@@ -603,6 +612,8 @@ class _MaskAnalyzer:
         shape = tuple(t.shape)
         if any(static_int(s) is None for s in shape):
             raise _Unknown("symbolic shapes")
+        if node.op == "placeholder" and isinstance(node.meta.get(OUTER_NODE), Node):
+            return self.value(node.meta[OUTER_NODE])   # a region's input: built outside
         if node.op == "placeholder" or node.op == "get_attr":
             return self._leaf(node, t)
         fn = node.target
@@ -1222,6 +1233,9 @@ def _kernel_declines(site: _Site, kind: str) -> str | None:
 
 def _insert_bounds(gm: GraphModule, doc: Node, batch: int) -> Node:
     """Document bounds of the batch, computed once right after the document ids."""
+    for user in doc.users:
+        if user.target is kernels.document_bounds and user.args == (doc, batch):
+            return user   # already there (another region's attention inserted it)
     with gm.graph.inserting_after(doc):
         node = gm.graph.call_function(kernels.document_bounds, (doc, batch))
     node.meta["example_value"] = fake_call(kernels.document_bounds, (doc, batch))

@@ -191,6 +191,13 @@ def is_kind(node: Any, *kinds: str) -> Canon | None:
 # ---------------------------------------------------------------------------------------------
 # Values, dtypes, shapes
 # ---------------------------------------------------------------------------------------------
+# While the passes run over the body of a checkpointed region (``passes.run_pipeline``), each
+# body placeholder's meta holds, under this key, the node of the enclosing graph it is bound to.
+# Analyses that prove where a value comes from (the attention mask) follow it; rewrites never
+# use an outer node directly (``PassContext.local`` makes it a body input first).
+OUTER_NODE = "chronicals_outer_node"
+
+
 def value(node: Any) -> Any:
     """The example value of a node (a FakeTensor for tensors), or the constant itself."""
     if isinstance(node, Node):

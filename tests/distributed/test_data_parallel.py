@@ -1,6 +1,7 @@
 """DDP and FSDP2 with the chronicals backend, two CPU processes over gloo: the rewritten graphs
 (split by DDP's optimizer at gradient-bucket boundaries, or at FSDP2's per-layer hooks) train
-exactly like one process with the same global batch."""
+exactly like one process with the same global batch, with and without activation
+checkpointing. LoRA+ parameter groups of a fully sharded PEFT model."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def _batches(steps: int):
     return [torch.randint(0, 96, (2 * WORLD, 16), generator=g) for _ in range(steps)]
 
 
+def _model(size: dict, checkpointing: bool):
+    from chronicals_fx.workload import enable_activation_checkpointing
+    from tests.tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", **size)
+    return enable_activation_checkpointing(model) if checkpointing else model
+
+
 def _train(model, batches, rank=0, world=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
@@ -46,54 +55,75 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         import chronicals
-        from tests.tiny_models import tiny_causal_lm
 
-        model = tiny_causal_lm("llama", **_SIZE[bucket_mb])
-        if engine == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
-        else:
-            from torch.distributed.fsdp import fully_shard
+        results = {}
+        # The checkpointed run shares the processes (spawning costs CI time) and compiles with
+        # "eager" (the rewritten graphs op by op, each region run by torch.utils.checkpoint):
+        # AOTAutograd through checkpointed regions is tested in one process
+        # (tests/passes/test_checkpointing.py); here it would double the compile time.
+        for checkpointing in _CHECKPOINTING[engine, bucket_mb]:
+            torch._dynamo.reset()
+            model = _model(_SIZE[bucket_mb], checkpointing)
+            if engine == "ddp":
+                wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+            else:
+                from torch.distributed.fsdp import fully_shard
 
-            for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        chronicals.optimize(wrapped, strict=True, compiler="aot_eager")
-        losses = _train(wrapped, _batches(STEPS), rank, WORLD)
-        dist.all_reduce(losses)
-        params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-        if rank == 0:
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                wrapped = fully_shard(model)
+            chronicals.optimize(wrapped, strict=True,
+                                compiler="eager" if checkpointing else "aot_eager")
+            losses = _train(wrapped, _batches(STEPS), rank, WORLD)
+            dist.all_reduce(losses)
+            params = [p.full_tensor() if hasattr(p, "full_tensor") else p
+                      for p in model.parameters()]
             report = chronicals.report_of(wrapped)
-            torch.save((losses / WORLD, [p.detach() for p in params], report.counts,
-                        report.graphs), out)
+            results[checkpointing] = (losses / WORLD, [p.detach() for p in params],
+                                      report.counts, report.graphs, report.declines)
+        if rank == 0:
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
 
-# 25 MB: one bucket, one graph. 1 MB (the smallest DDP's optimizer accepts) on a 13 MB model:
-# Dynamo splits the graph at about a dozen bucket boundaries, some inside matched patterns.
-@pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0)])
-def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
-    from tests.tiny_models import tiny_causal_lm
-
-    reference = tiny_causal_lm("llama", **_SIZE[bucket_mb])
-    ref_losses = []
+def _reference(size: dict):
+    """One process, the global batch: its mean loss is the mean of the ranks' mean losses
+    (equal halves), so its gradients are the ranks' averaged ones."""
+    reference = _model(size, checkpointing=False)
+    losses = []
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     for ids in _batches(STEPS):
-        # the global batch's mean loss = the mean of the ranks' mean losses (equal halves)
-        halves = [reference(input_ids=p, labels=p).loss for p in ids.chunk(WORLD)]
-        loss = sum(halves) / WORLD
+        loss = sum(reference(input_ids=p, labels=p).loss for p in ids.chunk(WORLD)) / WORLD
         loss.backward()
         opt.step()
         opt.zero_grad()
-        ref_losses.append(loss.detach())
+        losses.append(loss.detach())
+    return torch.stack(losses), list(reference.parameters())
 
+
+# 25 MB: one bucket, one graph. 1 MB (the smallest DDP's optimizer accepts) on a 13 MB model:
+# Dynamo splits the graph at about a dozen bucket boundaries, some inside matched patterns.
+# Checkpointed too where the engine cuts graphs (one DDP graph with checkpointed layers is the
+# single-process case).
+_CHECKPOINTING = {("ddp", 25.0): (False,), ("ddp", 1.0): (False, True),
+                  ("fsdp2", 25.0): (False, True)}
+
+
+@pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0)])
+def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
+    ref_losses, ref_params = _reference(_SIZE[bucket_mb])
     out = str(tmp_path / "rank0.pt")
     mp.start_processes(_worker, args=(_free_port(), engine, bucket_mb, out), nprocs=WORLD,
                        start_method="spawn")
-    losses, params, counts, graphs = torch.load(out)
-    torch.testing.assert_close(losses, torch.stack(ref_losses), rtol=1e-5, atol=1e-6)
-    for p, q in zip(params, reference.parameters()):
-        torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
+    results = torch.load(out, weights_only=False)
+    for checkpointing, (losses, params, _, _, _) in results.items():
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, c=checkpointing: f"checkpointing={c}: {m}")
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
+
+    _, _, counts, graphs, _ = results[False]
     if engine == "fsdp2":  # a graph per layer and one around them; every site still found
         assert counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 0,
                           "linear_cross_entropy": 1}, counts
@@ -101,3 +131,60 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
         assert graphs == 1 and counts["rmsnorm"] == 5, counts
     else:  # patterns cut by a seam are declined or missed, never wrong: parity above holds
         assert graphs > 1 and 1 <= counts["rmsnorm"] <= 9, (graphs, counts)
+
+    if True not in results:
+        return
+    _, _, counts, graphs, declines = results[True]
+    layers = _SIZE[bucket_mb].get("num_hidden_layers", 2)
+    if engine == "fsdp2":
+        # FSDP2's hooks run inside each checkpoint: Dynamo breaks there and compiles the
+        # layer's forward as a frame of its own, shared by both layers; the causal mask is that
+        # frame's input, so attention declines (SDPA keeps the mask).
+        assert counts == {"rmsnorm": 3, "swiglu": 1, "rope": 1, "attention": 0,
+                          "linear_cross_entropy": 1}, counts
+        assert [d.op for d in declines] == ["attention"], declines
+    else:
+        # Each layer is a checkpointed region whose body the passes enter, and DDP's seams
+        # fall between regions, never inside one: every site of every layer is found. The
+        # causal mask is built in the first piece; a body in the same piece proves it causal
+        # through its input, in later pieces it is a runtime input and attention declines.
+        assert graphs > 1 and counts["rmsnorm"] == 2 * layers + 1, (graphs, counts)
+        assert counts["swiglu"] == counts["rope"] == layers, counts
+        assert all(d.op == "attention" and "mask" in d.reason for d in declines), declines
+        assert counts["attention"] + len(declines) == layers, (counts, declines)
+
+
+def test_loraplus_groups_of_a_fully_sharded_peft_model():
+    """LoRA+ finds A and B among FSDP2's DTensor parameters (one process, a gloo group of
+    one), and a step moves exactly the factors it should: B starts at 0, so A's first
+    gradient is 0 and only B changes."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    from chronicals_fx.runtime import create_loraplus_optimizer
+    from tests.tiny_models import batch, tiny_causal_lm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                            rank=0, world_size=1)
+    try:
+        model = get_peft_model(tiny_causal_lm("llama"),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, ratio=16.0)
+        groups = {g["name"]: g for g in opt.param_groups}
+        assert {n: (g["lr"], len(g["params"])) for n, g in groups.items()} == {
+            "lora_A": (1e-2, 14), "lora_B": (0.16, 14)}   # 7 adapted linears in 2 layers
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert {id(p) for g in groups.values() for p in g["params"]} == trainable
+        assert all(type(p).__name__ == "DTensor" for g in groups.values() for p in g["params"])
+
+        before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        model(**batch()).loss.backward()
+        opt.step()
+        for name, p in model.named_parameters():
+            moved = not torch.equal(p.full_tensor(), before[name])
+            assert moved == ("lora_B" in name), name
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,292 @@
+"""Data-parallel training benchmark: DDP and FSDP2, torch.compile vs chronicals, one run.
+
+    python -m benchmarks.multi_gpu [--engines ddp fsdp2] [--variants compile chronicals]
+        [--nproc 2] [--model qwen2.5-0.5b] [--batch 8] [--seq 1024] [--steps 10] [--warmup 4]
+        [--checkpointing] [--reference eager] [--json out.json]
+
+Each (engine, variant) trains in its own ``torchrun --nproc_per_node N`` job (NCCL on CUDA,
+gloo on CPU), and the single-process reference trains on the same global batch (``N x batch``
+rows) in one process, so the table compares every data-parallel run's per-step loss with it.
+Each rank trains on its own rows of the same global batch (rank r takes rows
+``r*batch .. (r+1)*batch``) of the byte corpus of :mod:`chronicals_fx.workload` (every token
+real), from the same random init, with the measured loop of that module: bf16 parameters,
+fused AdamW, grad clipping at 1.0. The loss reported per step is the global batch's mean
+(the ranks' means averaged: equal rows, no padding); the step time is the slowest rank's;
+tokens/s counts the real tokens of all ranks. Prints one table: tokens/s, the ratio to
+torch.compile under the same engine, peak GiB per GPU (the largest rank), loss first→last,
+the largest per-step loss gap to the reference, the smallest grad norm; a run that failed
+keeps its row with the error (its log is written next to ``--json``, else to the temp dir).
+
+One worker (what the driver launches): ``torchrun --nproc_per_node 2 -m benchmarks.multi_gpu
+--worker out.json --engine ddp --variant chronicals ...``.
+
+The CPU smoke run (2 gloo processes, Triton interpreted, AOTAutograd without Inductor):
+``python -m benchmarks.multi_gpu --device cpu --model tiny-llama --batch 2 --seq 64 --steps 3
+--warmup 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+# NVLink multicast (NVLS) is unavailable on the lent GPU machines: NCCL and symmetric memory
+# must not try it. Set here so every torchrun job inherits it.
+_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+ENGINES = ("ddp", "fsdp2")
+VARIANTS = ("eager", "compile", "chronicals")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--variants", nargs="*", default=["compile", "chronicals"],
+                   help="eager, compile, chronicals or chronicals:<pass>,<pass>")
+    p.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per data-parallel run")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--batch", type=int, default=8, help="rows per rank")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=4, help="untimed first steps (compilation)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of every layer (HF, non-reentrant)")
+    p.add_argument("--reference", default="eager",
+                   help="variant of the one-process run on the global batch, or 'none'")
+    p.add_argument("--compiler", default=None,
+                   help="what compiles: inductor (default on CUDA) or aot_eager (default on CPU)")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size")
+    p.add_argument("--timeout", type=int, default=240, help="seconds per run before it is killed")
+    p.add_argument("--deadline", type=int, default=560,
+                   help="seconds for all runs: a run gets at most what is left (the table is "
+                        "printed in time for a 10-minute limit), later ones are skipped")
+    p.add_argument("--json", help="write every result here")
+    # one run (set by the driver)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--engine", default="single", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="chronicals", help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: a torchrun rank, or the single process of the reference
+# ---------------------------------------------------------------------------------------------
+def run_worker(args) -> dict | None:
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is imported
+    import torch
+    import torch.distributed as dist
+
+    import chronicals
+    from chronicals_fx.workload import (
+        build_model,
+        byte_batches,
+        enable_activation_checkpointing,
+        train,
+    )
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        device = "cpu"
+    if args.engine != "single":
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    compiler = args.compiler or ("inductor" if args.device == "cuda" else "aot_eager")
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = build_model(args.model, dtype=dtype, device=device, seed=0)
+    if args.checkpointing:
+        enable_activation_checkpointing(model)
+    wrapped = model
+    if args.engine == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if args.device == "cuda" else None,
+            bucket_cap_mb=args.bucket_mb)
+    elif args.engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    variant = args.variant
+    if variant == "compile":
+        wrapped.compile(backend=compiler)
+    elif variant.startswith("chronicals"):
+        options = {"compiler": compiler}
+        if ":" in variant:
+            options["passes"] = tuple(variant.split(":", 1)[1].split(","))
+        chronicals.optimize(wrapped, **options)
+    elif variant != "eager":
+        raise ValueError(f"unknown variant {variant!r}")
+
+    def shard():  # this rank's rows of each global batch (the reference: all of them)
+        rows = args.batch
+        for batch in byte_batches(rows * world, args.seq, device=device):
+            yield {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+
+    stats = train(wrapped, shard(), args.steps, lr=args.lr, warmup_steps=args.warmup)
+    if world > 1:  # the global batch's mean loss, the slowest rank, all ranks' tokens
+        def reduce(values: list[float], op: str) -> list[float]:
+            t = torch.tensor(values, dtype=torch.float64, device=device)
+            dist.all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            return (t / world if op == "mean" else t).tolist()
+
+        stats.losses = reduce(stats.losses, "mean")
+        stats.step_ms = reduce(stats.step_ms, "max")
+        (stats.peak_gib,) = reduce([stats.peak_gib], "max")
+        stats.tokens_per_step *= world
+    result = stats.to_dict()
+    result.update(engine=args.engine, variant=variant, world=world,
+                  checkpointing=args.checkpointing, problems=stats.proof_of_training())
+    if variant.startswith("chronicals"):
+        report = chronicals.report_of(wrapped)
+        result.update(counts=report.counts, declined=report.declined_counts,
+                      graphs=report.graphs)
+    if args.engine != "single":
+        dist.destroy_process_group()
+    return result if rank == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+def _common(args) -> list[str]:
+    cmd = ["--device", args.device, "--model", args.model, "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
+    if args.compiler:
+        cmd += ["--compiler", args.compiler]
+    cmd += ["--bucket-mb", str(args.bucket_mb)]
+    if args.checkpointing:
+        cmd.append("--checkpointing")
+    return cmd
+
+
+def _launch(cmd: list[str], name: str, args, logdir: str, timeout: float) -> dict:
+    """Run one job in its own process group (killed whole on timeout); its JSON or an error."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        path = tmp.name
+    env = {**os.environ, **_ENV}
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    start = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "--worker", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        output += f"\n[killed after {timeout:.0f} s]"
+    seconds = time.perf_counter() - start
+    log = os.path.join(logdir, f"multi_gpu_{name}.log")
+    with open(log, "w") as f:
+        f.write(output)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        os.unlink(path)
+        result["wall_s"] = seconds
+        return result
+    except (OSError, ValueError):
+        lines = output.splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "killed after" in ln] or lines
+        return {"error": (errors[-1] if errors else f"exit {proc.returncode}")[:300],
+                "log": log, "wall_s": seconds}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        result = run_worker(args)
+        if result is not None:
+            with open(args.worker, "w") as f:
+                json.dump(result, f)
+        return 0
+
+    import torch
+
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    header = (f"# {card} x{args.nproc}  torch {torch.__version__}  model {args.model}  "
+              f"B={args.batch}/rank (global {args.batch * args.nproc}) T={args.seq}  "
+              f"steps {args.steps} (warm-up {args.warmup})"
+              f"{'  activation checkpointing' if args.checkpointing else ''}")
+    print(header, flush=True)
+    logdir = os.path.dirname(os.path.abspath(args.json)) if args.json else tempfile.gettempdir()
+    os.makedirs(logdir, exist_ok=True)
+    results = []
+    jobs = []
+    if args.reference != "none":
+        jobs.append(("single", args.reference, [sys.executable, "-m", "benchmarks.multi_gpu",
+                                                "--engine", "single", "--variant", args.reference,
+                                                "--batch", str(args.batch * args.nproc)]))
+    for engine in args.engines:
+        for variant in args.variants:
+            jobs.append((engine, variant, [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(args.nproc), "-m", "benchmarks.multi_gpu",
+                "--engine", engine, "--variant", variant, "--batch", str(args.batch)]))
+    deadline = time.monotonic() + args.deadline
+    for engine, variant, cmd in jobs:
+        name = f"{engine}_{variant.replace(':', '-').replace(',', '+')}"
+        left = deadline - time.monotonic()
+        if left < 30:
+            r = {"error": "skipped: --deadline reached", "log": "", "wall_s": 0.0}
+        else:
+            r = _launch(cmd + _common(args), name, args, logdir, min(args.timeout, left))
+        r.setdefault("engine", engine)
+        r.setdefault("variant", variant)
+        results.append(r)
+        if "error" in r:
+            print(f"{engine} {variant}: failed after {r['wall_s']:.0f} s ({r['log']}): "
+                  f"{r['error']}", flush=True)
+        else:
+            print(f"{engine} {variant}: {r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.1f} GiB, "
+                  f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, {r['wall_s']:.0f} s"
+                  + (f", counts {r['counts']}, declined {r['declined']}" if "counts" in r else ""),
+                  flush=True)
+
+    print(summary_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+def summary_table(results: list[dict]) -> str:
+    from tabulate import tabulate
+
+    reference = next((r for r in results if r["engine"] == "single" and "error" not in r), None)
+    compile_tps = {r["engine"]: r["tokens_per_s"] for r in results
+                   if r["variant"] == "compile" and "error" not in r}
+    rows = []
+    for r in results:
+        engine = "1 process" if r["engine"] == "single" else r["engine"]
+        if "error" in r:
+            rows.append((engine, r["variant"], "failed", "", "", "", "", "", r["error"][:70]))
+            continue
+        gap = (max(abs(a - b) for a, b in zip(r["losses"], reference["losses"]))
+               if reference is not None and r is not reference else None)
+        base = compile_tps.get(r["engine"])
+        rows.append((engine, r["variant"], f"{r['tokens_per_s']:,.0f}",
+                     f"{r['tokens_per_s'] / base:.2f}x" if base else "",
+                     f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
+                     "" if gap is None else f"{gap:.3f}", f"{r['min_grad_norm']:.3f}",
+                     "; ".join(r["problems"]) or "trained"))
+    return tabulate(rows, headers=("engine", "variant", "tok/s (global)", "vs compile",
+                                   "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
+                                   "min grad norm", "proof"), disable_numparse=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
