@@ -2,7 +2,6 @@
 
 import sys as _sys
 
-import chronicals_fx as _impl
 from chronicals_fx import *  # noqa: F401,F403
 from chronicals_fx import __all__, __version__  # noqa: F401
 

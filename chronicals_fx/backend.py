@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-import torch
 from torch.fx import GraphModule
 
 from .config import Config

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, Node
 
 # ---------------------------------------------------------------------------------------------
 # Canonical kinds: name -> (positional parameter names, keyword defaults).
