@@ -611,7 +611,10 @@ class _MaskAnalyzer:
             raise _Unknown(f"{node.name} has no tensor value")
         shape = tuple(t.shape)
         if any(static_int(s) is None for s in shape):
-            raise _Unknown("symbolic shapes")
+            # the proof evaluates index ranges of known length; with a symbolic sequence length
+            # it would hold for one length only
+            raise _Unknown("symbolic shapes (the mask is proven at fixed sizes: pad batches to "
+                           "one length, or compile with dynamic=False)")
         if node.op == "placeholder" and isinstance(node.meta.get(OUTER_NODE), Node):
             return self.value(node.meta[OUTER_NODE])   # a region's input: built outside
         if node.op == "placeholder" or node.op == "get_attr":

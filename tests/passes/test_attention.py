@@ -384,3 +384,24 @@ def test_gpu_packed_llama_bf16_inductor():
         assert err < 3e-2, (name, err)
     report = chronicals.report_of(optimized)
     assert report.counts["attention"] == 2 and "document kernel" in report.matches[0].detail
+
+
+def test_symbolic_sequence_length_declines_and_runs_the_original():
+    """A graph compiled for any sequence length (dynamic=True, or Dynamo's automatic dynamic
+    shapes after a second length) cannot have its mask proven for every length: the pass
+    declines with the reason and the original attention runs, equal to eager."""
+    import functools
+
+    from chronicals_fx.backend import chronicals_backend
+
+    torch.manual_seed(0)
+    module = Attention(SPELLINGS["eager_additive_triu"])
+    reports = []
+    backend = functools.partial(chronicals_backend, options=dict(compiler="aot_eager", **ONLY),
+                                on_report=reports.append)
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    for length in (T, T + 3):
+        x = torch.randn(2, length, 32)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
+    assert reports and all(r.counts["attention"] == 0 for r in reports)
+    assert any("symbolic shapes" in d.reason for r in reports for d in r.declines), reports
