@@ -157,6 +157,15 @@ def test_real_shapes_bf16_on_gpu(activation, fused):
     y64 = y_ref.double()
     bound = y64.abs() * (2 ** -7 + 2 ** -16) + (g.double() * u.double()).abs().detach() * 2 ** -20
     assert ((y.double() - y64).abs() <= bound).all()
+    if activation == "silu":
+        # Same rounding points as torch's path (fp32 math, bf16 storage): within one bf16 ulp.
+        # Held on the H200 for silu; for gelu and gelu_tanh it did not (session 2, call 1):
+        # their fp32 evaluation differs from torch's (erf/tanh of another library; the tanh
+        # form through a sigmoid), and a one-ulp difference in act(g) can round y two ulps
+        # apart. The bound against float64 above is what those two are held to.
+        want = K.swiglu_reference(g.detach(), u.detach(), K.ACTIVATIONS[activation])
+        diff = (y.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2 ** -7 + 1e-30).all()
 
 
 @pytest.mark.gpu
