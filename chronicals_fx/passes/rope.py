@@ -281,16 +281,10 @@ def _rotate_half(node: Any) -> _Rotated | None:
         return None
     if len(c["tensors"]) != 2 or not _is_last_dim(c["dim"], len(shape)):
         return None
-    first, second = c["tensors"]
-    neg_input = _negated(first)
-    hi, lo = _last_slice(neg_input), _last_slice(second)
-    if hi is None or lo is None or hi[0] is not lo[0]:
+    found = _negated_and_plain_slices(*c["tensors"], lambda d: ((d // 2, d, 1), (0, d // 2, 1)))
+    if found is None:
         return None
-    x = hi[0]
-    size = static_int(_shape(x)[-1])
-    if size is None or size % 2 or hi[1:] != (size // 2, size, 1) or lo[1:] != (0, size // 2, 1):
-        return None
-    return _Rotated(x, "rotate-half", [node, first, *_slice_nodes(neg_input), *_slice_nodes(second)])
+    return _Rotated(found[0], "rotate-half", [node, *found[1]])
 
 
 def _rotate_pairs(node: Any) -> _Rotated | None:
@@ -302,17 +296,24 @@ def _rotate_pairs(node: Any) -> _Rotated | None:
     shape = _shape(stacked)
     if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not _is_last_dim(dim, len(shape)):
         return None
-    first, second = tensors
+    found = _negated_and_plain_slices(*tensors, lambda d: ((1, d, 2), (0, d, 2)))
+    if found is None:
+        return None
+    return _Rotated(found[0], "interleaved", [node, stacked, *found[1]])
+
+
+def _negated_and_plain_slices(first: Any, second: Any, expected) -> tuple[Node, list] | None:
+    """(x, nodes) if ``first`` is −x[.., a] and ``second`` is x[.., b] on the last dim of one x
+    of even size D, with ``expected(D) == ((start, stop, step) of a, (start, stop, step) of b)``."""
     neg_input = _negated(first)
-    odd, even = _last_slice(neg_input), _last_slice(second)
-    if odd is None or even is None or odd[0] is not even[0]:
+    neg, plain = _last_slice(neg_input), _last_slice(second)
+    if neg is None or plain is None or neg[0] is not plain[0]:
         return None
-    x = odd[0]
+    x = neg[0]
     size = static_int(_shape(x)[-1])
-    if size is None or size % 2 or odd[1:] != (1, size, 2) or even[1:] != (0, size, 2):
+    if size is None or size % 2 or (neg[1:], plain[1:]) != expected(size):
         return None
-    return _Rotated(x, "interleaved",
-                    [node, stacked, first, *_slice_nodes(neg_input), *_slice_nodes(second)])
+    return x, [first, *_slice_nodes(neg_input), *_slice_nodes(second)]
 
 
 def _widening_base(node: Node) -> tuple[Node, list[Node]]:
