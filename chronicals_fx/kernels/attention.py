@@ -103,6 +103,21 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, offs, stride, offs_d, ok, d_ok):
+    """Rows ``offs`` (row stride ``stride``, columns ``offs_d`` contiguous) of a [T, D] matrix;
+    zero outside ``ok`` × ``d_ok``."""
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :],
+                   mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _in_document(query, key, start):
+    """Key may be attended by query: causal (key ≤ query) and in the query's document (key ≥
+    the document's first token ``start``). Arguments are broadcast to the score tile's shape."""
+    return (key <= query) & (key >= start)
+
+
+@triton.jit
 def _doc_attn_fwd_kernel(
     Q, K, V, START, O, LSE,          # q [B,Hq,T,D], k/v [B,Hk,T,D], start [B,T] i32, o [B,Hq,T,D], lse [B,Hq,T]
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,   # strides (last dim contiguous)
@@ -122,8 +137,7 @@ def _doc_attn_fwd_kernel(
     row_ok = offs_m < T
     d_ok = offs_d < D
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, row_ok, d_ok)
     start = tl.load(START + b * T + offs_m, mask=row_ok, other=T)           # [BLOCK_M]
     lo = (tl.min(start, axis=0) // BLOCK_N) * BLOCK_N                        # first useful key block
     hi = tl.minimum((pid_m + 1) * BLOCK_M, T)                                # causal end
@@ -136,12 +150,10 @@ def _doc_attn_fwd_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _tile(k_base, offs_n, skt, offs_d, col_ok, d_ok)
+        v = _tile(v_base, offs_n, svt, offs_d, col_ok, d_ok)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale   # [BLOCK_M, BLOCK_N]
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= start[:, None])
+        allowed = _in_document(offs_m[:, None], offs_n[None, :], start[:, None])
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)              # fully masked so far
@@ -181,8 +193,8 @@ def _doc_attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     tile_ok = col_ok[:, None] & d_ok[None, :]
 
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=tile_ok, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=tile_ok, other=0.0)
+    k = _tile(K + b * skb + hk * skh, offs_n, skt, offs_d, col_ok, d_ok)
+    v = _tile(V + b * svb + hk * svh, offs_n, svt, offs_d, col_ok, d_ok)
     last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, T) - 1
     q_hi = tl.load(END + b * T + last)                       # end of the last key's document
     q_lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M          # causal: rows ≥ first key
@@ -197,15 +209,13 @@ def _doc_attn_bwd_dkdv_kernel(
         for m0 in range(q_lo, q_hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < T
-            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = _tile(q_base, offs_m, sqt, offs_d, row_ok, d_ok)
+            do = _tile(do_base, offs_m, sdot, offs_d, row_ok, d_ok)
             lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
             start = tl.load(START + b * T + offs_m, mask=row_ok, other=T)
             s_t = _dot(k, tl.trans(q), IEEE) * qk_scale       # [BLOCK_N, BLOCK_M]
-            allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] >= start[None, :])
+            allowed = _in_document(offs_m[None, :], offs_n[:, None], start[None, :])
             p_t = tl.where(allowed, tl.exp2(s_t - lse2[None, :]), 0.0)
             dv += _dot(p_t.to(do.dtype), do, IEEE)
             dp_t = _dot(v, tl.trans(do), IEEE)                # [BLOCK_N, BLOCK_M]
@@ -240,8 +250,8 @@ def _doc_attn_bwd_dq_kernel(
     d_ok = offs_d < D
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=tile_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=tile_ok, other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, row_ok, d_ok)
+    do = _tile(DO + b * sdob + h * sdoh, offs_m, sdot, offs_d, row_ok, d_ok)
     row_base = (b * H + h) * T
     lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
@@ -255,12 +265,10 @@ def _doc_attn_bwd_dq_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _tile(k_base, offs_n, skt, offs_d, col_ok, d_ok)
+        v = _tile(v_base, offs_n, svt, offs_d, col_ok, d_ok)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= start[:, None])
+        allowed = _in_document(offs_m[:, None], offs_n[None, :], start[:, None])
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
