@@ -197,9 +197,11 @@ def rope_kernel(
                       INTERLEAVED, ROUND, HAS_PASS, BLOCK_HK, BLOCK_P, BLOCK_PASS)
 
 
-# Elements of one [BLOCK_H, BLOCK_P] tile (x_i and x_j each): enough per program to keep loads
-# wide, few enough that a token's heads of a 128-dim model fit one or two iterations.
-_TILE = 2048
+# Elements of one [BLOCK_H, BLOCK_P] tile (x_i and x_j each). From the H200 sweep
+# (benchmarks/sweep_rope.py, RESULTS.md session 3): at B=4 T=4096 Hq=32 Hk=8 D=128, tiles of 512
+# (8 heads × 64 pairs, 2 warps) stream at 84% of copy against 63% for 2048 (all 32 heads at
+# once, 8 warps: too few programs in flight per SM); at D=64 every tile from 512 to 4096 ties.
+_TILE = 512
 
 
 def _tiles(hq: int, hk: int, rotary_dim: int, head_dim: int, tile: int | None = None,
