@@ -599,10 +599,16 @@ class _MaskAnalyzer:
             try:
                 got = self._eval(node)
             except _Unknown as exc:
-                got = exc
+                # Memoize the reason, never the raised exception: its traceback's frames reach
+                # (through f_back) every caller up the compile stack, and the cycle memo → exc →
+                # frame → self → memo keeps them alive until a later cyclic GC. DDP's graph
+                # splitter holds a guard in one such frame whose __del__ clears
+                # ``fakify_first_call``; freed late, mid-way through compiling another bucket, it
+                # made AOTAutograd run Inductor's code on fake tensors (H200 ×2, session 3).
+                got = _Unknown(*exc.args)
             self.memo[node] = got
         if isinstance(got, _Unknown):
-            raise got
+            raise _Unknown(*got.args)
         return got
 
     def _eval(self, node: Node) -> Val:

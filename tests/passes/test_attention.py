@@ -327,6 +327,39 @@ def test_runtime_masks_decline_and_run_unchanged():
     torch.testing.assert_close(optimized(x, m), module(x, m), rtol=0, atol=0)
 
 
+def test_declines_keep_no_caller_frame_alive():
+    """A decline must not hold the compiling frames: DDP's graph splitter keeps a guard in one
+    whose ``__del__`` clears ``fakify_first_call``, and a late cyclic GC of it broke the next
+    bucket's compile on GPUs. With the cyclic GC off, the caller's locals die with its frame."""
+    import gc
+    import weakref
+
+    class Guard:
+        pass
+
+    def compile_here():
+        guard = Guard()  # noqa: F841  (alive exactly as long as this frame)
+        module = Attention(lambda q, k, v, m: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=m & _tril_bool(q), enable_gqa=True))
+        mask = torch.rand(2, 1, T, T) > 0.3
+        report = chronicals.explain(module, torch.randn(2, T, 32), mask, chronicals_options=ONLY)
+        assert report.declines and "runtime boolean tensor" in report.declines[0].reason
+        return weakref.ref(guard)
+
+    # Dynamo itself runs a young-generation GC after each compile, which would hide the cycle.
+    no_gc_after = ({"run_gc_after_compile": False}
+                   if hasattr(torch._dynamo.config, "run_gc_after_compile") else {})
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch._dynamo.config.patch(**no_gc_after):
+            ref = compile_here()
+        assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the kernels the CPU tests replace by references.
 # ---------------------------------------------------------------------------------------------
