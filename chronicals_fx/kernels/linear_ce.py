@@ -22,26 +22,47 @@ Backward, with g the upstream gradient of the scalar loss and w_i = g / n_valid 
 "mean" over zero valid rows is 0/0 = nan, as in eager; the gradients are then 0 (every row
 is ignored), as in eager. n_valid stays a device tensor: no ``.item()``, no host sync.
 
-How it runs on CUDA (the "chunked cuBLAS" design): the vocabulary is cut into chunks of Vc
-columns. The forward loops over chunks: one GEMM x = H @ W_cᵀ into a [N, Vc] buffer, then a
-Triton kernel folds the chunk into each row's running max / sum of exponentials (online
-softmax), the target logit and Σ z. Only lse [N] (fp32) is saved. The backward recomputes each
-chunk's logits (one GEMM), a Triton kernel turns them into d in place, then dW_c = d_cᵀ @ H is
-written straight into its rows of dW (one GEMM over all N: each element rounded once, as
-eager's single GEMM rounds it) and dH += d_c @ W_c accumulates in an fp32 [N, H] buffer.
-FLOPs: 2NHV forward + 6NHV backward (8NHV; the logits are computed twice). Extra memory: one
-[N, Vc] buffer (≤ 256 MiB, see :func:`vocab_chunk`) and the fp32 dH accumulator; nothing of
-size N·V and no fp32 [V, H] buffer. Exact: no gradient filtering, fp32 accumulation everywhere.
+How it runs on CUDA: two modes, chosen where the op is called (the graph pass decides from
+whether a gradient is needed, see passes/linear_ce.py; :func:`linear_cross_entropy_loss` from
+``torch.is_grad_enabled()`` and ``requires_grad``).
 
-Off CUDA the op runs :func:`linear_cross_entropy_reference` (the same chunked algorithm in
-plain torch, computed in fp32 or wider), which is also what the tests compare to float64.
+Training, "gradients in the forward" (op ``chronicals::linear_cross_entropy_grad_in_forward``,
+6NHV FLOPs, as eager/Inductor): the tokens are cut into chunks of C rows (:func:`row_chunk`,
+the [C, V] buffer ≤ 256 MiB). Per chunk: x_c = H_c @ Wᵀ (+ b) (cuBLAS into one reused [C, V]
+buffer, input dtype); a Triton pass over whole rows gives lse_i (online max / sum over column
+slices, then a combine), and a second Triton pass overwrites the buffer IN PLACE with d for an
+upstream gradient of 1; then dH_c = d_c @ W is written into dH's rows (one GEMM over all of V:
+rounded once, as eager), dW += d_cᵀ @ H_c accumulates in a dW of the weight's dtype (cuBLAS
+addmm with beta = 1: fp32 inside each GEMM, one rounding per chunk — ⌈N / C⌉ roundings in all,
+against eager's one; beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, an fp32 [V, H] sum instead),
+db += Σ_rows d_c in fp32. n_valid (for "mean") is a device tensor computed before the first
+chunk. The op returns the loss and dH, dW, db; its backward multiplies them by g (the upstream
+gradient) IN PLACE — a Triton kernel that reads g on the device and does nothing when g == 1
+(one more rounding of dW otherwise). Under ``retain_graph``/``create_graph`` the product is out
+of place; traced (torch.compile) it is ``t * g``, which Inductor computes into the saved
+(donated) buffer. Extra memory: the [C, V] buffer + dH + dW (+ db); nothing of size N·V.
+
+Forward only, no gradient needed (op ``chronicals::linear_cross_entropy``, 2NHV): the
+vocabulary is cut into chunks of Vc columns. Per chunk: one GEMM x = H @ W_cᵀ into a [N, Vc]
+buffer, then a Triton kernel folds it into each row's running max / sum of exponentials
+(online softmax), the target logit and Σ z. Only lse [N] (fp32) is saved. Should a gradient be
+asked for after all, its backward recomputes each chunk's logits (one GEMM), a Triton kernel
+turns them into d in place, dW_c = d_cᵀ @ H is written straight into its rows of dW (rounded
+once) and dH += d_c @ W_c accumulates in an fp32 [N, H] buffer: 8NHV in all, exact.
+
+Off CUDA the ops run :func:`linear_cross_entropy_with_grads_reference` and
+:func:`linear_cross_entropy_reference` (the same chunked algorithms in plain torch, computed in
+fp32 or wider), which are also what the tests compare to float64.
 
 References: Milakov & Gimelshein 2018 (online softmax); Wijmans et al. 2024 (Cut Your Losses
 in Large-Vocabulary Language Models); Liger Kernel's fused linear cross-entropy (whose bugs
-under ignore_index / bf16 accumulation this design avoids: see docs/linear_ce.md).
+under ignore_index this design avoids, and whose bf16 dW accumulation over many small chunks it
+bounds to a few roundings: see docs/linear_ce.md).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -55,6 +76,28 @@ MAX_CHUNK_BYTES = 256 << 20
 MIN_CHUNK_BYTES = 64 << 20
 # ... and big enough that each chunk's GEMM does about this many FLOPs.
 CHUNK_FLOPS = 1 << 37
+
+# Gradients-in-the-forward mode (the sweep hooks: benchmarks/sweep_linear_ce.py sets these, or
+# the environment variables CHRONICALS_LCE_ROWS / _COLS / _BLOCK_V / _WARPS, read per call):
+# the [C, V] buffer of C whole rows: at most this many bytes (C a multiple of 128) ...
+ROW_CHUNK_BYTES = 256 << 20
+# ... or exactly this many rows when set.
+ROW_CHUNK_ROWS: int | None = None
+# dW sums ⌈N / C⌉ chunk GEMMs in the weight's dtype, each rounding once: a relative error of about
+# u·√((chunks + 1) / 6) (u = 2⁻⁸ in bf16: 4e-3 at 11 chunks, 1.2e-2 at 64). Beyond this many
+# chunks (large N) dW is summed in an fp32 [V, H] buffer instead (4·V·H more bytes).
+DW_LOW_PRECISION_MAX_CHUNKS = 32
+# Triton passes over a [C, V] chunk: one program per (row, slice of this many columns) ...
+ROW_SPLIT_COLS = 8192
+# ... walking its slice in tiles of this many columns, with this many warps (None: 4, or 8 for
+# tiles wider than 2048).
+ROW_BLOCK_V = 2048
+ROW_WARPS: int | None = None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
 
 
 def vocab_chunk(n_rows: int, hidden: int, vocab: int, itemsize: int) -> int:
@@ -180,6 +223,170 @@ def lce_bwd_chunk(x: Tensor, labels: Tensor, lse: Tensor, row_w: Tensor, v0: int
         HAS_SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
 
 
+@triton.jit
+def lce_row_stats_kernel(
+    X, stride_x,                # logits [C, V], whole rows (row stride; columns contiguous)
+    LABELS, ROW_W,              # int64 [C]; fp32 [C] row weights (0: ignored row, skipped)
+    PM, PS, PZT, PZSUM,         # fp32 [C, SPLIT] out: per slice max, Σ exp(z − max), target z, Σ z
+    V, SPLIT, COLS,             # vocabulary, slices per row, columns per slice
+    scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Pass 1 over a chunk of whole rows: one program per (row, column slice)."""
+    pid = tl.program_id(0)
+    row = pid // SPLIT
+    c_begin = (pid % SPLIT) * COLS
+    c_end = tl.minimum(c_begin + COLS, V)
+    w = tl.load(ROW_W + row)
+    if w != 0.0:
+        target = tl.load(LABELS + row)
+        base = X + row.to(tl.int64) * stride_x
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.full([], 0.0, tl.float32)
+        zt = tl.full([], 0.0, tl.float32)
+        zsum = tl.full([], 0.0, tl.float32)
+        for c0 in range(c_begin, c_end, BLOCK_V):
+            cols = c0 + tl.arange(0, BLOCK_V)
+            mask = cols < c_end
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            z, _ = _transform(x, scale, softcap, HAS_SOFTCAP)
+            z_inf = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z_inf, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_inf - m_safe), axis=0)
+            m = m_new
+            zt += tl.sum(tl.where(mask & (cols == target), z, 0.0), axis=0)
+            if HAS_SMOOTHING:
+                zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        tl.store(PM + pid, m)
+        tl.store(PS + pid, s)
+        tl.store(PZT + pid, zt)
+        if HAS_SMOOTHING:
+            tl.store(PZSUM + pid, zsum)
+
+
+@triton.jit
+def lce_row_grad_kernel(
+    X, stride_x,                # logits [C, V], whole rows; overwritten with d (same dtype)
+    LABELS, ROW_W,              # int64 [C]; fp32 [C] (0 on ignored rows: d = 0, nothing read)
+    PM, PS, PZT, PZSUM,         # fp32 [C, SPLIT] from lce_row_stats_kernel
+    LSE, ZT, ZSUM,              # fp32 [C] out: the rows' statistics for the loss (0 if ignored)
+    V, SPLIT, COLS, n_programs,
+    scale, softcap,
+    target_weight,              # 1 − ε
+    uniform_weight,             # ε / V
+    z_loss,                     # λ
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Pass 2: combine the row's slices into lse, then x → d = w·∂ℓ/∂z·∂z/∂x in place.
+
+    Programs run in the reverse order of pass 1's, so the first slices read here are the last
+    ones pass 1 read (still in L2)."""
+    pid = n_programs - 1 - tl.program_id(0)
+    row = pid // SPLIT
+    part = pid % SPLIT
+    c_begin = part * COLS
+    c_end = tl.minimum(c_begin + COLS, V)
+    w = tl.load(ROW_W + row)
+    base = X + row.to(tl.int64) * stride_x
+    if w != 0.0:
+        k = tl.arange(0, BLOCK_S)
+        k_mask = k < SPLIT
+        pm = tl.load(PM + row * SPLIT + k, mask=k_mask, other=float("-inf"))
+        ps = tl.load(PS + row * SPLIT + k, mask=k_mask, other=0.0)
+        m = tl.max(pm, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_safe + tl.log(tl.sum(ps * tl.exp(pm - m_safe), axis=0))
+        p_scale = w * (1.0 + 2.0 * z_loss * lse)
+        target = tl.load(LABELS + row)
+        for c0 in range(c_begin, c_end, BLOCK_V):
+            cols = c0 + tl.arange(0, BLOCK_V)
+            mask = cols < c_end
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            z, dz = _transform(x, scale, softcap, HAS_SOFTCAP)
+            p = tl.exp(z - lse) * p_scale
+            hot = tl.where(cols == target, target_weight, 0.0)
+            d = (p - (hot + uniform_weight) * w) * dz
+            tl.store(base + cols, d.to(X.dtype.element_ty), mask=mask)
+        if part == 0:
+            tl.store(LSE + row, lse)
+            tl.store(ZT + row, tl.sum(tl.load(PZT + row * SPLIT + k, mask=k_mask, other=0.0), axis=0))
+            if HAS_SMOOTHING:
+                tl.store(ZSUM + row,
+                         tl.sum(tl.load(PZSUM + row * SPLIT + k, mask=k_mask, other=0.0), axis=0))
+    else:
+        zero = tl.zeros([BLOCK_V], dtype=X.dtype.element_ty)
+        for c0 in range(c_begin, c_end, BLOCK_V):
+            cols = c0 + tl.arange(0, BLOCK_V)
+            tl.store(base + cols, zero, mask=cols < c_end)
+        if part == 0:
+            tl.store(LSE + row, 0.0)
+            tl.store(ZT + row, 0.0)
+            if HAS_SMOOTHING:
+                tl.store(ZSUM + row, 0.0)
+
+
+@triton.jit
+def scale_inplace_kernel(X, G, n, BLOCK: tl.constexpr):
+    """x ← x · g for a dense tensor seen flat; g a device scalar; nothing is touched if g == 1."""
+    g = tl.load(G).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(X + offs, (x * g).to(X.dtype.element_ty), mask=mask)
+
+
+def _row_tiles(vocab: int, cols: int | None, block_v: int | None, warps: int | None
+               ) -> tuple[int, int, int]:
+    """(columns per program, BLOCK_V, num_warps) of the row passes (sweep hooks, see above)."""
+    block_v = block_v or _env_int("CHRONICALS_LCE_BLOCK_V") or ROW_BLOCK_V
+    block_v = min(triton.next_power_of_2(block_v), triton.next_power_of_2(max(vocab, 16)))
+    cols = max(block_v, cols or _env_int("CHRONICALS_LCE_COLS") or ROW_SPLIT_COLS)
+    warps = warps or _env_int("CHRONICALS_LCE_WARPS") or ROW_WARPS or (8 if block_v > 2048 else 4)
+    return cols, block_v, warps
+
+
+def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, zsum: Tensor,
+             scale: float, softcap: float, label_smoothing: float, z_loss: float,
+             cols: int | None = None, block_v: int | None = None, warps: int | None = None
+             ) -> None:
+    """The two row passes on a [C, V] chunk of whole rows: lse, zt, zsum [C] out, x → d in place
+    (d for the row weights ``row_w``). Plain tensors: also CPU under ``TRITON_INTERPRET=1``."""
+    n, vocab = x.shape
+    if n == 0:
+        return
+    cols, block_v, warps = _row_tiles(vocab, cols, block_v, warps)
+    split = triton.cdiv(vocab, cols)
+    pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
+    grid = (n * split,)
+    flags = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=bool(label_smoothing), BLOCK_V=block_v,
+                 num_warps=warps)
+    lce_row_stats_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split,
+                               cols, scale, softcap or 1.0, **flags)
+    lce_row_grad_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse, zt, zsum,
+                              vocab, split, cols, n * split, scale, softcap or 1.0,
+                              1.0 - label_smoothing, label_smoothing / vocab, z_loss,
+                              BLOCK_S=triton.next_power_of_2(split), **flags)
+
+
+def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
+    """t ← t · g in place, g a 0-d tensor on t's device; no work when g == 1 (no host sync).
+    The Triton kernel where it can run (CUDA, or CPU under ``TRITON_INTERPRET=1``; t dense),
+    else ``mul_``."""
+    if t.numel() == 0:
+        return
+    runs = t.is_cuda or not isinstance(scale_inplace_kernel, triton.runtime.JITFunction)
+    dense = t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())
+    if not runs or not dense or g.device != t.device:
+        t.mul_(g)
+        return
+    scale_inplace_kernel[(triton.cdiv(t.numel(), block),)](t, g.reshape(()), t.numel(),
+                                                           BLOCK=block, num_warps=4)
+    torch.autograd.graph.increment_version(t)
+
+
 # ---------------------------------------------------------------------------------------------
 # What the kernel path and the reference share: the per-row loss and the row weights, [N]-sized
 # torch ops on the device (no host sync).
@@ -285,56 +492,77 @@ def lce_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, l
             db.to(bias.dtype) if need_b else None)
 
 
-def row_chunk(vocab: int, itemsize: int) -> int:
-    """Rows per token chunk of the gradients-in-forward mode: a [C, V] buffer ≤ 256 MiB."""
-    want = max(128, MAX_CHUNK_BYTES // max(1, vocab * itemsize))
-    return 1 << (want.bit_length() - 1)
+def row_chunk(n_rows: int, vocab: int, itemsize: int) -> int:
+    """Rows C per token chunk of the gradients-in-the-forward mode: the [C, V] buffer of whole
+    rows ≤ ROW_CHUNK_BYTES, C a multiple of 128 (at least 128), at most N; or ROW_CHUNK_ROWS /
+    $CHRONICALS_LCE_ROWS when set."""
+    forced = ROW_CHUNK_ROWS or _env_int("CHRONICALS_LCE_ROWS")
+    if forced:
+        return max(1, min(forced, n_rows))
+    rows = ROW_CHUNK_BYTES // max(1, vocab * itemsize)
+    return max(1, min(max(128, rows // 128 * 128), n_rows))
 
 
 def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                            ignore_index: int, reduction: str, label_smoothing: float,
                            scale: float, softcap: float, z_loss: float, need_h: bool,
-                           need_w: bool, need_b: bool, rows: int | None = None
+                           need_w: bool, need_b: bool, rows: int | None = None,
+                           cols: int | None = None, block_v: int | None = None,
+                           warps: int | None = None
                            ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Opt-in 6NHV mode: (loss fp32, dH, dW, db) for an upstream gradient of 1.
+    """(loss fp32, dH, dW, db) for an upstream gradient of 1, in 6NHV FLOPs.
 
-    Token chunks of C rows hold whole rows of logits [C, V], so each row's lse is known inside
-    its chunk and d can be formed at once: dH_c = d_c @ W is exact (one GEMM over V), and
-    dW accumulates over chunks in an fp32 [V, H] buffer (cuBLAS addmm with an fp32 output:
-    exact, but 4·V·H bytes — the memory this mode trades for the recompute).
+    Token chunks of C whole rows [C, V] (one buffer, reused): each row's lse is known inside
+    its chunk, so d is formed at once, in place of the logits. dH_c = d_c @ W is one GEMM over V
+    (rounded once, into dH's rows); dW accumulates over the chunks in the weight's dtype
+    (cuBLAS: the first chunk with beta = 0, the others addmm with beta = 1; fp32 inside each
+    GEMM, one rounding per chunk) — or, beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, in an fp32
+    [V, H] buffer; db in fp32. Grads not asked for are None and not computed.
     """
     n, vocab = h.shape[0], weight.shape[0]
-    rows = rows or row_chunk(vocab, h.element_size())
+    rows = rows or row_chunk(n, vocab, h.element_size())
+    labels = labels.contiguous()
     f32 = dict(dtype=torch.float32, device=h.device)
-    one = torch.ones((), **f32)
-    row_w = row_weights(one, labels, ignore_index, reduction, torch.float32)
+    row_w = row_weights(torch.ones((), **f32), labels, ignore_index, reduction, torch.float32)
     dh = torch.empty_like(h) if need_h else None
-    dw = torch.zeros(weight.shape, **f32) if need_w else None
     db = torch.zeros(vocab, **f32) if need_b else None
-    lse = torch.empty(n, **f32)
-    zt, zsum = torch.zeros(n, **f32), torch.zeros(n, **f32)
+    # many chunks (large N): dW summed in fp32, rounded once at the end
+    dw_acc = (torch.zeros(weight.shape, **f32) if need_w and weight.dtype != torch.float32
+              and triton.cdiv(n, rows) > DW_LOW_PRECISION_MAX_CHUNKS else None)
+    dw = torch.empty_like(weight) if need_w and dw_acc is None else None
+    lse, zt, zsum = torch.empty((3, n), **f32)
+    buf = torch.empty((min(rows, n), vocab), dtype=h.dtype, device=h.device) if n else None
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        hc, yc = h[r0:r1], labels[r0:r1]
-        x = _logits(hc, weight, bias, 0, vocab)                           # [C, V]
-        m = torch.full((r1 - r0,), float("-inf"), **f32)
-        s = torch.zeros(r1 - r0, **f32)
-        lce_fwd_chunk(x, yc, m, s, zt[r0:r1], zsum[r0:r1], 0, scale, softcap,
-                      bool(label_smoothing))
-        lse[r0:r1] = m + torch.log(s)
-        lce_bwd_chunk(x, yc, lse[r0:r1], row_w[r0:r1], 0, vocab, scale, softcap,
-                      label_smoothing, z_loss)
+        hc, x = h[r0:r1], buf[:r1 - r0]
+        if bias is None:
+            torch.mm(hc, weight.t(), out=x)                               # [C, V] logits
+        else:
+            torch.addmm(bias, hc, weight.t(), out=x)
+        lce_rows(x, labels[r0:r1], row_w[r0:r1], lse[r0:r1], zt[r0:r1], zsum[r0:r1], scale,
+                 softcap, label_smoothing, z_loss, cols, block_v, warps)  # x is d now
         if need_h:
             torch.mm(x, weight, out=dh[r0:r1])
-        if need_w:
-            _accumulate_mm(dw, x.t(), hc)
+        if dw_acc is not None:
+            _accumulate_mm(dw_acc, x.t(), hc)
+        elif need_w:
+            if r0 == 0:
+                torch.mm(x.t(), hc, out=dw)
+            else:
+                dw.addmm_(x.t(), hc)
         if need_b:
             db += x.sum(0, dtype=torch.float32)
-        del x
+    del buf
+    if dw_acc is not None:
+        dw = torch.empty_like(weight).copy_(dw_acc)
+        del dw_acc
+    if n == 0:
+        for t in (dh, dw):
+            if t is not None:
+                t.zero_()
     loss = finish_loss(lse, zt, zsum if label_smoothing else None, labels, vocab, ignore_index,
                        reduction, label_smoothing, z_loss)
-    return (loss, dh, dw.to(weight.dtype) if need_w else None,
-            db.to(bias.dtype) if need_b else None)
+    return (loss, dh, dw, db.to(bias.dtype) if need_b else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,12 +635,54 @@ def linear_cross_entropy_backward_reference(
     return dh.to(h.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype)
 
 
+def linear_cross_entropy_with_grads_reference(
+        h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int = -100,
+        reduction: str = "mean", label_smoothing: float = 0.0, scale: float = 1.0,
+        softcap: float = 0.0, z_loss: float = 0.0, need_h: bool = True, need_w: bool = True,
+        need_b: bool = True, rows: int | None = None
+        ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(loss, dH, dW, db) for an upstream gradient of 1: the gradients-in-the-forward algorithm
+    (token chunks of whole rows, d formed at once, dW summed over chunks) in plain torch, in fp32
+    (float64 for float64 inputs); grads in the input dtypes, None where not asked for."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    n, vocab = h.shape[0], weight.shape[0]
+    rows = rows or row_chunk(n, vocab, 4)
+    hf, wf = h.to(acc), weight.to(acc)
+    bf = None if bias is None else bias.to(acc)
+    row_w = row_weights(torch.ones((), dtype=acc, device=h.device), labels, ignore_index,
+                        reduction, acc)
+    lse, zt, zsum = torch.zeros((3, n), dtype=acc, device=h.device)
+    dh, dw = torch.zeros_like(hf), torch.zeros_like(wf)
+    db = torch.zeros(vocab, dtype=acc, device=h.device)
+    cols = torch.arange(vocab, device=h.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        x = _logits(hf[r0:r1], wf, bf, 0, vocab)                            # [C, V]
+        z, dz = _transform_torch(x, scale, softcap)
+        lse_c = torch.logsumexp(z, 1)
+        hot = cols[None, :] == labels[r0:r1, None]
+        lse[r0:r1], zt[r0:r1], zsum[r0:r1] = lse_c, torch.where(hot, z, 0.0).sum(1), z.sum(1)
+        p = torch.exp(z - lse_c[:, None]) * (1.0 + 2.0 * z_loss * lse_c)[:, None]
+        d = (p - hot.to(acc) * (1.0 - label_smoothing) - label_smoothing / vocab) * dz
+        d = torch.where(row_w[r0:r1, None] != 0, d * row_w[r0:r1, None], 0.0)
+        dh[r0:r1] = d @ wf
+        dw += d.t() @ hf[r0:r1]
+        db += d.sum(0)
+    loss = finish_loss(lse, zt, zsum, labels, vocab, ignore_index, reduction, label_smoothing,
+                       z_loss)
+    # the layouts of h and weight, as the CUDA path (and the op's fake) give them
+    return (loss, torch.empty_like(h).copy_(dh) if need_h else None,
+            torch.empty_like(weight).copy_(dw) if need_w else None,
+            db.to(bias.dtype) if need_b and bias is not None else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The registered ops.
 #
 # Opaque custom ops, not triton_op (the other kernels' pattern), on purpose: the body is a host
-# loop over vocabulary chunks whose memory plan is the point of the op (one [N, Vc] buffer
-# reused, cuBLAS writing straight into row slices of dW, fp32 accumulation with out=). Traced
+# loop over chunks whose memory plan is the point of the op (one logits buffer reused and
+# overwritten in place, cuBLAS writing straight into slices of dH/dW, accumulation with out= or
+# beta = 1). Traced
 # into Inductor, functionalization would turn those out= writes and the in-place kernel into
 # copies and scatters whose buffers the plan does not account for. The op runs once per step,
 # for milliseconds, so the dispatcher's tens of microseconds per call do not matter here.
@@ -499,9 +769,8 @@ def _backward(ctx, grad_loss: Tensor, _grad_lse):
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Opt-in: the gradients computed in the forward (6NHV instead of 8NHV; an fp32 [V, H]
-# accumulator instead of the recompute). The forward returns them for an upstream gradient of
-# 1; the backward multiplies by the real one (one more rounding of dW when g is not a power of 2).
+# Training: the gradients computed in the forward (6NHV instead of 8NHV). The forward returns
+# them for an upstream gradient of 1; the backward multiplies them by the real one, g.
 @torch.library.custom_op("chronicals::linear_cross_entropy_grad_in_forward", mutates_args=())
 def linear_cross_entropy_gif(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                              ignore_index: int, reduction: str, label_smoothing: float,
@@ -511,43 +780,74 @@ def linear_cross_entropy_gif(hidden: Tensor, weight: Tensor, bias: Tensor | None
     """(loss, dH, dW, db) with grads for g = 1; a grad not asked for is an empty tensor."""
     _check(hidden, weight, labels, reduction)
     need_bias = need_bias and bias is not None
-    args = (ignore_index, reduction, label_smoothing, logit_scale, softcap, z_loss)
+    args = (ignore_index, reduction, label_smoothing, logit_scale, softcap, z_loss, need_hidden,
+            need_weight, need_bias)
     if hidden.is_cuda:
-        loss, dh, dw, db = lce_forward_with_grads(hidden, weight, bias, labels, *args,
-                                                  need_hidden, need_weight, need_bias)
+        loss, dh, dw, db = lce_forward_with_grads(hidden, weight, bias, labels, *args)
     else:
-        loss, lse = linear_cross_entropy_reference(hidden, weight, bias, labels, *args)
-        one = torch.ones((), dtype=torch.float32, device=hidden.device)
-        dh, dw, db = linear_cross_entropy_backward_reference(one, hidden, weight, bias, labels,
-                                                             lse, *args)
+        loss, dh, dw, db = linear_cross_entropy_with_grads_reference(hidden, weight, bias, labels,
+                                                                     *args)
+    # each absent grad gets its own empty tensor: outputs of a custom op may not alias
     return (loss.to(out_dtype), dh if need_hidden else hidden.new_empty(0),
             dw if need_weight else hidden.new_empty(0),
-            db if need_bias and db is not None else hidden.new_empty(0))
+            db if need_bias else hidden.new_empty(0))
 
 
 @linear_cross_entropy_gif.register_fake
 def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_scale,
       softcap, z_loss, out_dtype, need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty(0)
     return (hidden.new_empty((), dtype=out_dtype),
-            torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias and bias is not None else empty)
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0))
+
+
+_GRAD_NAMES = ("hidden", "weight", "bias")
 
 
 def _setup_context_gif(ctx, inputs, output) -> None:
     _loss, dh, dw, db = output
+    bias = inputs[2]
+    need_hidden, need_weight, need_bias = inputs[11:14]
+    ctx.computed = (need_hidden, need_weight, need_bias and bias is not None)
     ctx.save_for_backward(dh, dw, db)
     ctx.mark_non_differentiable(dh, dw, db)
 
 
+def _keep_graph() -> bool:
+    """True under ``retain_graph``/``create_graph`` (or when unknown): the saved grads may be read
+    again, so they must not be scaled in place."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if query is None else bool(query())
+    except RuntimeError:
+        return True
+
+
+def _scaled(grads: list[Tensor | None], g: Tensor) -> list[Tensor | None]:
+    """g · grad for each grad. Eagerly, with plain tensors and a graph freed after this backward:
+    in place (no second dW; nothing done when g == 1). Traced (fake/functional tensors:
+    torch.compile, compiled autograd) or with the graph kept: an out-of-place product."""
+    present = [t for t in grads if t is not None]
+    in_place = all(type(t) is torch.Tensor for t in present + [g]) and not _keep_graph()
+    if in_place:
+        for t in present:
+            scale_inplace(t, g)
+        return grads
+    return [None if t is None else (t * g.to(torch.promote_types(t.dtype, torch.float32))
+                                    ).to(t.dtype) for t in grads]
+
+
 def _backward_gif(ctx, grad_loss: Tensor, *_unused):
-    dh, dw, db = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    g = grad_loss.to(torch.float32)
-    scaled = [(t * g).to(t.dtype) if need and t.numel() else None
-              for t, need in ((dh, need_h), (dw, need_w), (db, need_b))]
-    return tuple(scaled) + (None,) * 11
+    grads = []
+    for t, computed, needed, name in zip(ctx.saved_tensors, ctx.computed,
+                                         ctx.needs_input_grad[:3], _GRAD_NAMES):
+        if needed and not computed:
+            raise RuntimeError(
+                f"chronicals::linear_cross_entropy_grad_in_forward: the gradient of {name} is "
+                f"needed but was not computed in the forward (need_{name}=False)")
+        grads.append(t if needed else None)
+    return tuple(_scaled(grads, grad_loss)) + (None,) * 11
 
 
 linear_cross_entropy_gif.register_autograd(_backward_gif, setup_context=_setup_context_gif)
@@ -557,25 +857,29 @@ def linear_cross_entropy_loss(hidden: Tensor, weight: Tensor, labels: Tensor,
                               bias: Tensor | None = None, *, ignore_index: int = -100,
                               reduction: str = "mean", label_smoothing: float = 0.0,
                               logit_scale: float = 1.0, softcap: float = 0.0,
-                              z_loss: float = 0.0, grad_in_forward: bool = False) -> Tensor:
+                              z_loss: float = 0.0, grad_in_forward: bool | None = None) -> Tensor:
     """Functional form: cross_entropy(transform(hidden @ weightᵀ + bias), labels), fp32 loss.
 
     hidden [..., H] and labels [...] are flattened; the [N, V] logits are never stored.
-    ``grad_in_forward=True``: the opt-in 6NHV mode (fp32 [V, H] accumulator, see the docs).
+    When a gradient is needed (grad mode on, an input requiring grad) the gradients are computed
+    in the forward (6NHV, op ``linear_cross_entropy_grad_in_forward``); otherwise the forward only
+    (2NHV, op ``linear_cross_entropy``). ``grad_in_forward=False`` forces the latter even in
+    training (its backward recomputes the logits: 8NHV).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     args = (h, weight, bias, labels.reshape(-1), ignore_index, reduction, label_smoothing,
             logit_scale, softcap, z_loss, torch.float32)
-    if grad_in_forward and torch.is_grad_enabled():
-        needs = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    needs = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if grad_in_forward is not False and torch.is_grad_enabled() and any(needs):
         return torch.ops.chronicals.linear_cross_entropy_grad_in_forward(*args, *needs)[0]
     loss, _ = torch.ops.chronicals.linear_cross_entropy(*args)
     return loss
 
 
-def flops(n: int, hidden: int, vocab: int) -> int:
-    """Matmul FLOPs of one forward + backward: 2NHV (forward) + 2NHV (recompute) + 4NHV."""
-    return 8 * n * hidden * vocab
+def flops(n: int, hidden: int, vocab: int, grad_in_forward: bool = True) -> int:
+    """Matmul FLOPs of one forward + backward: 2NHV (logits) + 4NHV (dH, dW), plus 2NHV for the
+    recompute of the forward-only op's backward."""
+    return (6 if grad_in_forward else 8) * n * hidden * vocab
 
 
 def ideal_bytes(n: int, hidden: int, vocab: int, itemsize: int) -> int:
@@ -585,4 +889,5 @@ def ideal_bytes(n: int, hidden: int, vocab: int, itemsize: int) -> int:
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_loss", "linear_cross_entropy_reference",
            "linear_cross_entropy_backward_reference", "lce_forward", "lce_backward",
-           "lce_forward_with_grads", "vocab_chunk", "row_chunk", "flops", "ideal_bytes"]
+           "lce_forward_with_grads", "linear_cross_entropy_with_grads_reference", "lce_rows",
+           "scale_inplace", "vocab_chunk", "row_chunk", "flops", "ideal_bytes"]

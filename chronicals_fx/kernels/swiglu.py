@@ -26,17 +26,26 @@ Memory traffic, the whole point of the op (it does a handful of flops per byte):
 forward reads g, u and writes y; backward reads dy, g, u and writes dg, du — 8 tensors of
 g.numel() elements in all. References: Shazeer 2020 (GLU variants); Hendrycks & Gimpel 2016
 (GELU and its tanh approximation); Triton tutorial 01 (vector add) for the 1-D launch.
+
+Memory: with ``inplace_backward`` (set by the pass where g and u feed nothing but the op) the
+backward writes dg and du over g and u, which nothing reads afterwards, so the op's extra
+memory is y alone instead of y, dg and du (Liger does the same, unconditionally). Each element
+of g and u is read before the same program overwrites it. When that is safe, and how it
+survives AOTAutograd's functionalization, is in :func:`_may_overwrite` (eager) and
+:class:`ReuseSavedInputs` (Inductor).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.library import triton_op
 
 from ._triton import ROUND_CODES, launchable, round_to
@@ -125,11 +134,13 @@ def swiglu_fwd_kernel(
 
 @triton.jit
 def swiglu_bwd_kernel(
-    DY, G, U, DG, DU,             # dy (contiguous rows), gate, up; dg, du (contiguous outputs)
+    DY, G, U, DG, DU,             # dy, gate, up; dg, du: outputs, which may be G and U themselves
     n,                            # ROWS: columns per row; else: total elements
-    stride_dy, stride_g, stride_u,
+    stride_dy, stride_g, stride_u, stride_dg, stride_du,
     ACT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # In place (DG is G, DU is U): every element is loaded before this program stores it, and
+    # no other program touches it, so no element is read after it was overwritten.
     if ROWS:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -137,14 +148,16 @@ def swiglu_bwd_kernel(
         dy_off = row * stride_dy + cols
         g_off = row * stride_g + cols
         u_off = row * stride_u + cols
-        out_off = row * n + cols
+        dg_off = row * stride_dg + cols
+        du_off = row * stride_du + cols
     else:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dy_off = offs
         g_off = offs
         u_off = offs
-        out_off = offs
+        dg_off = offs
+        du_off = offs
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
@@ -152,16 +165,16 @@ def swiglu_bwd_kernel(
     da = round_to(dy * u, ROUND)
     dg = round_to(da * d, ROUND)
     du = round_to(dy * round_to(a, ROUND), ROUND)
-    tl.store(DG + out_off, dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + out_off, du.to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + dg_off, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + du_off, du.to(DU.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # Host launchers: plain tensors in, so tests call them on CPU tensors under TRITON_INTERPRET=1.
 # ---------------------------------------------------------------------------------------------
-def as_rows(t: Tensor) -> Tensor:
-    """``t`` as [M, I] with unit column stride: a view when the leading dims collapse into one
-    row stride (e.g. a chunk of a fused projection: rows 2I apart), else a contiguous copy."""
+def row_view(t: Tensor) -> Tensor | None:
+    """``t`` viewed as [M, I] with unit column stride, or None where its leading dims don't
+    collapse into one row stride (e.g. a chunk of a fused projection does: rows 2I apart)."""
     cols = t.shape[-1]
     rows = math.prod(t.shape[:-1])
     lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]
@@ -169,7 +182,14 @@ def as_rows(t: Tensor) -> Tensor:
         outer[1] == inner[0] * inner[1] for outer, inner in zip(lead, lead[1:]))
     if collapsible and (not lead or lead[-1][1] >= cols):   # rows must not overlap
         return t.view(rows, cols)
-    return t.contiguous().view(rows, cols)
+    return None
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """``t`` as [M, I] with unit column stride: a view where :func:`row_view` finds one, else a
+    contiguous copy."""
+    rows = row_view(t)
+    return rows if rows is not None else t.contiguous().view(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _layout(*rows: Tensor) -> tuple[bool, tuple]:
@@ -196,13 +216,15 @@ def swiglu_forward(gate: Tensor, up: Tensor, y: Tensor, activation: int) -> None
 
 def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, dg: Tensor, du: Tensor,
                     activation: int) -> None:
-    """(dg, du) of y = round(act(gate)) · up for [M, I] row views; ``dg``, ``du`` contiguous."""
+    """(dg, du) of y = round(act(gate)) · up for [M, I] row views (any row strides); ``dg`` and
+    ``du`` may be ``gate`` and ``up`` themselves (the in-place backward)."""
     m, n = gate.shape
     if m * n == 0:
         return
-    rows, grid = _layout(dy, gate, up)
+    rows, grid = _layout(dy, gate, up, dg, du)
     launchable(swiglu_bwd_kernel, gate)[grid](
-        dy, gate, up, dg, du, n if rows else m * n, dy.stride(0), gate.stride(0), up.stride(0),
+        dy, gate, up, dg, du, n if rows else m * n,
+        dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0), du.stride(0),
         ACT=activation, ROUND=ROUND_CODES[gate.dtype], ROWS=rows, BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
@@ -258,10 +280,22 @@ def swiglu_backward_reference(dy: Tensor, gate: Tensor, up: Tensor,
 # ---------------------------------------------------------------------------------------------
 # The registered ops (triton_op: Inductor emits the launch in its own generated code).
 # ---------------------------------------------------------------------------------------------
+def _launches_kernels(t: Tensor) -> bool:
+    """CUDA tensors go to the Triton kernels, others to the plain-torch reference (a function,
+    so that a CPU test can trace the CUDA path's graph without launching anything)."""
+    return t.device.type == "cuda"
+
+
 @triton_op("chronicals::swiglu", mutates_args=())
-def swiglu(gate: Tensor, up: Tensor, activation: int) -> Tensor:
-    """act(gate) · up; ``activation`` is a code of :data:`ACTIVATIONS`."""
-    if gate.device.type != "cuda":
+def swiglu(gate: Tensor, up: Tensor, activation: int, inplace_backward: bool = False) -> Tensor:
+    """act(gate) · up; ``activation`` is a code of :data:`ACTIVATIONS`.
+
+    ``inplace_backward``: the caller promises that nothing reads ``gate`` or ``up``, nor any
+    tensor sharing their storage, after this op's backward; the backward may then write
+    d gate and d up over them (they are returned as the gradients). Eager, it does so unless
+    :func:`_may_overwrite` finds a reason not to; compiled, Inductor's backward does so where
+    :class:`ReuseSavedInputs` proves it safe, and writes fresh buffers otherwise."""
+    if not _launches_kernels(gate):
         return swiglu_reference(gate, up, activation)
     g, u = as_rows(gate), as_rows(up)
     y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
@@ -272,7 +306,7 @@ def swiglu(gate: Tensor, up: Tensor, activation: int) -> Tensor:
 @triton_op("chronicals::swiglu_backward", mutates_args=())
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple[Tensor, Tensor]:
     """(d gate, d up), contiguous, of the shape of ``gate``."""
-    if gate.device.type != "cuda":
+    if not _launches_kernels(gate):
         return swiglu_backward_reference(dy, gate, up, activation)
     g, u, d = as_rows(gate), as_rows(up), as_rows(dy)
     dg = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
@@ -281,17 +315,424 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple[T
     return dg.view(gate.shape), du.view(gate.shape)
 
 
+@triton_op("chronicals::swiglu_backward_", mutates_args=("gate", "up"))
+def swiglu_bwd_inplace(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> None:
+    """Overwrite ``gate`` with d gate and ``up`` with d up (same layouts as before).
+
+    Under AOTAutograd this is traced as a functional kernel call whose outputs are clones of
+    gate and up; :class:`ReuseSavedInputs` removes the clones in Inductor's backward."""
+    if not _launches_kernels(gate):
+        # An opaque mutating op, not the plain-torch reference inlined: compiled on CPU, the
+        # backward graph then holds a functionalized write into g and u like the CUDA kernel's,
+        # which is what the CPU tests of ReuseSavedInputs need to see.
+        torch.ops.chronicals.swiglu_backward_reference_(dy, gate, up, activation)
+        return
+    g, u, d = row_view(gate), row_view(up), as_rows(dy)
+    if g is None or u is None:
+        # No [M, I] view of the storage (e.g. column-major): compute in [M, I] copies, copy back.
+        g, u = as_rows(gate).clone(), as_rows(up).clone()
+        swiglu_backward(d, g, u, g, u, activation)
+        gate.copy_(g.view(gate.shape))
+        up.copy_(u.view(up.shape))
+        return
+    swiglu_backward(d, g, u, g, u, activation)
+
+
+@torch.library.custom_op("chronicals::swiglu_backward_reference_", mutates_args=("gate", "up"))
+def _swiglu_backward_reference_(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> None:
+    dg, du = swiglu_backward_reference(dy, gate, up, activation)
+    gate.copy_(dg)
+    up.copy_(du)
+
+
+@_swiglu_backward_reference_.register_fake
+def _(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> None:
+    return None
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    gate, up, activation = inputs
+    gate, up, activation, inplace_backward = inputs
     ctx.save_for_backward(gate, up)
     ctx.activation = activation
+    ctx.inplace_backward = inplace_backward
 
 
 def _backward(ctx, dy: Tensor):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.chronicals.swiglu_backward(dy, gate, up, ctx.activation)
+    if ctx.inplace_backward and _may_overwrite(dy, gate, up):
+        torch.ops.chronicals.swiglu_backward_(dy, gate, up, ctx.activation)
+        dg, du = gate, up
+    else:
+        dg, du = torch.ops.chronicals.swiglu_backward(dy, gate, up, ctx.activation)
     return (dg if ctx.needs_input_grad[0] else None,
-            du if ctx.needs_input_grad[1] else None, None)
+            du if ctx.needs_input_grad[1] else None, None, None)
 
 
 swiglu.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# When the backward may overwrite g and u
+# ---------------------------------------------------------------------------------------------
+def _tracing(*tensors: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or any(
+        isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+
+
+def _may_overwrite(dy: Tensor, gate: Tensor, up: Tensor) -> bool:
+    """Eager: whether the backward may write over the saved ``gate`` and ``up``, given the
+    caller's promise (``inplace_backward``) that nothing else reads them afterwards.
+
+    Traced (AOTAutograd), always: the write is functionalized, and whether Inductor's backward
+    really writes in place is decided per graph by :class:`ReuseSavedInputs`, which checks the
+    same things on the graph. Eager, refused when
+    - the autograd graph is kept (``retain_graph``/``create_graph``): a second backward would
+      read the overwritten g and u;
+    - g or u is a leaf or a view of one: the caller's own tensor, never ours to overwrite;
+    - g and u overlap, or dy shares storage with either: the kernel would read elements it had
+      already overwritten.
+    Other autograd nodes that saved g or u would fail loudly on their next unpack (the write
+    bumps the version counter), not read wrong values.
+    """
+    if _tracing(dy, gate, up):
+        return True
+    if torch._C._autograd._get_current_graph_task_keep_graph():
+        return False
+    for t in (gate, up):
+        if t.is_leaf or (t._base is not None and t._base.is_leaf):
+            return False
+    if _same_storage(gate, up) and not disjoint(gate, up):
+        return False
+    return not (_same_storage(dy, gate) or _same_storage(dy, up))
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+def _static(*values) -> bool:
+    return all(isinstance(v, int) for v in values)
+
+
+def disjoint(a: Tensor, b: Tensor) -> bool:
+    """True if views ``a`` and ``b`` of one storage provably share no element (False when
+    unsure: symbolic sizes, layouts other than the ones below).
+
+    Proven: element ranges that don't meet, or the same row layout (equal sizes and strides,
+    unit column stride, every outer stride a multiple of the row stride r) with column windows
+    [off mod r, off mod r + I) that don't meet inside a row — two pieces of one fused
+    projection cut on the last dim.
+    """
+    def span(t: Tensor) -> tuple[int, int]:
+        hi = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.storage_offset(), hi
+
+    dims = (*a.shape, *a.stride(), *b.shape, *b.stride(), a.storage_offset(), b.storage_offset())
+    if not _static(*dims):
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return True
+    (lo_a, hi_a), (lo_b, hi_b) = span(a), span(b)
+    if hi_a < lo_b or hi_b < lo_a:
+        return True
+    if a.dim() == 0 or a.shape != b.shape or a.stride() != b.stride() or a.stride(-1) != 1:
+        return False
+    outer = [stride for size, stride in zip(a.shape[:-1], a.stride()[:-1]) if size > 1]
+    if not outer:
+        return False
+    r, n = min(outer), a.shape[-1]
+    if r <= 0 or any(stride % r for stride in outer):
+        return False
+    col_a, col_b = a.storage_offset() % r, b.storage_offset() % r
+    return col_a + n <= r and col_b + n <= r and (col_a + n <= col_b or col_b + n <= col_a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductor: the in-place write, kept in place in the compiled backward
+# ---------------------------------------------------------------------------------------------
+# Why a pass is needed. AOTAutograd functionalizes ``swiglu_backward_``: the backward graph holds
+# a functional kernel call whose outputs are declared clones of g and u. In the compiled
+# backward, g and u are graph inputs (saved activations), and Inductor's reinplacing
+# (fx_passes/reinplace.py, torch 2.11 as 2.13) never lets a kernel write into a graph input
+# that the program does not itself mutate, so the clones stay: two extra copies and buffers.
+#
+# Why writing into them is sound anyway. AOTAutograd marks "donated buffers"
+# (``fw_metadata.bw_donated_idxs``): saved tensors sharing storage with no forward input, no
+# forward output and no backward output, which the compiled backward owns (it steals them from
+# ctx) and which Inductor itself already reuses in place after their last read. A backward that
+# keeps its graph (retain_graph/create_graph) is compiled without donated buffers, or refused
+# with a clear error by AOTAutograd if it was compiled with them. So a saved g or u may be
+# overwritten when its storage is donated (or is an intermediate of the backward, as under
+# activation checkpointing), nothing reads that storage after the kernel, and no other tensor
+# the kernel reads overlaps what it writes. That is what ReuseSavedInputs checks before it
+# drops the clones; where it can't prove it, it gives the kernel fresh output buffers instead
+# (the out-of-place backward, no copy of g and u; only under symbolic shapes, where it builds no
+# buffers, do Inductor's clones stay).
+def _storage(node) -> int | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(val, Tensor) or not torch._C._has_storage(val):
+        return None
+    return val.untyped_storage()._cdata
+
+
+def _is_tangent(node: torch.fx.Node) -> bool:
+    desc = node.meta.get("desc")
+    return node.name.startswith("tangents") or type(desc).__name__ == "TangentAOTInput"
+
+
+class _Graph:
+    """Who shares storage with whom, and where nodes sit, in one backward graph."""
+
+    def __init__(self, graph: torch.fx.Graph, donated_idxs) -> None:
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.backward = any(_is_tangent(p) for p in placeholders)
+        donated = {placeholders[i] for i in (donated_idxs or ()) if 0 <= i < len(placeholders)}
+        self.inputs: dict[int, torch.fx.Node] = {}
+        self.donated: set[int] = set()
+        self.by_storage: dict[int, list[torch.fx.Node]] = {}
+        for n in graph.nodes:
+            key = _storage(n)
+            if key is None:
+                continue
+            self.by_storage.setdefault(key, []).append(n)
+            if n.op in ("placeholder", "get_attr"):
+                self.inputs[key] = n
+                if n in donated:
+                    self.donated.add(key)
+
+    def may_overwrite(self, node: torch.fx.Node, written: list[torch.fx.Node],
+                      read: list[torch.fx.Node]) -> bool:
+        """Whether ``node`` may write ``written`` in place, reading ``read`` (which may list the
+        written tensors themselves: read before written, element by element)."""
+        vals = {id(t): t.meta.get("val") for t in (*written, *read)}
+        if not all(isinstance(v, Tensor) for v in vals.values() if v is not None) or any(
+                vals[id(w)] is None for w in written):
+            return False
+        for w in written:
+            key = _storage(w)
+            if key is None:
+                return False
+            if key in self.inputs and key not in self.donated:
+                return False         # a graph input that isn't ours: the caller still has it
+            if self._used_after(key, node):
+                return False
+            for other in (*written, *read):
+                if other is w or _storage(other) != key:
+                    continue
+                if vals[id(other)] is None:
+                    return False
+                same = _same_view(vals[id(other)], vals[id(w)])
+                if same and other in written:
+                    return False     # written twice
+                if not same and not disjoint(vals[id(other)], vals[id(w)]):
+                    return False
+        return True
+
+    def _used_after(self, key: int, node: torch.fx.Node) -> bool:
+        at = self.order[node]
+        for view in self.by_storage.get(key, ()):
+            for user in view.users:
+                if self.order[user] > at and not _meta_only(user):
+                    return True
+        return False
+
+
+def _meta_only(node: torch.fx.Node) -> bool:
+    aten = torch.ops.aten
+    return node.target in (aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+                           aten.sym_storage_offset.default)
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset())
+
+
+class ReuseSavedInputs(CustomGraphPass):
+    """Inductor post-grad pass (``post_grad_custom_post_pass``): in backward graphs, the
+    functionalized ``swiglu_backward_`` writes d gate, d up into the saved g, u where that is
+    sound (see the comment above), else into fresh buffers; other graphs are left alone.
+
+    It runs before Inductor's own reinplacing, which it leaves to decide every other clone."""
+
+    def __init__(self, then=None) -> None:
+        self.then = then         # a post-grad pass that was configured before this one
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch._inductor.utils import get_donated_idxs
+
+        ours = [n for n in graph.nodes if _kernel_call(n) or _reference_call(n)]
+        if ours:
+            g = _Graph(graph, get_donated_idxs())
+            if g.backward:
+                in_place = not _reorders_before_reinplacing()
+                for node in ours:
+                    if _kernel_call(node):
+                        _reuse_in_kernel_call(graph, g, node, in_place)
+                    elif in_place:
+                        _reuse_in_reference_call(graph, g, node)
+                graph.lint()
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self):
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+        from torch._inductor.utils import get_donated_idxs
+
+        then = None
+        if self.then is not None:
+            then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
+            if then is None:
+                return None      # a pass Inductor can't key: it then bypasses its cache
+        # The decisions depend on the donated buffers, which Inductor's FX-graph cache key does
+        # not include: a backward compiled without them (retain_graph) must not hit an entry
+        # compiled with them.
+        return (get_hash_for_files((__file__,)), tuple(get_donated_idxs() or ()), then)
+
+
+def inductor_options(options: dict) -> dict:
+    """``options`` (Inductor config) with :class:`ReuseSavedInputs` installed, chained after a
+    post-grad pass already there; unchanged if it is installed already."""
+    current = options.get("post_grad_custom_post_pass")
+    if isinstance(current, ReuseSavedInputs):
+        return options
+    return {**options, "post_grad_custom_post_pass": ReuseSavedInputs(then=current)}
+
+
+def _kernel_call(node: torch.fx.Node) -> bool:
+    """The functionalized launch of :func:`swiglu_bwd_inplace`'s kernel (outputs DG, DU are
+    G, U)."""
+    if node.target is not torch.ops.higher_order.triton_kernel_wrapper_functional:
+        return False
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    while kernel is not swiglu_bwd_kernel and hasattr(kernel, "fn"):
+        kernel = kernel.fn        # launch options (num_warps) wrap it in an Autotuner
+    if kernel is not swiglu_bwd_kernel:
+        return False
+    args = node.kwargs["kwargs"]
+    return args["DG"] is args["G"] and args["DU"] is args["U"]
+
+
+def _reference_call(node: torch.fx.Node) -> bool:
+    return (node.target is torch.ops.higher_order.auto_functionalized_v2
+            and node.args[0] is torch.ops.chronicals.swiglu_backward_reference_.default)
+
+
+def _reorders_before_reinplacing() -> bool:
+    """Whether a post-grad pass that runs between this one and Inductor's reinplacing may move
+    nodes by their data edges alone. Writing in place here, as reinplacing does later, leaves
+    the readers of the written g, u without an edge to the kernel; Inductor keeps such passes
+    before reinplacing for that reason, so this one stays functional when one is configured."""
+    from torch._inductor import config
+    from torch._inductor.codegen.common import custom_backend_passes
+
+    distributed = getattr(config, "aten_distributed_optimizations", None)
+    return (any(getattr(config, f"bucket_{c}_fx", "none") != "none"
+                for c in ("all_gathers", "reduce_scatters", "all_reduces"))
+            or bool(getattr(distributed, "enable_overlap_scheduling", False))
+            or any(p is not None for p in custom_backend_passes.values()))
+
+
+def _reuse_in_kernel_call(graph: torch.fx.Graph, g: _Graph, node: torch.fx.Node,
+                          in_place: bool) -> None:
+    """Drop DG, DU from the call's clones (the kernel then writes G, U) and read the results
+    from G, U; or, where that is not proven (or ``in_place`` is off), point DG, DU at fresh
+    buffers of their layout, which Inductor's reinplacing then writes without a clone."""
+    args = dict(node.kwargs["kwargs"])
+    if not {"DG", "DU"} <= set(node.kwargs["tensors_to_clone"]):
+        return
+    written = [args["DG"], args["DU"]]
+    read = [v for k, v in args.items() if isinstance(v, torch.fx.Node) and k not in ("DG", "DU")]
+    if in_place and g.may_overwrite(node, written, read):
+        # The results are read from what the kernel wrote, as Inductor's reinplacing does.
+        for user in list(node.users):
+            if user.target is operator.getitem and user.args[1] in ("DG", "DU"):
+                user.replace_all_uses_with(args[user.args[1]])
+                graph.erase_node(user)
+        _set_clones(node, [k for k in node.kwargs["tensors_to_clone"] if k not in ("DG", "DU")])
+        return
+    fresh = _fresh_buffers(graph, node, written)
+    if fresh is None:
+        return                  # symbolic shapes: Inductor's clones of G, U stay
+    from torch.fx.immutable_collections import immutable_dict
+
+    args["DG"], args["DU"] = fresh
+    node.kwargs = immutable_dict({**node.kwargs, "kwargs": immutable_dict(args)})
+    if "eager_input_vals" in node.meta:
+        vals, kwvals = node.meta["eager_input_vals"]
+        inner = {**kwvals["kwargs"], "DG": fresh[0].meta["val"], "DU": fresh[1].meta["val"]}
+        node.meta["eager_input_vals"] = (vals, immutable_dict({**kwvals, "kwargs": inner}))
+
+
+def _set_clones(node: torch.fx.Node, clones: list[str]) -> None:
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    node.kwargs = immutable_dict({**node.kwargs, "tensors_to_clone": immutable_list(clones)})
+    if "eager_input_vals" in node.meta:       # Inductor reads the call's arguments from here too
+        args, kwargs = node.meta["eager_input_vals"]
+        node.meta["eager_input_vals"] = (
+            args, immutable_dict({**kwargs, "tensors_to_clone": immutable_list(clones)}))
+
+
+def _fresh_buffers(graph: torch.fx.Graph, node: torch.fx.Node,
+                   views: list[torch.fx.Node]) -> list[torch.fx.Node] | None:
+    """A new buffer for each of ``views`` with its sizes and strides (the kernel's stride
+    arguments were fixed at tracing), or None under symbolic shapes. One buffer each, even for
+    views of one storage: Inductor's reinplacing writes at most one tensor per storage in place
+    and would clone the other."""
+    from torch._guards import detect_fake_mode
+
+    vals = [v.meta["val"] for v in views]
+    if not all(_static(*t.shape, *t.stride()) for t in vals):
+        return None
+    mode = detect_fake_mode(vals)
+    aten = torch.ops.aten
+    out = []
+    with graph.inserting_before(node):
+        for t in vals:
+            numel = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            buf = graph.call_function(aten.empty.memory_format, ([numel],),
+                                      {"dtype": t.dtype, "device": t.device})
+            args = (buf, list(t.shape), list(t.stride()), 0)
+            view = graph.call_function(aten.as_strided.default, args)
+            with mode:
+                buf.meta["val"] = torch.empty(numel, dtype=t.dtype, device=t.device)
+                view.meta["val"] = torch.as_strided(buf.meta["val"], *args[1:])
+            out.append(view)
+    return out
+
+
+def _reuse_in_reference_call(graph: torch.fx.Graph, g: _Graph, node: torch.fx.Node) -> None:
+    """CPU twin of :func:`_reuse_in_kernel_call` for the reference op's auto_functionalized_v2
+    call: where proven, decompose it here with no clones (Inductor's reinplacing, which runs
+    later, would recompute its clones for every base and clone graph inputs). Otherwise left to
+    Inductor (clones: fine for a reference)."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2_dense
+    from torch._inductor.pattern_matcher import (CallFunctionVarArgs, PatternMatcherPass,
+                                                 register_graph_pattern)
+    from torch.utils import _pytree as pytree
+
+    bases = list(node.kwargs["_all_bases"])
+    read = [node.kwargs["dy"]]
+    if not bases or not g.may_overwrite(node, bases, read):
+        return
+    matcher = PatternMatcherPass()
+
+    @register_graph_pattern(CallFunctionVarArgs(torch.ops.higher_order.auto_functionalized_v2),
+                            extra_check=lambda match: match.nodes[0] is node, pass_dict=matcher)
+    def _(match, *args, **kwargs):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+
+        def decompose(*flat):
+            args, kwargs = pytree.tree_unflatten(flat, spec)
+            return auto_functionalized_v2_dense(args[0], (), **kwargs)
+
+        match.replace_by_example(decompose, flat, run_functional_passes=False)
+
+    matcher.apply(graph)

@@ -24,6 +24,14 @@ replaced by ``None`` — ``outputs.logits is None``, as with Liger and Cut Cross
 them for the output, and the loss comes from the fused op. Without a gradient (evaluation) and
 logits returned: declined, since the loss is cheapest computed from logits that exist anyway.
 
+Which op (decided here, at rewrite time): when the loss needs a gradient —
+``torch.is_grad_enabled()`` while the backend runs, the loss's example value requires grad, and
+so do hidden / weight / bias (their example values) — the op computes the gradients in its
+forward (``chronicals::linear_cross_entropy_grad_in_forward``, 6NHV, told which of the three to
+compute); otherwise the forward only (``chronicals::linear_cross_entropy``, 2NHV). Dynamo guards
+the grad mode and every input's ``requires_grad``, so a change of either recompiles and decides
+again. The report says which: "gradients in the forward" or "forward only".
+
 Declined, with the reason: class weights, reduction "none", probability targets, the legacy
 size_average/reduce arguments, a scale that is not a constant, a soft-cap form other than
 k2·tanh(k1·x), other transforms between the linear and the loss, logits used elsewhere in the
@@ -79,6 +87,7 @@ class _Site:
     scale: float = 1.0
     softcap: float = 0.0
     out_dtype: torch.dtype = torch.float32
+    needs: tuple[bool, bool, bool] = (False, False, False)   # grads of hidden, weight, bias
     notes: list[str] = field(default_factory=list)
 
 
@@ -99,6 +108,7 @@ def run(gm: GraphModule, ctx) -> None:
             _accept(site)
             returned = _returned_logits(gm, site)
             drop = _logits_policy(site, returned, ctx.config.keep_logits)
+            site.needs = _grad_needs(site)
         except _Decline as reason:
             ctx.declined(node, str(reason))
             continue
@@ -431,6 +441,20 @@ def _logits_policy(site: _Site, returned: list[Node], keep_logits: bool) -> bool
     return not keep_logits and not _outputs_must_be_tensors()
 
 
+def _grad_needs(site: _Site) -> tuple[bool, bool, bool]:
+    """Which of hidden, weight, bias the fused op must give a gradient for (none: forward only).
+
+    From the example values Dynamo traced with (their ``requires_grad`` reflects the grad mode
+    at that point of the program, e.g. inside ``torch.no_grad()`` blocks) and the grad mode
+    the backend is called under (AOTAutograd decides inference vs training from the same)."""
+    loss = tensor_value(site.loss)
+    if not torch.is_grad_enabled() or loss is None or not loss.requires_grad:
+        return False, False, False
+    h, w = tensor_value(site.hidden), tensor_value(site.weight)
+    b = tensor_value(site.bias) if site.bias is not None else None
+    return bool(h.requires_grad), bool(w.requires_grad), bool(b is not None and b.requires_grad)
+
+
 def _outputs_must_be_tensors() -> bool:
     """True inside DDP's graph splitting: AOTAutograd then reads a fake value off every graph
     output, and a None output breaks it. The logits are kept there (the loss is still fused)."""
@@ -503,8 +527,16 @@ def _rewrite(gm: GraphModule, site: _Site, dropped: list[Node]) -> Node:
             h = _insert(graph, torch.reshape, (h, (-1, hidden_size)), site.loss)
         args = (h, weight, site.bias, site.labels, site.ignore_index, site.reduction,
                 site.label_smoothing, site.scale, site.softcap, 0.0, site.out_dtype)
+        if any(site.needs):
+            target = torch.ops.chronicals.linear_cross_entropy_grad_in_forward.default
+            args = args + tuple(site.needs)
+            site.notes.append("gradients in the forward (" + ", ".join(
+                name for name, need in zip(("hidden", "weight", "bias"), site.needs) if need) + ")")
+        else:
+            target = torch.ops.chronicals.linear_cross_entropy.default
+            site.notes.append("forward only (no gradient needed)")
         # The op's "where" is the linear's module (lm_head): HF's loss function is no module.
-        op = _insert(graph, torch.ops.chronicals.linear_cross_entropy.default, args, site.linear)
+        op = _insert(graph, target, args, site.linear)
         loss = _insert(graph, operator.getitem, (op, 0), site.linear)
     site.loss.replace_all_uses_with(loss)
     # Erase what became dead, users before inputs; transposes of W last (they may feed other

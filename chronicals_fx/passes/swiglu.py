@@ -29,6 +29,11 @@ gate activations (relu, sigmoid — GLU — quick_gelu, ...), dtypes or devices 
 doesn't take, operands of different shapes (broadcasting), an activation value used
 elsewhere.
 
+Memory: where g and u are each a whole fresh projection result that nothing but the op reads
+(not pieces of a fused projection, not used elsewhere, not graph outputs), the op is called
+with ``inplace_backward``: its backward writes dg, du over g, u (see ``kernels.swiglu``), and
+Inductor gets the post-grad pass that keeps that write in place in the compiled backward.
+
 Rounding: the kernel computes act(g) in fp32, rounds it to the inputs' dtype, multiplies and
 rounds again — exactly eager's rounding points for F.silu/F.gelu in bf16/fp16 (which compute
 in fp32 internally). A hand-written activation in bf16 rounds after each of its ops in
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
-from ..kernels.swiglu import ACTIVATIONS
+from ..kernels.swiglu import ACTIVATIONS, inductor_options
 from .graph import (canon, is_kind, narrower, normalize_dim, replace_with_call, strip_casts,
                     tensor_value, used_outside)
 
@@ -73,6 +78,7 @@ class _Site:
     activation: str = ""
     composite: bool = False      # spelled as several ops (rounds per op in eager)
     casts: list[Node] = field(default_factory=list)
+    inplace_backward: bool = False
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -93,6 +99,10 @@ def run(gm: GraphModule, ctx) -> None:
             ctx.declined(node, reason)
             continue
         out = _rewrite(gm, site)
+        site.inplace_backward = _overwritable(out, site.gate) and _overwritable(out, site.up)
+        if site.inplace_backward:
+            out.args = (*out.args[:3], True)
+            _request_reuse_pass(ctx)
         ctx.matched(out, _describe(site))
 
 
@@ -401,6 +411,34 @@ def _rewrite(gm: GraphModule, site: _Site) -> Node:
                              erase=site.chain)
 
 
+def _overwritable(op: Node, node: Node) -> bool:
+    """True if the op's backward may write over ``node``'s tensor: a fresh projection result
+    (linear, or LoRA's sum), reached through nothing but casts (which may return their input
+    itself), that no node but ``op`` reads along the way — so no other value shares its storage
+    and nothing reads it after the op, the graph's output included.
+
+    Pieces of a fused projection are left out: the write into a view of the fused tensor is
+    functionalized into scatters that read the whole tensor again afterwards, which the
+    compiled backward can't keep in place (it would give the kernel fresh buffers, plus the
+    scatters' copy of the fused tensor: worse than the out-of-place backward).
+    """
+    chain = [node]
+    while (cast := is_kind(chain[-1], "cast")) is not None and isinstance(cast["input"], Node):
+        chain.append(cast["input"])
+    if is_kind(chain[-1], "linear", "add") is None:
+        return False
+    allowed = {op, *chain}
+    return all(set(n.users) <= allowed for n in chain)
+
+
+def _request_reuse_pass(ctx) -> None:
+    """Have Inductor run ``kernels.swiglu.ReuseSavedInputs`` on the graphs it compiles for
+    this config: without it, the compiled backward would copy g and u before writing them.
+    (The backend reads ``config.inductor`` after the passes ran.)"""
+    if ctx.config.compiler == "inductor":
+        ctx.config.inductor.update(inductor_options(ctx.config.inductor))
+
+
 def _short(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
@@ -415,4 +453,6 @@ def _describe(site: _Site) -> str:
         if g.dtype in _LOW:
             note += f"; computed in fp32 (eager rounds each op to {_short(g.dtype)})"
         parts.append(note)
+    if site.inplace_backward:
+        parts.append("backward writes dg, du over g, u")
     return ", ".join(parts)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from chronicals_fx.kernels import swiglu as K
 from tests.conftest import DEVICE
+from tests.inductor_code import saved_inputs_and_op_line, top_level_args
 
 # Relative-norm error bounds per storage dtype: fp32 arithmetic lands far under 1e-5; values
 # stored in bf16/fp16 carry a rounding or two of 2^-9 / 2^-12 relative.
@@ -135,6 +136,246 @@ def test_as_rows_keeps_views_and_copies_only_when_needed():
 
 
 # ---------------------------------------------------------------------------------------------
+# The in-place backward: dg, du written over the saved g, u
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,dtype,fused", [CASES[1], CASES[3], CASES[4]])
+def test_in_place_launch_equals_out_of_place(shape, dtype, fused):
+    """The kernel with dg, du aliasing g, u (contiguous and row-strided chunk views) writes
+    bit for bit what it writes into separate outputs, and nothing outside g and u."""
+    g, u, dy = _inputs(shape, dtype, fused=fused)
+    _, dg, du = _launch(g, u, dy, "silu")
+    base = g._base.clone() if fused else None
+    if fused:
+        gi, ui = base.chunk(2, dim=-1)
+    else:
+        gi, ui = g.clone(), u.clone()
+    K.swiglu_backward(K.as_rows(dy), K.row_view(gi), K.row_view(ui), K.row_view(gi),
+                      K.row_view(ui), K.ACTIVATIONS["silu"])
+    assert torch.equal(gi, dg) and torch.equal(ui, du)
+
+
+def _projections(dtype=torch.float32):
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, dtype=dtype, requires_grad=True)
+    wg = (0.5 * torch.randn(16, 40, dtype=dtype)).requires_grad_()
+    wu = torch.randn(16, 40, dtype=dtype, requires_grad=True)
+    return x, wg, wu
+
+
+def _grads(loss, leaves):
+    loss.backward()
+    out = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def test_eager_in_place_backward_writes_into_saved_inputs():
+    """Eager, with ``inplace_backward``: the gradients reaching g and u are g's and u's own
+    storage, and every gradient equals the out-of-place backward's, bit for bit."""
+    leaves = _projections()
+    x, wg, wu = leaves
+    want = _grads(torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0).sum(), leaves)
+    g, u = x @ wg, x @ wu
+    same = []
+    for t in (g, u):
+        t.register_hook(lambda grad, t=t: same.append(grad.data_ptr() == t.data_ptr()))
+    got = _grads(torch.ops.chronicals.swiglu(g, u, 0, True).sum(), leaves)
+    assert same == [True, True]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_eager_in_place_backward_declines_what_it_must_not_overwrite():
+    """Leaves (the caller's tensors) and a backward that keeps its graph (retain_graph) get the
+    out-of-place backward: the leaves keep their values, the second backward is right."""
+    leaves = _projections()
+    x, wg, wu = leaves
+    want = _grads(torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0).sum(), leaves)
+
+    g, u = (x @ wg).detach().requires_grad_(), (x @ wu).detach().requires_grad_()
+    g0, u0 = g.detach().clone(), u.detach().clone()
+    torch.ops.chronicals.swiglu(g, u, 0, True).sum().backward()
+    assert torch.equal(g.detach(), g0) and torch.equal(u.detach(), u0)
+
+    loss = torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0, True).sum()
+    loss.backward(retain_graph=True)
+    twice = _grads(loss, leaves)
+    for a, b in zip(twice, want):
+        torch.testing.assert_close(a, 2 * b, rtol=1e-6, atol=0)
+
+
+def test_eager_in_place_backward_fails_loudly_if_the_promise_is_broken():
+    """g also saved by another node whose backward runs after ours: the write bumps g's version
+    counter, so that node's backward raises instead of reading dg as g."""
+    x, wg, wu = _projections()
+    g, u = x @ wg, x @ wu
+    w = torch.randn_like(g, requires_grad=True)
+    other = (g * w).sum()                    # saves g (for w's grad); its backward runs last
+    loss = torch.ops.chronicals.swiglu(g, u, 0, True).sum() + other
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_disjoint_views():
+    gu = torch.randn(2, 3, 16)
+    g, u = gu.chunk(2, dim=-1)
+    assert K.disjoint(g, u) and K.disjoint(u, g)
+    assert not K.disjoint(gu[..., :9], gu[..., 8:])           # one shared column
+    assert not K.disjoint(g, g)
+    assert not K.disjoint(gu[..., :8], gu.view(6, 16)[:, 4:12].view(2, 3, 8))
+    flat = torch.randn(64)
+    assert K.disjoint(flat[:32], flat[32:]) and not K.disjoint(flat[:33], flat[32:])
+
+
+def test_compiled_backward_writes_into_saved_inputs():
+    """Inductor on CPU (the reference op stands in for the kernel): with ReuseSavedInputs the
+    backward hands the saved g, u themselves to the in-place op — no clone, no copy — and the
+    gradients equal eager's; with donated buffers off (AOTAutograd then can't vouch that the
+    backward owns g, u) it writes copies instead, and is right too."""
+    from torch._inductor.utils import run_fw_bw_and_get_code
+
+    def f(x, wg, wu):
+        return torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0, True)
+
+    leaves = _projections()
+    x, wg, wu = leaves
+    want = _grads(f(x, wg, wu).sum(), leaves)
+    for donated in (True, False):
+        torch._dynamo.reset()
+        with torch._functorch.config.patch(donated_buffer=donated):
+            compiled = torch.compile(f, options=K.inductor_options({}))
+            _, (_, code) = run_fw_bw_and_get_code(lambda: compiled(x, wg, wu))
+        got = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        inputs, line = saved_inputs_and_op_line(code)
+        args = top_level_args(line)
+        if donated:
+            assert args[1] in inputs and args[2] in inputs, line
+            assert "clone" not in code
+        else:
+            assert args[1] not in inputs and args[2] not in inputs, line
+
+
+def test_compiled_backward_with_retain_graph_is_right_or_refused():
+    """retain_graph under Inductor: a backward first compiled while keeping its graph has no
+    donated buffers, so g and u are not overwritten and both backwards are right; one compiled
+    with them is refused with AOTAutograd's clear error, never run on overwritten g, u.
+    (Caches off: a cached backward would bring its donated buffers along.)"""
+    def f(x, wg, wu):
+        return torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0, True).sum()
+
+    leaves = _projections()
+    want = _grads(f(*leaves), leaves)
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        loss = torch.compile(f, options=K.inductor_options({}))(*leaves)
+        loss.backward(retain_graph=True)
+        for a, b in zip(_grads(loss, leaves), want):
+            torch.testing.assert_close(a, 2 * b, rtol=1e-6, atol=1e-6)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(f, options=K.inductor_options({}))
+        compiled(*leaves).backward()
+        with pytest.raises(RuntimeError, match="donated buffers"):
+            compiled(*leaves).backward(retain_graph=True)
+    for t in leaves:
+        t.grad = None
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_cuda_path_backward_graph_writes_into_saved_inputs(monkeypatch):
+    """The CUDA path's backward graph, traced on CPU (never launched): AOTAutograd turns the
+    kernel's write into a functional call that clones g and u; after Inductor's post-grad
+    passes with ReuseSavedInputs, the kernel writes the saved g, u (graph inputs) and nothing
+    is cloned. Under activation checkpointing g, u are recomputed in the backward: the same.
+    Without donated buffers the kernel gets fresh output buffers (still no clone)."""
+    import triton
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import detect_fake_mode
+    from torch._higher_order_ops import triton_kernel_wrap
+    from torch._inductor import config as inductor_config
+    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.virtualized import V
+    from torch.library import wrap_triton
+
+    # Compiled (not interpreted) kernels, as on a GPU: the kernel and the helpers it calls.
+    for name in ("swiglu_bwd_kernel", "_act_and_grad", "round_to"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, triton.JITFunction(getattr(fn, "fn", fn)))
+    monkeypatch.setattr(K, "_launches_kernels", lambda t: True)
+    monkeypatch.setattr(K, "launchable", lambda kernel, like: wrap_triton(kernel))
+    # What Triton's IR analysis finds on a GPU; here there is no target to compile for.
+    monkeypatch.setattr(triton_kernel_wrap, "get_mutated_tensors",
+                        lambda *args: ["DG", "DU"])
+
+    class GatedInPlace(torch.autograd.Function):
+        """silu(g)·u in plain torch, backward through the in-place op alone (the forward
+        kernel would be traced too, and the forward graph runs)."""
+
+        @staticmethod
+        def forward(ctx, g, u):
+            ctx.save_for_backward(g, u)
+            return torch.nn.functional.silu(g) * u
+
+        @staticmethod
+        def backward(ctx, dy):
+            g, u = ctx.saved_tensors
+            torch.ops.chronicals.swiglu_backward_(dy, g, u, 0)
+            return g, u
+
+    graphs = []
+
+    def backward_compiler(gm, example_inputs):
+        with inductor_config.patch(post_grad_custom_post_pass=K.ReuseSavedInputs()), \
+                V.set_fake_mode(detect_fake_mode(example_inputs)):
+            post_grad_passes(gm, is_inference=False)
+        graphs.append(gm.graph)
+        raise _Captured
+
+    def mlp(x, wg, wu):
+        return GatedInPlace.apply(x @ wg, x @ wu)
+
+    x, wg, wu = (torch.randn(2, 4, 16), torch.randn(16, 32), torch.randn(16, 32))
+    for t in (x, wg, wu):
+        t.requires_grad_()
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=backward_compiler)
+    for case in ("saved", "checkpointed", "not donated"):
+        torch._dynamo.reset()
+
+        def f(x, wg, wu, checkpointed=case == "checkpointed"):
+            if checkpointed:
+                return torch.utils.checkpoint.checkpoint(mlp, x, wg, wu, use_reentrant=False)
+            return mlp(x, wg, wu)
+
+        with torch._functorch.config.patch(donated_buffer=case != "not donated"), \
+                pytest.raises(_Captured):
+            torch.compile(f, backend=backend)(x, wg, wu).sum().backward()
+        graph = graphs[-1]
+        [call] = [n for n in graph.nodes
+                  if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+        args = call.kwargs["kwargs"]
+        assert not any(n.target is torch.ops.aten.clone.default for n in graph.nodes)
+        inputs = {K._storage(n): n for n in graph.nodes if n.op == "placeholder"}
+        written = [inputs.get(K._storage(args[k])) for k in ("DG", "DU")]
+        if case == "saved":
+            assert args["DG"] is args["G"] and args["DU"] is args["U"]
+            assert all(w is not None for w in written)     # the saved g, u themselves
+        elif case == "checkpointed":
+            assert args["DG"] is args["G"] and args["DU"] is args["U"]
+            assert written == [None, None]       # recomputed: intermediates of the backward
+        else:
+            # Not provably ours: fresh buffers (the out-of-place backward), still no clone.
+            assert written == [None, None] and args["DG"] is not args["G"]
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: real shapes, the op through autograd and through Inductor.
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
@@ -200,3 +441,33 @@ def test_more_than_2_31_elements_on_gpu():
     for part in (slice(0, 64), slice(-64, None)):
         want = K.swiglu_reference(g[part], u[part], K.ACTIVATIONS["silu"])
         torch.testing.assert_close(y[part], want, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_compiled_in_place_backward_saves_two_tensors_on_gpu():
+    """Inductor on CUDA: the backward's peak memory drops by about two [N, I] tensors (dg, du
+    now live in g, u) against the out-of-place backward, with equal gradients."""
+    n, h, i = 4096, 512, 8192
+    torch.manual_seed(0)
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wg = (torch.randn(h, i, device="cuda", dtype=torch.bfloat16) / h ** 0.5).requires_grad_()
+    wu = (torch.randn(h, i, device="cuda", dtype=torch.bfloat16) / h ** 0.5).requires_grad_()
+    leaves = (x, wg, wu)
+    results = {}
+    for inplace in (False, True):
+        def f(x, wg, wu, inplace=inplace):
+            return torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0, inplace).float().sum()
+
+        compiled = torch.compile(f, options=K.inductor_options({}))
+        _grads(compiled(*leaves), leaves)              # compile
+        loss = compiled(*leaves)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = _grads(loss, leaves)
+        torch.cuda.synchronize()
+        results[inplace] = (torch.cuda.max_memory_allocated() - base, grads)
+    (peak_out, want), (peak_in, got) = results[False], results[True]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert peak_out - peak_in >= 1.9 * n * i * 2, (peak_out, peak_in)

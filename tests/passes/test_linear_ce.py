@@ -39,6 +39,7 @@ def test_hf_family_counts_parity_and_no_logits(family):
     assert _lce(report) == (1, [])
     assert report.matches[-1].where == "lm_head"
     assert "logits output dropped" in report.matches[-1].detail
+    assert "gradients in the forward (hidden, weight)" in report.matches[-1].detail
     # Training with labels: the [N, V] logits are never computed; outputs.logits is None.
     assert optimized(**inputs).logits is None
 
@@ -291,3 +292,86 @@ def test_logits_of_all_vocab_slice_is_not_matched():
     report = chronicals.explain(module, h, y, chronicals_options=ONLY)
     count, declines = _lce(report)
     assert count == 0 and "vocabulary" in declines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which op: gradients in the forward when a gradient is needed, else the forward only
+# ---------------------------------------------------------------------------------------------
+def _ops_in(gm_list):
+    targets = [n.target for gm in gm_list for n in gm.graph.nodes if n.op == "call_function"]
+    return ([t for t in targets if t is torch.ops.chronicals.linear_cross_entropy.default],
+            [t for t in targets
+             if t is torch.ops.chronicals.linear_cross_entropy_grad_in_forward.default])
+
+
+def _keep_graphs(monkeypatch):
+    import chronicals_fx.backend
+
+    graphs = []
+    run_pipeline = chronicals_fx.backend.run_pipeline
+
+    def keep(gm, config):
+        report = run_pipeline(gm, config)
+        graphs.append(gm)
+        return report
+
+    monkeypatch.setattr(chronicals_fx.backend, "run_pipeline", keep)
+    return graphs
+
+
+def test_training_gets_gradients_in_the_forward_evaluation_the_forward_only(monkeypatch):
+    graphs = _keep_graphs(monkeypatch)
+    module = Head(_shifted)
+    h, y = _inputs()
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    **ONLY)
+    optimized(h.clone().requires_grad_(), y)
+    [match] = chronicals.report_of(optimized).matches
+    assert "gradients in the forward (hidden, weight)" in match.detail
+    assert [len(ops) for ops in _ops_in(graphs)] == [0, 1]
+    with torch.no_grad():
+        loss = optimized(h, y)
+    assert "forward only" in chronicals.report_of(optimized).matches[-1].detail
+    assert [len(ops) for ops in _ops_in(graphs[1:])] == [1, 0]
+    torch.testing.assert_close(loss, module(h, y))
+
+
+def test_frozen_head_computes_the_hidden_gradient_only():
+    """LoRA-style: lm_head frozen, the hidden states train."""
+    module = Head(_shifted, bias=True)
+    module.lm_head.requires_grad_(False)
+    h, y = _inputs()
+    report = chronicals.explain(module, h.requires_grad_(), y, chronicals_options=ONLY)
+    assert "gradients in the forward (hidden)" in report.matches[0].detail
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    **ONLY)
+    h_e, h_o = h.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+    module(h_e, y).backward()
+    optimized(h_o, y).backward()
+    torch.testing.assert_close(h_o.grad, h_e.grad, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in optimized.parameters())
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_loss_scaled_after_the_op(compiler):
+    """The loss is not the graph's last value (loss · 0.5 inside, / 4 outside): the op's saved
+    grads are scaled by the upstream gradient."""
+    module = Head(lambda s, h, y: _shifted(s, h, y) * 0.5)
+    h, y = _inputs()
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler=compiler, **ONLY)
+    h_e, h_o = h.clone().requires_grad_(), h.clone().requires_grad_()
+    (module(h_e, y) / 4).backward()
+    (optimized(h_o, y) / 4).backward()
+    torch.testing.assert_close(h_o.grad, h_e.grad, rtol=1e-5, atol=1e-6)
+    for p_e, p_o in zip(module.parameters(), optimized.parameters()):
+        torch.testing.assert_close(p_o.grad, p_e.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_head():
+    """lm_head and the loss inside torch.utils.checkpoint: the op in the checkpointed region is
+    run again in the backward (its gradients recomputed), and the result equals eager's."""
+    import torch.utils.checkpoint as cp
+
+    module = Head(lambda s, h, y: cp.checkpoint(_shifted, s, h, y, use_reentrant=False))
+    h, y = _inputs()
+    _check(module, h, y)

@@ -14,12 +14,14 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 import chronicals
+from tests.inductor_code import saved_inputs_and_op_line, top_level_args
 from tests.tiny_models import (assert_same_training_signal, batch, optimized_matches_eager,
                                tiny_causal_lm, twins)
 
 
 # Only the passes up to this one: other ops' passes are tested in their own files.
 PASSES = ("rmsnorm", "swiglu")
+IN_PLACE = "backward writes dg, du over g, u"
 
 
 def _swiglu_report(report):
@@ -63,6 +65,9 @@ def test_hf_family_counts_and_parity(case):
     layers = eager.config.num_hidden_layers
     matches = _check_model(eager, optimized, batch(), layers, detail)
     assert [m.where for m in matches] == [f"model.layers.{i}.mlp" for i in range(layers)]
+    # g and u are the MLP's own projections: the backward writes over them, except where they
+    # are pieces of Phi-3's fused gate_up projection.
+    assert all((IN_PLACE in m.detail) == ("fused" not in detail) for m in matches), matches
 
 
 def test_peft_lora_projections():
@@ -199,6 +204,71 @@ def test_hand_written_activation_in_bf16_is_noted():
     [match] = _check_matches_and_parity(module, torch.randn(4, 24).to(torch.bfloat16),
                                         rtol=5e-2, atol=5e-2)
     assert "eager rounds each op to bf16" in match.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-place backward: only where g and u are the op's alone
+# ---------------------------------------------------------------------------------------------
+class UpReturned(GatedMLP):
+    def forward(self, x):
+        u = self.up(x)
+        return self.down(F.silu(self.gate(x)) * u), u
+
+
+@pytest.mark.parametrize("name", ["gate_reused", "up_returned"])
+def test_backward_out_of_place_where_g_or_u_is_shared(name):
+    """A gate read elsewhere, or an up the graph returns, keeps the out-of-place backward
+    (the write would reach the other reader or the caller); results equal eager's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 24)
+    if name == "gate_reused":
+        [match] = _check_matches_and_parity(GatedMLP(lambda s, g, u: F.silu(g) * u + g), x)
+    else:
+        module = UpReturned(SPELLINGS["f_silu"][0])
+        optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="eager",
+                                        passes=PASSES)
+        x_e, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (y_e, u_e), (y_o, u_o) = module(x_e), optimized(x_o)
+        (y_e.sum() + u_e.sum()).backward()
+        (y_o.sum() + u_o.sum()).backward()
+        torch.testing.assert_close(u_o, u_e)         # the caller's u: not overwritten
+        torch.testing.assert_close(x_o.grad, x_e.grad)
+        [match] = _swiglu_report(chronicals.report_of(optimized))[0]
+    assert IN_PLACE not in match.detail
+
+
+def test_backward_in_place_under_inductor():
+    """Through chronicals.optimize and Inductor (CPU: the reference op stands in for the kernel):
+    Inductor gets ReuseSavedInputs, its backward hands the saved g and u to the in-place op
+    itself (no clone), and output and gradients equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    module = GatedMLP(SPELLINGS["f_silu"][0])
+    optimized, codes = run_and_get_code(optimized_matches_eager, module, torch.randn(2, 5, 24),
+                                        compiler="inductor", passes=PASSES)
+    [match] = _swiglu_report(chronicals.report_of(optimized))[0]
+    assert IN_PLACE in match.detail
+    inputs, line = saved_inputs_and_op_line(codes[-1])
+    args = top_level_args(line)
+    assert args[1] in inputs and args[2] in inputs, line
+    assert "clone" not in codes[-1]
+
+
+def test_backward_in_place_under_activation_checkpointing():
+    """Checkpointed: g and u are recomputed in the backward, where the write into them is
+    Inductor's ordinary business; results equal eager's."""
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = GatedMLP(SPELLINGS["gelu_tanh"][0])
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False)
+
+    torch.manual_seed(0)
+    [match] = _check_matches_and_parity(Checkpointed(), torch.randn(2, 5, 24), compiler="inductor")
+    assert IN_PLACE in match.detail
 
 
 # ---------------------------------------------------------------------------------------------

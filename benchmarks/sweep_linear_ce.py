@@ -1,0 +1,129 @@
+"""Linear + cross-entropy sweep: the gradients-in-the-forward CUDA path against Inductor.
+
+    python -m benchmarks.sweep_linear_ce [--quick]
+
+bf16, N=8192 at the two reference shapes, 10% of labels ignored, forward + backward with an
+upstream gradient g ≠ 1 (as benchmarks.ops gives: the saved grads are then scaled in place) and
+with g = 1 (nothing to scale). Per configuration: median ms (triton.testing.do_bench, plain
+launches) and the peak memory above the inputs (torch.cuda.max_memory_allocated, dH and dW
+included), and the largest relative difference of loss / dH / dW from Inductor's (bf16 both:
+a sanity check, not the float64 accuracy test — that is tests/kernels/test_linear_ce.py).
+
+What is swept (the module's hooks, see chronicals_fx/kernels/linear_ce.py): C, the rows per
+token chunk (ROW_CHUNK_ROWS; None = the default policy, a [C, V] buffer ≤ 256 MiB), then at
+the default C the Triton row passes' (columns per program, BLOCK_V, warps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from chronicals_fx.kernels import linear_ce as K
+
+SHAPES = ((8192, 896, 151936, 0.6), (8192, 4096, 128256, 1.4))   # N, H, V, memory budget GB
+ROWS = (512, 768, 1024)                       # C; the default policy's is printed per shape
+TILES = ((4096, 1024, 4), (16384, 4096, 8), (8192, 4096, 8))   # cols, BLOCK_V, warps
+DEFAULT_TILES = (K.ROW_SPLIT_COLS, K.ROW_BLOCK_V, K.ROW_WARPS)
+G = 0.37
+
+
+def eager_loss(h, w, y):
+    return F.cross_entropy((h @ w.T).float(), y)
+
+
+def ours(h, w, y):
+    return K.linear_cross_entropy_loss(h, w, y)
+
+
+def inputs(n, hidden, vocab):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
+    y = torch.randint(0, vocab, (n,), device="cuda", generator=gen)
+    y[torch.rand(n, device="cuda", generator=gen) < 0.1] = -100
+    return h, w.requires_grad_(), y
+
+
+def step(fn, h, w, y, g):
+    h.grad = w.grad = None
+    loss = fn(h, w, y)
+    loss.backward(g)
+    return loss
+
+
+def measure(fn, h, w, y, g):
+    """(ms, peak extra GB, (loss, dH, dW)) of one forward + backward."""
+    step(fn, h, w, y, g)                                   # compile / JIT outside the numbers
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = step(fn, h, w, y, g)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / 1e9
+    out = (loss.detach(), h.grad, w.grad)
+    ms = do_bench(lambda: step(fn, h, w, y, g), warmup=10, rep=40, return_mode="median")
+    return ms, extra, out
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def configure(rows, tiles):
+    K.ROW_CHUNK_ROWS = rows
+    K.ROW_SPLIT_COLS, K.ROW_BLOCK_V, K.ROW_WARPS = tiles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="the default configuration only")
+    args = parser.parse_args()
+    start = time.time()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; g = {G} unless said")
+    inductor = torch.compile(eager_loss, dynamic=False)
+    for n, hidden, vocab, budget in SHAPES:
+        h, w, y = inputs(n, hidden, vocab)
+        flop = 6 * n * hidden * vocab
+        g = torch.tensor(G, device="cuda")
+        print(f"## N={n} H={hidden} V={vocab}: budget {budget} GB, default C="
+              f"{K.row_chunk(n, vocab, 2)}, default tiles (cols, BLOCK_V, warps)={DEFAULT_TILES}",
+              flush=True)
+
+        def report(name, ms, extra, err=None, flop=flop, budget=budget):
+            line = f"{name:<44} {ms:7.2f} ms {flop / ms / 1e9:5.0f} TFLOP/s {extra:6.3f} GB"
+            if err is not None:
+                line += f"  max rel diff vs inductor {err:.1e}"
+            print(line + ("" if extra <= budget else "  OVER BUDGET"), flush=True)
+
+        ms, extra, ref = measure(inductor, h, w, y, g)
+        report("inductor", ms, extra)
+        configs = [(None, DEFAULT_TILES)]
+        if not args.quick:
+            configs += [(rows, DEFAULT_TILES) for rows in ROWS]
+            configs += [(None, tiles) for tiles in TILES]
+        for rows, tiles in configs:
+            configure(rows, tiles)
+            name = f"ours C={rows or 'default'} tiles={tiles}"
+            try:
+                ms, extra, out = measure(ours, h, w, y, g)
+                report(name, ms, extra, max(rel(a, b) for a, b in zip(out, ref)))
+                if rows is None and tiles == DEFAULT_TILES:
+                    ms, extra, _ = measure(ours, h, w, y, torch.tensor(1.0, device="cuda"))
+                    report(name + " g=1", ms, extra)
+            except torch.cuda.OutOfMemoryError as exc:
+                print(f"{name}: out of memory ({exc})", flush=True)
+            torch.cuda.empty_cache()
+        configure(None, DEFAULT_TILES)
+        del h, w, y, ref
+        torch.cuda.empty_cache()
+    print(f"# {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
