@@ -10,12 +10,15 @@ rows) in one process, so the table compares every data-parallel run's per-step l
 Each rank trains on its own rows of the same global batch (rank r takes rows
 ``r*batch .. (r+1)*batch``) of the byte corpus of :mod:`chronicals_fx.workload` (every token
 real), from the same random init, with the measured loop of that module: bf16 parameters,
-fused AdamW, grad clipping at 1.0. The loss reported per step is the global batch's mean
-(the ranks' means averaged: equal rows, no padding); the step time is the slowest rank's;
+fused AdamW, grad clipping at 1.0, no KV cache (``use_cache=False``, see ``run_worker``). The
+loss reported per step is the global batch's mean (the ranks' means averaged: equal rows, no
+padding); the step time is the slowest rank's;
 tokens/s counts the real tokens of all ranks. Prints one table: tokens/s, the ratio to
 torch.compile under the same engine, peak GiB per GPU (the largest rank), loss first→last,
 the largest per-step loss gap to the reference, the smallest grad norm; a run that failed
 keeps its row with the error (its log is written next to ``--json``, else to the temp dir).
+Chronicals runs print their counts and, per pass, each distinct decline reason with how often it
+came and where first (also in the worker's log and the JSON).
 
 One worker (what the driver launches): ``torchrun --nproc_per_node 2 -m benchmarks.multi_gpu
 --worker out.json --engine ddp --variant chronicals ...``.
@@ -28,6 +31,7 @@ The CPU smoke run (2 gloo processes, Triton interpreted, AOTAutograd without Ind
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -63,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compiler", default=None,
                    help="what compiles: inductor (default on CUDA) or aot_eager (default on CPU)")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size")
+    p.add_argument("--compile-scope", default="model", choices=("model", "layers"),
+                   help="what the compile variants compile: the whole model, or (FSDP2 recipe, "
+                        "any engine) each decoder layer through one shared compiled function, "
+                        "the rest eager: transformers then builds no causal mask (SDPA "
+                        "is_causal), but the loss is not compiled")
     p.add_argument("--timeout", type=int, default=240, help="seconds per run before it is killed")
     p.add_argument("--deadline", type=int, default=560,
                    help="seconds for all runs: a run gets at most what is left (the table is "
@@ -106,6 +115,12 @@ def run_worker(args) -> dict | None:
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(args.model, dtype=dtype, device=device, seed=0)
+    # Training builds no KV cache. With one, every decoder layer's graph guards on its
+    # layer_idx (the cache update): under FSDP2, where each layer is a frame of its own, that is
+    # a recompile per layer until Dynamo's recompile_limit (8), after which the remaining layers
+    # run eagerly in every variant. (On CPU with torch >= 2.13 the cache also lets transformers
+    # skip building the causal mask, so the attention pass would not be exercised.)
+    model.config.use_cache = False
     if args.checkpointing:
         enable_activation_checkpointing(model)
     wrapped = model
@@ -120,13 +135,25 @@ def run_worker(args) -> dict | None:
             fully_shard(layer)
         wrapped = fully_shard(model)
     variant = args.variant
+    report = None
     if variant == "compile":
-        wrapped.compile(backend=compiler)
+        if args.compile_scope == "layers":
+            _compile_layers(model.model.layers, compiler)
+        else:
+            wrapped.compile(backend=compiler)
     elif variant.startswith("chronicals"):
         options = {"compiler": compiler}
         if ":" in variant:
             options["passes"] = tuple(variant.split(":", 1)[1].split(","))
-        chronicals.optimize(wrapped, **options)
+        if args.compile_scope == "layers":
+            from chronicals_fx.backend import chronicals_backend
+
+            report = chronicals.Report()
+            _compile_layers(model.model.layers, functools.partial(
+                chronicals_backend, options=chronicals.Config.from_options(options),
+                on_report=report.extend))
+        else:
+            chronicals.optimize(wrapped, **options)
     elif variant != "eager":
         raise ValueError(f"unknown variant {variant!r}")
 
@@ -148,14 +175,50 @@ def run_worker(args) -> dict | None:
         stats.tokens_per_step *= world
     result = stats.to_dict()
     result.update(engine=args.engine, variant=variant, world=world,
-                  checkpointing=args.checkpointing, problems=stats.proof_of_training())
+                  checkpointing=args.checkpointing, compile_scope=args.compile_scope,
+                  problems=stats.proof_of_training())
     if variant.startswith("chronicals"):
-        report = chronicals.report_of(wrapped)
+        report = report if report is not None else chronicals.report_of(wrapped)
+        reasons = _decline_reasons(report)
         result.update(counts=report.counts, declined=report.declined_counts,
-                      graphs=report.graphs)
+                      graphs=report.graphs, decline_reasons=reasons)
+        if rank == 0:
+            print(f"chronicals: {report.graphs} graph(s), matched {report.counts}", flush=True)
+            for line in reasons:
+                print(f"chronicals declined {line}", flush=True)
     if args.engine != "single":
         dist.destroy_process_group()
     return result if rank == 0 else None
+
+
+def _layer_forward(layer, *args, **kwargs):
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def _compile_layers(layers, backend) -> None:
+    """Compile every decoder layer's forward through one compiled function (FSDP2's hooks stay
+    outside it, in the module call): Dynamo compiles it once for all layers (parameters are
+    inputs, guards are on the class), where ``layer.compile()`` per layer would recompile per
+    layer (a new backend callable each time) up to Dynamo's recompile_limit. The model's own
+    forward runs eagerly, so transformers decides there, on real tensors, that the batch is
+    neither padded nor packed and hands the layers no mask (SDPA ``is_causal``)."""
+    import torch
+
+    compiled = torch.compile(_layer_forward, backend=backend)
+    for layer in layers:
+        layer.forward = functools.partial(compiled, layer)
+
+
+def _decline_reasons(report, width: int = 160) -> list[str]:
+    """One line per (pass, reason): how often, where first, the reason (shortened)."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for d in report.declines:
+        seen.setdefault((d.op, d.reason), []).append(d.where)
+    lines = []
+    for (op, reason), where in seen.items():
+        line = f"{op} x{len(where)} (first at {where[0]}): {reason}"
+        lines.append(line if len(line) <= width else line[:width - 3] + "...")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +229,7 @@ def _common(args) -> list[str]:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
     if args.compiler:
         cmd += ["--compiler", args.compiler]
-    cmd += ["--bucket-mb", str(args.bucket_mb)]
+    cmd += ["--bucket-mb", str(args.bucket_mb), "--compile-scope", args.compile_scope]
     if args.checkpointing:
         cmd.append("--checkpointing")
     return cmd
@@ -220,7 +283,8 @@ def main(argv=None) -> int:
     header = (f"# {card} x{args.nproc}  torch {torch.__version__}  model {args.model}  "
               f"B={args.batch}/rank (global {args.batch * args.nproc}) T={args.seq}  "
               f"steps {args.steps} (warm-up {args.warmup})"
-              f"{'  activation checkpointing' if args.checkpointing else ''}")
+              f"{'  activation checkpointing' if args.checkpointing else ''}"
+              f"{'  compiled per layer' if args.compile_scope == 'layers' else ''}")
     print(header, flush=True)
     logdir = os.path.dirname(os.path.abspath(args.json)) if args.json else tempfile.gettempdir()
     os.makedirs(logdir, exist_ok=True)
@@ -255,6 +319,8 @@ def main(argv=None) -> int:
                   f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, {r['wall_s']:.0f} s"
                   + (f", counts {r['counts']}, declined {r['declined']}" if "counts" in r else ""),
                   flush=True)
+            for line in r.get("decline_reasons", []):
+                print(f"    declined {line}", flush=True)
 
     print(summary_table(results))
     if args.json:

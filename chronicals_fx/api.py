@@ -49,7 +49,9 @@ def report_of(model: nn.Module) -> Report:
     """What the backend has matched and declined in ``model`` so far (after its first call).
 
     One entry per compiled graph: a model split at a graph break contributes each part, and a
-    recompilation (eval mode, a new input shape) adds its graph again.
+    recompilation (eval mode, a new input shape) adds its graph again. Under DDP a graph counts
+    once however many pieces DDP's graph splitter compiles it in: the passes rewrite it whole
+    before it is cut (:mod:`chronicals_fx.ddp`).
     """
     if model not in _REPORTS:
         raise KeyError(f"{type(model).__name__} was not passed to chronicals.optimize()")

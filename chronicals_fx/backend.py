@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch.fx import GraphModule
 
+from . import ddp
 from .config import Config
 from .passes import run_pipeline
 from .report import Report
@@ -18,6 +20,10 @@ log = logging.getLogger("chronicals")
 RECENT_REPORTS: list[Report] = []
 _RECENT_LIMIT = 64
 
+# Node metadata key set on every node of a graph the passes rewrote whole before DDP's graph
+# splitting (chronicals_fx/ddp.py); split_module copies node metadata into the pieces.
+REWRITTEN = "chronicals_rewritten"
+
 
 def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
                        options: Any = None, on_report: Callable[[Report], None] | None = None
@@ -27,15 +33,15 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
     Registered as ``torch.compile(..., backend="chronicals")`` through the
     ``torch_dynamo_backends`` entry point. ``mode`` and ``options`` are torch.compile's:
     our keys (see :class:`Config`) are taken out of ``options``, the rest go to Inductor.
+    A piece of a graph already rewritten whole (DDP, see :mod:`chronicals_fx.ddp`) is
+    compiled without running the passes again.
     """
     config = Config.from_options(options)
     _load_kernels()
-    report = run_pipeline(gm, config)
-    log.info("%s", report)
-    RECENT_REPORTS.append(report)
-    del RECENT_REPORTS[:-_RECENT_LIMIT]
-    if on_report is not None:
-        on_report(report)
+    if rewritten(gm):
+        log.debug("chronicals: compiling a piece of a graph rewritten before DDP's split")
+    else:
+        _rewrite(gm, config, on_report)
     if config.compiler == "eager":
         return gm.forward
     if config.compiler == "aot_eager":
@@ -49,6 +55,45 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
+def whole_graph(gm: GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
+                options: Any = None, on_report: Callable[[Report], None] | None = None) -> None:
+    """Run the passes over ``gm`` in place and mark its nodes, compiling nothing: what DDP's
+    graph splitter calls first (:mod:`chronicals_fx.ddp`), with the backend's own arguments.
+    The backend, called per piece, then only compiles. A failure here (outside the passes,
+    which undo their own) leaves ``gm`` unmarked, to be rewritten per piece as before."""
+    del example_inputs, mode
+    config = Config.from_options(options)
+    _load_kernels()
+    if rewritten(gm):
+        return
+    try:
+        _rewrite(gm, config, on_report, mark=True)
+    except Exception:
+        if config.strict:
+            raise
+        log.warning("chronicals: rewriting the whole graph before DDP's split failed; "
+                    "the pieces are rewritten one by one", exc_info=True)
+
+
+def rewritten(gm: GraphModule) -> bool:
+    """True for a graph (or a piece of one) the passes already rewrote whole."""
+    return any(REWRITTEN in n.meta for n in gm.graph.nodes)
+
+
+def _rewrite(gm: GraphModule, config: Config, on_report: Callable[[Report], None] | None,
+             mark: bool = False) -> Report:
+    report = run_pipeline(gm, config)
+    if mark:
+        for node in gm.graph.nodes:
+            node.meta[REWRITTEN] = True
+    log.info("%s", report)
+    RECENT_REPORTS.append(report)
+    del RECENT_REPORTS[:-_RECENT_LIMIT]
+    if on_report is not None:
+        on_report(report)
+    return report
+
+
 def _load_kernels() -> None:
     """Register the chronicals ops with torch (idempotent; import has the side effect)."""
     from . import kernels  # noqa: F401
@@ -60,3 +105,8 @@ def reset() -> None:
 
 
 chronicals_backend.reset = reset  # type: ignore[attr-defined]
+# How chronicals_fx.ddp recognises this backend at the end of Dynamo's wrapper chain.
+chronicals_backend.whole_graph = whole_graph  # type: ignore[attr-defined]
+chronicals_backend._chronicals_backend = True  # type: ignore[attr-defined]
+# Under DDP, let the passes see each Dynamo graph before it is split at bucket boundaries.
+ddp.install()

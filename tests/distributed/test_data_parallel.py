@@ -1,7 +1,10 @@
 """DDP and FSDP2 with the chronicals backend, two CPU processes over gloo: the rewritten graphs
-(split by DDP's optimizer at gradient-bucket boundaries, or at FSDP2's per-layer hooks) train
-exactly like one process with the same global batch, with and without activation
-checkpointing. LoRA+ parameter groups of a fully sharded PEFT model."""
+(rewritten whole, then split by DDP's optimizer at gradient-bucket boundaries; or cut at FSDP2's
+per-layer hooks) train exactly like one process with the same global batch, with and without
+activation checkpointing. Under DDP every site of every layer is found however many pieces the
+graph is cut into (chronicals_fx/ddp.py); one process with DDP's graph splitter shows a piece
+holds nothing the passes could still rewrite. LoRA+ parameter groups of a fully sharded PEFT
+model."""
 
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ def _model(size: dict, checkpointing: bool):
     from tests.tiny_models import tiny_causal_lm
 
     model = tiny_causal_lm("llama", **size)
+    # Training: no KV cache. With one, transformers skips its packed-sequence check and, on
+    # the torch installed here (2.13), builds no causal mask under compile, so attention would
+    # not be exercised; and every layer's graph guards on its layer_idx (the cache update), a
+    # recompile per layer under FSDP2. Without one, the mask is built from the position ids.
+    model.config.use_cache = False
     return enable_activation_checkpointing(model) if checkpointing else model
 
 
@@ -54,8 +62,19 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        from torch._dynamo.backends.distributed import DDPOptimizer
+
         import chronicals
 
+        pieces = []   # how many pieces DDP's optimizer cut each graph into
+        split = DDPOptimizer.compile_fn
+
+        def counting(self, *args, **kwargs):
+            compiled = split(self, *args, **kwargs)
+            pieces.append(len(self.buckets))
+            return compiled
+
+        DDPOptimizer.compile_fn = counting
         results = {}
         # The checkpointed run shares the processes (spawning costs CI time) and compiles with
         # "eager" (the rewritten graphs op by op, each region run by torch.utils.checkpoint):
@@ -63,6 +82,7 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
         # (tests/passes/test_checkpointing.py); here it would double the compile time.
         for checkpointing in _CHECKPOINTING[engine, bucket_mb]:
             torch._dynamo.reset()
+            pieces.clear()
             model = _model(_SIZE[bucket_mb], checkpointing)
             if engine == "ddp":
                 wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
@@ -80,7 +100,8 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
                       for p in model.parameters()]
             report = chronicals.report_of(wrapped)
             results[checkpointing] = (losses / WORLD, [p.detach() for p in params],
-                                      report.counts, report.graphs, report.declines)
+                                      report.counts, report.graphs, report.declines,
+                                      list(pieces))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -103,11 +124,17 @@ def _reference(size: dict):
 
 
 # 25 MB: one bucket, one graph. 1 MB (the smallest DDP's optimizer accepts) on a 13 MB model:
-# Dynamo splits the graph at about a dozen bucket boundaries, some inside matched patterns.
-# Checkpointed too where the engine cuts graphs (one DDP graph with checkpointed layers is the
-# single-process case).
+# Dynamo's DDP optimizer cuts the graph at about a dozen bucket boundaries, which would fall
+# inside matched patterns and put the causal mask in another piece than most layers, were the
+# graph not rewritten whole first. Checkpointed too where the engine cuts graphs (one DDP graph
+# with checkpointed layers is the single-process case).
 _CHECKPOINTING = {("ddp", 25.0): (False,), ("ddp", 1.0): (False, True),
                   ("fsdp2", 25.0): (False, True)}
+
+
+def _all_sites(layers: int) -> dict[str, int]:
+    return {"rmsnorm": 2 * layers + 1, "swiglu": layers, "rope": layers, "attention": layers,
+            "linear_cross_entropy": 1}
 
 
 @pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0)])
@@ -117,41 +144,92 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
     mp.start_processes(_worker, args=(_free_port(), engine, bucket_mb, out), nprocs=WORLD,
                        start_method="spawn")
     results = torch.load(out, weights_only=False)
-    for checkpointing, (losses, params, _, _, _) in results.items():
+    for checkpointing, (losses, params, *_) in results.items():
         torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, c=checkpointing: f"checkpointing={c}: {m}")
         for p, q in zip(params, ref_params, strict=True):
             torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
 
-    _, _, counts, graphs, _ = results[False]
-    if engine == "fsdp2":  # a graph per layer and one around them; every site still found
-        assert counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 0,
-                          "linear_cross_entropy": 1}, counts
-    elif bucket_mb == 25.0:
-        assert graphs == 1 and counts["rmsnorm"] == 5, counts
-    else:  # patterns cut by a seam are declined or missed, never wrong: parity above holds
-        assert graphs > 1 and 1 <= counts["rmsnorm"] <= 9, (graphs, counts)
-
-    if True not in results:
-        return
-    _, _, counts, graphs, declines = results[True]
     layers = _SIZE[bucket_mb].get("num_hidden_layers", 2)
-    if engine == "fsdp2":
-        # FSDP2's hooks run inside each checkpoint: Dynamo breaks there and compiles the
-        # layer's forward as a frame of its own, shared by both layers; the causal mask is that
-        # frame's input, so attention declines (SDPA keeps the mask).
-        assert counts == {"rmsnorm": 3, "swiglu": 1, "rope": 1, "attention": 0,
-                          "linear_cross_entropy": 1}, counts
-        assert [d.op for d in declines] == ["attention"], declines
-    else:
-        # Each layer is a checkpointed region whose body the passes enter, and DDP's seams
-        # fall between regions, never inside one: every site of every layer is found. The
-        # causal mask is built in the first piece; a body in the same piece proves it causal
-        # through its input, in later pieces it is a runtime input and attention declines.
-        assert graphs > 1 and counts["rmsnorm"] == 2 * layers + 1, (graphs, counts)
-        assert counts["swiglu"] == counts["rope"] == layers, counts
-        assert all(d.op == "attention" and "mask" in d.reason for d in declines), declines
-        assert counts["attention"] + len(declines) == layers, (counts, declines)
+    for checkpointing, (_, _, counts, graphs, declines, pieces) in results.items():
+        where = f"checkpointing={checkpointing}"
+        if engine == "ddp":
+            # One Dynamo graph, rewritten whole before DDP's optimizer cut it: every site of
+            # every layer is found (the causal mask, built before the first layer, is proven
+            # for all of them), nothing is declined, and the report counts the graph once.
+            # With checkpointing the passes enter each layer's region as in one process.
+            assert graphs == 1 and counts == _all_sites(layers), (where, graphs, counts)
+            assert not declines, (where, declines)
+            assert pieces and (max(pieces) > 2 if bucket_mb == 1.0 else pieces == [1]), \
+                (where, pieces)
+        else:
+            # FSDP2's hooks are torch._dynamo.disable'd, so Dynamo breaks at every sharded
+            # layer and compiles the layer's forward as a frame of its own, shared by both
+            # layers (one RMSNorm pair, SwiGLU, RoPE for the two), besides the frames around
+            # them (the mask, rotary tables, final norm, loss). The causal mask is the layer
+            # frame's input, a runtime tensor no graph of it can prove: attention declines
+            # once, and SDPA keeps the mask (README "Several GPUs" says what to do).
+            assert counts == {"rmsnorm": 3, "swiglu": 1, "rope": 1, "attention": 0,
+                              "linear_cross_entropy": 1}, (where, counts)
+            assert [d.op for d in declines] == ["attention"], (where, declines)
+            assert "runtime" in declines[0].reason, declines
+
+
+def test_ddp_rewrites_the_whole_graph_once_and_pieces_hold_nothing_more(monkeypatch):
+    """One process, DDP over a gloo group of one (Dynamo's DDP optimizer still cuts the graph),
+    the backend by name with options: the options reach the whole-graph rewrite (SwiGLU off),
+    the report has one graph, the pieces are compiled without the passes, and running the
+    passes again on each piece finds and changes nothing. Loss and gradients are eager's."""
+    import copy
+    import functools
+
+    from chronicals_fx import backend
+    from chronicals_fx.config import Config
+    from chronicals_fx.ddp import chronicals_bound
+    from chronicals_fx.passes import run_pipeline
+
+    assert chronicals_bound("aot_eager") is None
+    assert chronicals_bound(functools.partial(backend.chronicals_backend, None)) is None
+    options = {"compiler": "eager", "strict": True,
+               "passes": ("rmsnorm", "rope", "attention", "linear_cross_entropy")}
+    reruns = []
+    seen = backend.rewritten
+
+    def rerun(gm):   # the backend asks this of every graph; a piece says True
+        if seen(gm):
+            before = str(gm.graph)
+            reruns.append((run_pipeline(gm, Config(**options)), str(gm.graph) == before))
+            return True
+        return False
+
+    monkeypatch.setattr(backend, "rewritten", rerun)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                            rank=0, world_size=1)
+    try:
+        layers = _SIZE[1.0]["num_hidden_layers"]
+        model = _model(_SIZE[1.0], checkpointing=False)
+        reference = copy.deepcopy(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+        compiled = torch.compile(ddp, backend="chronicals", options=options)
+        reports = len(backend.RECENT_REPORTS)
+        ids = _batches(1)[0]
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        reference_loss = reference(input_ids=ids, labels=ids).loss
+        reference_loss.backward()
+    finally:
+        dist.destroy_process_group()
+
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    new = backend.RECENT_REPORTS[reports:]
+    assert [r.graphs for r in new] == [1], new
+    assert new[0].counts == {**_all_sites(layers), "swiglu": 0}, new[0].counts
+    assert not new[0].declines, new[0].declines
+    assert len(reruns) > 2, len(reruns)   # pieces
+    for report, unchanged in reruns:
+        assert not report.matches and not report.declines and unchanged, report
 
 
 def test_loraplus_groups_of_a_fully_sharded_peft_model():
