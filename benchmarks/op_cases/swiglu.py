@@ -5,9 +5,18 @@ g, u and writes dg, du. The fused-projection case (Phi-3's gate_up_proj split by
 moves the same bytes in the op, plus what autograd's chunk backward costs to assemble the
 [N, 2I] gradient (a concatenation in every variant) — its % copy is not comparable to the
 separate-projection cases.
+
+The "after projections" case feeds the MLP's input x and the gate/up weights instead of g and u
+(x → g = x·W_gᵀ, u = x·W_uᵀ → act(g)·u), because that is how a model calls the op: g and u are
+fresh intermediates the op's backward may overwrite (``chronicals_compiled``, the pass inside
+torch.compile, writes dg and du over them, as Liger's Function does). Called on leaf g and u, as in
+the other cases, the op must not overwrite them: its extra memory there includes dg and du. The
+GEMMs dominate this case's time; compare its extra MiB.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -87,4 +96,32 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
         fused["liger"] = lambda gu: liger(*gu.chunk(2, dim=-1))   # copies to contiguous inside
     out.append(OpCase("swiglu", f"silu fused gate_up chunk N={n} I={i}", 8 * n * i * size,
                       fused_inputs, fused))
+    out.append(_after_projections(device, dtype, 16384, 4096, 14336))
     return out
+
+
+def eager_mlp_gate(x, w_gate, w_up):
+    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+
+
+def _after_projections(device: str, dtype: torch.dtype, n: int, h: int, i: int) -> OpCase:
+    from chronicals_fx.backend import chronicals_backend
+    from chronicals_fx.config import Config
+
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+        w_gate = (torch.randn(i, h, generator=g) * h ** -0.5).to(device, dtype).requires_grad_()
+        w_up = (torch.randn(i, h, generator=g) * h ** -0.5).to(device, dtype).requires_grad_()
+        return x, w_gate, w_up
+
+    backend = functools.partial(chronicals_backend, options=Config(passes=("swiglu",)))
+    variants = {"eager": eager_mlp_gate,
+                "inductor": torch.compile(eager_mlp_gate, dynamic=False),
+                "chronicals_compiled": torch.compile(eager_mlp_gate, backend=backend,
+                                                     dynamic=False)}
+    liger = _liger("silu")
+    if liger is not None:
+        variants["liger"] = lambda x, wg, wu: liger(F.linear(x, wg), F.linear(x, wu))
+    return OpCase("swiglu", f"silu after projections N={n} H={h} I={i}", 8 * n * i * dtype.itemsize,
+                  inputs, variants, flops=3 * 2 * 2 * n * h * i)
