@@ -26,6 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same random inputs on every run, whatever ran before it: a failure
+    reproduces, and a tolerance is checked against fixed data, not a new draw each time."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: no cache entry or recompile count leaks between tests."""
     torch._dynamo.reset()
