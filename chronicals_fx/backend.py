@@ -51,8 +51,13 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {**(list_mode_options(mode) if mode else {}), **config.inductor}
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    from .kernels.swiglu import inductor_options
+
+    # Every graph gets SwiGLU's post-grad pass (it keeps the in-place backward in place, and
+    # leaves graphs without that op alone): a piece of a graph rewritten before DDP's split
+    # has no pass run of its own to ask for it.
+    patches = inductor_options({**(list_mode_options(mode) if mode else {}), **config.inductor})
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def whole_graph(gm: GraphModule, example_inputs: Sequence[Any], mode: str | None = None,

@@ -31,8 +31,8 @@ elsewhere.
 
 Memory: where g and u are each a whole fresh projection result that nothing but the op reads
 (not pieces of a fused projection, not used elsewhere, not graph outputs), the op is called
-with ``inplace_backward``: its backward writes dg, du over g, u (see ``kernels.swiglu``), and
-Inductor gets the post-grad pass that keeps that write in place in the compiled backward.
+with ``inplace_backward``: its backward writes dg, du over g, u (see ``kernels.swiglu``); the
+backend gives Inductor the post-grad pass that keeps that write in place in the compiled backward.
 
 Rounding: the kernel computes act(g) in fp32, rounds it to the inputs' dtype, multiplies and
 rounds again — exactly eager's rounding points for F.silu/F.gelu in bf16/fp16 (which compute
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
-from ..kernels.swiglu import ACTIVATIONS, inductor_options
+from ..kernels.swiglu import ACTIVATIONS
 from .graph import (canon, is_kind, narrower, normalize_dim, replace_with_call, strip_casts,
                     tensor_value, used_outside)
 
@@ -102,7 +102,6 @@ def run(gm: GraphModule, ctx) -> None:
         site.inplace_backward = _overwritable(out, site.gate) and _overwritable(out, site.up)
         if site.inplace_backward:
             out.args = (*out.args[:3], True)
-            _request_reuse_pass(ctx)
         ctx.matched(out, _describe(site))
 
 
@@ -429,14 +428,6 @@ def _overwritable(op: Node, node: Node) -> bool:
         return False
     allowed = {op, *chain}
     return all(set(n.users) <= allowed for n in chain)
-
-
-def _request_reuse_pass(ctx) -> None:
-    """Have Inductor run ``kernels.swiglu.ReuseSavedInputs`` on the graphs it compiles for
-    this config: without it, the compiled backward would copy g and u before writing them.
-    (The backend reads ``config.inductor`` after the passes ran.)"""
-    if ctx.config.compiler == "inductor":
-        ctx.config.inductor.update(inductor_options(ctx.config.inductor))
 
 
 def _short(dtype: torch.dtype) -> str:
