@@ -52,3 +52,13 @@ def program_count(device: torch.device, work_items: int, per_sm: int = 4) -> int
     """Programs for a persistent grid: a few per SM, never more than there is work."""
     sms = multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
     return max(1, min(work_items, sms * per_sm))
+
+
+def autograd_graph_kept() -> bool:
+    """Inside a backward: True under ``retain_graph``/``create_graph`` (or when torch can't say),
+    where saved tensors may be read again and so must not be overwritten in place."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if query is None else bool(query())
+    except RuntimeError:
+        return True

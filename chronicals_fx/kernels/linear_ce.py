@@ -69,6 +69,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton import autograd_graph_kept
+
 REDUCTIONS = ("mean", "sum")
 # [N, Vc] logits buffer: at most this many bytes ...
 MAX_CHUNK_BYTES = 256 << 20
@@ -814,22 +816,12 @@ def _setup_context_gif(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(dh, dw, db)
 
 
-def _keep_graph() -> bool:
-    """True under ``retain_graph``/``create_graph`` (or when unknown): the saved grads may be read
-    again, so they must not be scaled in place."""
-    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    try:
-        return True if query is None else bool(query())
-    except RuntimeError:
-        return True
-
-
 def _scaled(grads: list[Tensor | None], g: Tensor) -> list[Tensor | None]:
     """g · grad for each grad. Eagerly, with plain tensors and a graph freed after this backward:
     in place (no second dW; nothing done when g == 1). Traced (fake/functional tensors:
     torch.compile, compiled autograd) or with the graph kept: an out-of-place product."""
     present = [t for t in grads if t is not None]
-    in_place = all(type(t) is torch.Tensor for t in present + [g]) and not _keep_graph()
+    in_place = all(type(t) is torch.Tensor for t in present + [g]) and not autograd_graph_kept()
     if in_place:
         for t in present:
             scale_inplace(t, g)

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, launchable, round_to
+from ._triton import ROUND_CODES, autograd_graph_kept, launchable, round_to
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
@@ -399,7 +399,7 @@ def _may_overwrite(dy: Tensor, gate: Tensor, up: Tensor) -> bool:
     """
     if _tracing(dy, gate, up):
         return True
-    if torch._C._autograd._get_current_graph_task_keep_graph():
+    if autograd_graph_kept():
         return False
     for t in (gate, up):
         if t.is_leaf or (t._base is not None and t._base.is_leaf):
