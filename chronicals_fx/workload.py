@@ -7,6 +7,7 @@ nothing is downloaded), read as bytes: token ids 0–255, every one a real token
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -203,6 +204,25 @@ def _sync(device: torch.device) -> None:
 # benchmarks/examples.py can compare the same script run three ways.
 
 EXAMPLE_PREFIX = "CHRONICALS_EXAMPLE "
+
+EXAMPLE_SIZES = {  # --size name -> (model shape, dtype, batch, seq, steps, warmup)
+    "tiny": ("tiny-llama", torch.float32, 4, 128, 12, 3),
+    "qwen0.5b": ("qwen2.5-0.5b", torch.bfloat16, 8, 1024, 25, 5),
+}
+
+
+def example_parser(compile_help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The flags every example script takes: --size (of :data:`EXAMPLE_SIZES`), --steps,
+    --warmup, --batch and --seq (overriding the size's), and --compile (its own torch.compile
+    switch, described by ``compile_help``)."""
+    p = argparse.ArgumentParser(epilog=epilog)
+    p.add_argument("--size", choices=EXAMPLE_SIZES, default="tiny")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int, help="untimed first steps")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--compile", action="store_true", help=compile_help)
+    return p
 
 
 class ExampleMeter:

@@ -11,35 +11,25 @@ and grad norm, then one ``CHRONICALS_EXAMPLE {json}`` line with the real-token t
 steps after ``--warmup`` (see benchmarks/examples.py).
 """
 
-import argparse
-
 import torch
 import transformers
 
 # the embedded corpus (Python's own sources), model shapes and the result line
 from chronicals_fx.workload import (
+    EXAMPLE_SIZES,
     ExampleMeter,
     build_model,
     corpus_bytes,
+    example_parser,
     example_trainer_callback,
 )
 
-SIZES = {  # name -> (model shape, dtype, batch, seq, steps, warmup)
-    "tiny": ("tiny-llama", torch.float32, 4, 128, 12, 3),
-    "qwen0.5b": ("qwen2.5-0.5b", torch.bfloat16, 8, 1024, 25, 5),
-}
-
 
 def main():
-    p = argparse.ArgumentParser(epilog="other flags: transformers.TrainingArguments")
-    p.add_argument("--size", choices=SIZES, default="tiny")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--warmup", type=int, help="untimed first steps")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
+    p = example_parser(compile_help="TrainingArguments(torch_compile=True)",
+                       epilog="other flags: transformers.TrainingArguments")
     args, hf_flags = p.parse_known_args()
-    spec, dtype, batch, seq, steps, warmup = SIZES[args.size]
+    spec, dtype, batch, seq, steps, warmup = EXAMPLE_SIZES[args.size]
     seq = args.seq or seq
     defaults = ["--output_dir", "/tmp/chronicals-example-hf", "--per_device_train_batch_size",
                 str(args.batch or batch), "--max_steps", str(args.steps or steps),

@@ -9,30 +9,23 @@ Prints each step's loss and grad norm, then one ``CHRONICALS_EXAMPLE {json}`` li
 real-token throughput of the steps after ``--warmup`` (see benchmarks/examples.py).
 """
 
-import argparse
-
 import torch
 
 # the embedded corpus (Python's own sources), model shapes and the result line
-from chronicals_fx.workload import ExampleMeter, build_model, byte_batches
-
-SIZES = {  # name -> (model shape, dtype, batch, seq, steps, warmup)
-    "tiny": ("tiny-llama", torch.float32, 4, 128, 12, 3),
-    "qwen0.5b": ("qwen2.5-0.5b", torch.bfloat16, 8, 1024, 25, 5),
-}
+from chronicals_fx.workload import (
+    EXAMPLE_SIZES,
+    ExampleMeter,
+    build_model,
+    byte_batches,
+    example_parser,
+)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", choices=SIZES, default="tiny")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--warmup", type=int, help="untimed first steps")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
+    p = example_parser(compile_help="torch.compile(model)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--compile", action="store_true", help="torch.compile(model)")
     args = p.parse_args()
-    spec, dtype, batch, seq, steps, warmup = SIZES[args.size]
+    spec, dtype, batch, seq, steps, warmup = EXAMPLE_SIZES[args.size]
     steps, warmup = args.steps or steps, args.warmup if args.warmup is not None else warmup
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -19,7 +19,6 @@ Any other ``SFTConfig`` flag passes through. Prints each step's loss and grad no
 (see benchmarks/examples.py). Needs ``pip install trl`` (the ``examples`` extra).
 """
 
-import argparse
 import re
 
 import torch
@@ -30,16 +29,13 @@ from trl import SFTConfig, SFTTrainer
 
 # the embedded corpus (Python's own sources), model shapes and the result line
 from chronicals_fx.workload import (
+    EXAMPLE_SIZES,
     ExampleMeter,
     build_model,
     corpus_bytes,
+    example_parser,
     example_trainer_callback,
 )
-
-SIZES = {  # name -> (model shape, dtype, batch, seq, steps, warmup)
-    "tiny": ("tiny-llama", torch.float32, 4, 128, 12, 3),
-    "qwen0.5b": ("qwen2.5-0.5b", torch.bfloat16, 8, 1024, 25, 5),
-}
 
 
 def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -69,15 +65,10 @@ def documents(n_bytes: int) -> list[str]:
 
 
 def main():
-    p = argparse.ArgumentParser(epilog="other flags: trl.SFTConfig")
-    p.add_argument("--size", choices=SIZES, default="tiny")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--warmup", type=int, help="untimed first steps")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--compile", action="store_true", help="SFTConfig(torch_compile=True)")
+    p = example_parser(compile_help="SFTConfig(torch_compile=True)",
+                       epilog="other flags: trl.SFTConfig")
     args, trl_flags = p.parse_known_args()
-    spec, dtype, batch, seq, steps, warmup = SIZES[args.size]
+    spec, dtype, batch, seq, steps, warmup = EXAMPLE_SIZES[args.size]
     batch, seq, steps = args.batch or batch, args.seq or seq, args.steps or steps
     defaults = ["--output_dir", "/tmp/chronicals-example-trl", "--per_device_train_batch_size",
                 str(batch), "--max_steps", str(steps), "--max_length", str(seq),
