@@ -384,13 +384,7 @@ def _gpu_real_inputs(n, hidden, vocab):
     return h, w, y
 
 
-REAL_SHAPES = [
-    (8192, 896, 151936, 0.6),
-    # Issue 5's budget at H=4096 is not met: 2.24 GB measured on an H200 (session 3, RESULTS.md).
-    # Strict: the day it fits, this turns into a failure that asks to drop the mark.
-    pytest.param(8192, 4096, 128256, 1.4, marks=pytest.mark.xfail(
-        strict=True, reason="issue 5: 2.24 GB extra measured on an H200 against 1.4 GB")),
-]
+REAL_SHAPES = [(8192, 896, 151936, 0.6), (8192, 4096, 128256, 1.4)]
 
 
 @pytest.mark.gpu
