@@ -814,6 +814,9 @@ def _setup_context_gif(ctx, inputs, output) -> None:
     ctx.computed = (need_hidden, need_weight, need_bias and bias is not None)
     ctx.save_for_backward(dh, dw, db)
     ctx.mark_non_differentiable(dh, dw, db)
+    # Non-differentiable outputs still get a gradient in backward: a zero tensor of their
+    # shape, unless materializing is off — for dW a second [V, H] (1.05 GB at H=4096 V=128k).
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(grads: list[Tensor | None], g: Tensor) -> list[Tensor | None]:
@@ -830,7 +833,9 @@ def _scaled(grads: list[Tensor | None], g: Tensor) -> list[Tensor | None]:
                                     ).to(t.dtype) for t in grads]
 
 
-def _backward_gif(ctx, grad_loss: Tensor, *_unused):
+def _backward_gif(ctx, grad_loss: Tensor | None, *_unused):
+    if grad_loss is None:       # materialize_grads is off: no gradient reached the loss
+        return (None,) * 14
     grads = []
     for t, computed, needed, name in zip(ctx.saved_tensors, ctx.computed,
                                          ctx.needs_input_grad[:3], _GRAD_NAMES):

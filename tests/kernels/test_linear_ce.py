@@ -272,6 +272,40 @@ def test_grad_in_forward_op_scales_by_upstream_gradient(g):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_in_forward_op_backward_allocates_no_grad_sized_tensor():
+    """Backward only scales the grads computed in the forward and hands them to .grad: no
+    tensor of dH's or dW's shape is created (autograd would otherwise pass zero tensors the size
+    of the op's non-differentiable grad outputs — a second dW, measured as +1.05 GB on the GPU
+    at H=4096) and the leaves' .grad are the forward's tensors themselves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(
+                (args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                # new storage: not an in-place update (mul_) or a view (detach)
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    self.shapes.append(tuple(t.shape))
+            return out
+
+    leaves, y = _gif_leaves(bias=False)
+    h, w = leaves
+    loss, dh, dw, _ = torch.ops.chronicals.linear_cross_entropy_grad_in_forward(
+        h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, torch.float32, True, True, False)
+    forward_grads = (dh.data_ptr(), dw.data_ptr())
+    del dh, dw
+    with Allocations() as mode:
+        (0.37 * loss).backward()
+    assert tuple(h.shape) not in mode.shapes and tuple(w.shape) not in mode.shapes, mode.shapes
+    assert (h.grad.data_ptr(), w.grad.data_ptr()) == forward_grads
+
+
 def test_grad_in_forward_op_retain_graph_backward_twice():
     """With the graph kept the saved grads are not scaled in place: a second backward is right."""
     leaves, y = _gif_leaves()
