@@ -12,7 +12,11 @@ against the step's wall time: the gap between the two is time the GPU sat idle.
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import os
 import re
+import tempfile
 import time
 from collections import defaultdict
 
@@ -25,6 +29,9 @@ KINDS = (  # first match wins; patterns on the kernel name
     ("inductor", re.compile(r"^triton_", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
 )
+
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def kind_of(name: str) -> str:
@@ -40,7 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--trace", help="also write a Chrome trace here")
+    p.add_argument("--trace", help="also write the Chrome trace here (gzipped)")
+    p.add_argument("--gaps", type=int, default=15,
+                   help="list this many causes of GPU idle time (the CPU op that launched "
+                        "the kernel the GPU was waiting for)")
     args = p.parse_args(argv)
 
     import chronicals
@@ -70,6 +80,11 @@ def main(argv=None) -> int:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    plain_ms = (time.perf_counter() - start) * 1000 / args.steps
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -78,15 +93,23 @@ def main(argv=None) -> int:
             step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+        if args.trace:
+            with open(path, "rb") as f, gzip.open(args.trace, "wb") as out:
+                out.write(f.read())
 
+    # GPU work only: kernels, copies, memsets (not the gpu_user_annotation ranges, which span
+    # other kernels and would count them twice)
+    gpu = [e for e in trace["traceEvents"] if e.get("cat") in GPU_CATEGORIES]
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = per_kernel[event.name]
-            entry[0] += event.device_time / 1000 / args.steps      # µs → ms per step
-            entry[1] += 1 / args.steps
+    for event in gpu:
+        entry = per_kernel[event["name"]]
+        entry[0] += event.get("dur", 0) / 1000 / args.steps      # µs → ms per step
+        entry[1] += 1 / args.steps
     by_kind: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_kernel.items():
         by_kind[kind_of(name)] += ms
@@ -94,14 +117,53 @@ def main(argv=None) -> int:
 
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  {args.variant}  "
           f"{args.model} B={args.batch} T={args.seq}: step {wall_ms:.1f} ms wall, "
-          f"{busy:.1f} ms of kernels (GPU idle ≈ {max(0.0, wall_ms - busy):.1f} ms)")
+          f"{busy:.1f} ms of kernels (GPU idle ≈ {max(0.0, wall_ms - busy):.1f} ms); "
+          f"without the profiler {plain_ms:.1f} ms (idle ≈ {max(0.0, plain_ms - busy):.1f} ms)")
     print(f"{'kind':<12} {'ms/step':>8} {'share':>6}")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"{kind:<12} {ms:8.2f} {100 * ms / busy:5.1f}%")
     print(f"\n{'ms/step':>8} {'calls':>6}  kernel (top {args.top})")
     for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{ms:8.3f} {calls:6.0f}  [{kind_of(name)}] {name[:110]}")
+    counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()
+                if k in ("stats", "graph_break")}
+    print(f"\ndynamo: {json.dumps(counters)[:600]}")
+    print_idle_causes(trace["traceEvents"], args.steps, args.gaps)
     return 0
+
+
+def print_idle_causes(events: list[dict], steps: int, top: int) -> None:
+    """GPU idle time between kernels, charged to the CPU ops that launched the kernel after
+    each gap (innermost and outermost op around the launch call): the CPU was late there."""
+    kernels = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES),
+                     key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops_by_thread: dict = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation", "python_function") and "dur" in e:
+            ops_by_thread[e["tid"]].append(e)
+    charged: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    end = None
+    for k in kernels:
+        if end is not None and k["ts"] - end > 5:       # µs: more than a launch's latency
+            launch = launches.get(k["args"].get("correlation"))
+            inner = outer = "?"
+            if launch is not None:
+                around = [e for e in ops_by_thread[launch["tid"]]
+                          if e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]]
+                around.sort(key=lambda e: e["dur"])
+                if around:
+                    inner, outer = around[0]["name"], around[-1]["name"]
+            entry = charged[(outer[:50], inner[:60])]
+            entry[0] += (k["ts"] - end) / 1000 / steps
+            entry[1] += 1 / steps
+        end = max(end or 0, k["ts"] + k.get("dur", 0))
+    total = sum(v[0] for v in charged.values())
+    print(f"\nGPU idle between kernels: {total:.2f} ms/step; by the op that launched the next kernel")
+    print(f"{'ms/step':>8} {'gaps':>6}  outermost op | innermost op")
+    for (outer, inner), (ms, n) in sorted(charged.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{ms:8.3f} {n:6.0f}  {outer} | {inner}")
 
 
 if __name__ == "__main__":
