@@ -95,11 +95,27 @@ ROW_SPLIT_COLS = 8192
 # tiles wider than 2048).
 ROW_BLOCK_V = 2048
 ROW_WARPS: int | None = None
+# Variants of the row passes (not measured yet; $CHRONICALS_LCE_STATS / _FUSED, read per call):
+# pass 1's online softmax, "tile" (a max and a sum across the block per tile) or "lanes"
+# (per-lane running max and sum, reduced across the block once per slice) ...
+ROW_STATS = "tile"
+# ... or both passes in one kernel, one program per row (lanes statistics, then d written over
+# the row just read), on at most this many programs (None: one per row; each walks rows
+# pid, pid + P, ...): the rows in flight, P × V × itemsize bytes, should fit in L2 for the second
+# read to hit there ($CHRONICALS_LCE_FUSED_PROGRAMS).
+ROW_FUSED = False
+ROW_FUSED_PROGRAMS: int | None = None
+ROW_STATS_KINDS = ("tile", "lanes")
 
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     return int(value) if value else None
+
+
+def _env_str(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
 
 
 def vocab_chunk(n_rows: int, hidden: int, vocab: int, itemsize: int) -> int:
@@ -267,6 +283,101 @@ def lce_row_stats_kernel(
             tl.store(PZSUM + pid, zsum)
 
 
+# The "lanes" statistics (ROW_STATS = "lanes"): each of the BLOCK_V lanes of a tile keeps its own
+# online-softmax state over the columns it visits (c0 + lane, c0 + BLOCK_V + lane, ...), so the
+# loop is elementwise; the lanes are reduced across the block once, at the end. The tile kernel
+# above reduces across the block (a max and a sum through shared memory) on every tile.
+#
+# A lane's max starts at −FLT_MAX, a finite floor below every finite logit, not at −inf: z − m is
+# then never (−inf) − (−inf) = nan, with no guard in the loop (masked lanes carry z = −inf).
+_M_FLOOR = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _online_fold(m, s, z):
+    """One element into a lane's state (m, s = Σ exp(z' − m) over the z' seen so far):
+
+        m' = max(m, z),     s' = s · exp(m − m') + exp(z − m').
+
+    One of the two exponents is 0, so one exponential per element, e = exp(−|z − m|):
+        z > m:  s' = s · e + 1          z ≤ m:  s' = s + e.
+    e ≤ 1 whatever the logits' magnitude: nothing overflows. A masked lane (z = −inf) gets e = 0
+    and keeps its state; a lane's first logit (m = −FLT_MAX) gets e = 0 (z − m rounds to FLT_MAX,
+    or +inf: still e = 0), so s' = 1. (tl.exp is already ex2(x · log₂e) on NVIDIA GPUs: an
+    explicit exp2 would save nothing.)"""
+    e = tl.exp(-tl.abs(z - m))
+    return tl.maximum(m, z), tl.where(z > m, s * e + 1.0, s + e)
+
+
+@triton.jit
+def _lanes_reduce(m, s):
+    """The lanes' states combined into one: M = max m, S = Σ s · exp(m − M). A lane that saw no
+    column has m = −FLT_MAX and s = 0: it adds 0."""
+    m_all = tl.max(m, axis=0)
+    return m_all, tl.sum(s * tl.exp(m - m_all), axis=0)
+
+
+@triton.jit
+def _stats_lanes(base, c_begin, c_end, target, scale, softcap,
+                 HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(max, Σ exp(z − max), target z, Σ z) of columns [c_begin, c_end) of one row, lane-wise.
+
+    The target logit is one load (0 if the target is not in the range), not a compare and a
+    select on every element."""
+    m = tl.full([BLOCK_V], _M_FLOOR, tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    zsum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = cols < c_end
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        z, _ = _transform(x, scale, softcap, HAS_SOFTCAP)
+        m, s = _online_fold(m, s, tl.where(mask, z, float("-inf")))
+        if HAS_SMOOTHING:
+            zsum += tl.where(mask, z, 0.0)
+    m_row, s_row = _lanes_reduce(m, s)
+    hit = (target >= c_begin) & (target < c_end)
+    xt = tl.load(base + target, mask=hit, other=0.0).to(tl.float32)
+    zt, _ = _transform(xt, scale, softcap, HAS_SOFTCAP)
+    return m_row, s_row, tl.where(hit, zt, 0.0), tl.sum(zsum, axis=0)
+
+
+@triton.jit
+def lce_row_stats_lanes_kernel(
+    X, stride_x, LABELS, ROW_W, PM, PS, PZT, PZSUM, V, SPLIT, COLS, scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Pass 1 as :func:`lce_row_stats_kernel` (same arguments, same outputs), lane-wise."""
+    pid = tl.program_id(0)
+    row = pid // SPLIT
+    c_begin = (pid % SPLIT) * COLS
+    c_end = tl.minimum(c_begin + COLS, V)
+    w = tl.load(ROW_W + row)
+    if w != 0.0:
+        target = tl.load(LABELS + row)
+        base = X + row.to(tl.int64) * stride_x
+        m, s, zt, zsum = _stats_lanes(base, c_begin, c_end, target, scale, softcap,
+                                      HAS_SOFTCAP, HAS_SMOOTHING, BLOCK_V)
+        tl.store(PM + pid, m)
+        tl.store(PS + pid, s)
+        tl.store(PZT + pid, zt)
+        if HAS_SMOOTHING:
+            tl.store(PZSUM + pid, zsum)
+
+
+@triton.jit
+def _write_d(base, cols, mask, lse, p_scale, w, target, scale, softcap, target_weight,
+             uniform_weight, HAS_SOFTCAP: tl.constexpr):
+    """One tile of a row, in place: x → d = w·(p·(1 + 2λ·lse) − (1−ε)·[j = y] − ε/V)·∂z/∂x,
+    p = exp(z − lse) (p_scale = w·(1 + 2λ·lse))."""
+    x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    z, dz = _transform(x, scale, softcap, HAS_SOFTCAP)
+    p = tl.exp(z - lse) * p_scale
+    hot = tl.where(cols == target, target_weight, 0.0)
+    d = (p - (hot + uniform_weight) * w) * dz
+    tl.store(base + cols, d.to(base.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def lce_row_grad_kernel(
     X, stride_x,                # logits [C, V], whole rows; overwritten with d (same dtype)
@@ -304,13 +415,8 @@ def lce_row_grad_kernel(
         target = tl.load(LABELS + row)
         for c0 in range(c_begin, c_end, BLOCK_V):
             cols = c0 + tl.arange(0, BLOCK_V)
-            mask = cols < c_end
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            z, dz = _transform(x, scale, softcap, HAS_SOFTCAP)
-            p = tl.exp(z - lse) * p_scale
-            hot = tl.where(cols == target, target_weight, 0.0)
-            d = (p - (hot + uniform_weight) * w) * dz
-            tl.store(base + cols, d.to(X.dtype.element_ty), mask=mask)
+            _write_d(base, cols, cols < c_end, lse, p_scale, w, target, scale, softcap,
+                     target_weight, uniform_weight, HAS_SOFTCAP)
         if part == 0:
             tl.store(LSE + row, lse)
             tl.store(ZT + row, tl.sum(tl.load(PZT + row * SPLIT + k, mask=k_mask, other=0.0), axis=0))
@@ -323,6 +429,51 @@ def lce_row_grad_kernel(
             cols = c0 + tl.arange(0, BLOCK_V)
             tl.store(base + cols, zero, mask=cols < c_end)
         if part == 0:
+            tl.store(LSE + row, 0.0)
+            tl.store(ZT + row, 0.0)
+            if HAS_SMOOTHING:
+                tl.store(ZSUM + row, 0.0)
+
+
+@triton.jit
+def lce_row_fused_kernel(
+    X, stride_x,                # logits [C, V], whole rows; overwritten with d (same dtype)
+    LABELS, ROW_W,              # int64 [C]; fp32 [C] (0 on ignored rows: d = 0, nothing read)
+    LSE, ZT, ZSUM,              # fp32 [C] out: the rows' statistics for the loss (0 if ignored)
+    C, V,
+    scale, softcap,
+    target_weight,              # 1 − ε
+    uniform_weight,             # ε / V
+    z_loss,                     # λ
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Both passes in one (ROW_FUSED): a program takes whole rows (row = pid, pid + P, ...).
+    Per row: the lanes statistics over all of V, lse, then x → d in place, walking the row
+    backwards (its last tiles, read last, are the likeliest still in L2): HBM traffic one read
+    and one write of the row when it stays in L2, no partial statistics."""
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    for row in range(tl.program_id(0), C, tl.num_programs(0)):
+        w = tl.load(ROW_W + row)
+        base = X + tl.cast(row, tl.int64) * stride_x
+        if w != 0.0:
+            target = tl.load(LABELS + row)
+            m, s, zt, zsum = _stats_lanes(base, 0, V, target, scale, softcap, HAS_SOFTCAP,
+                                          HAS_SMOOTHING, BLOCK_V)
+            lse = m + tl.log(s)             # s ≥ 1: the max's own term
+            p_scale = w * (1.0 + 2.0 * z_loss * lse)
+            for i in range(n_tiles):
+                cols = (n_tiles - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+                _write_d(base, cols, cols < V, lse, p_scale, w, target, scale, softcap,
+                         target_weight, uniform_weight, HAS_SOFTCAP)
+            tl.store(LSE + row, lse)
+            tl.store(ZT + row, zt)
+            if HAS_SMOOTHING:
+                tl.store(ZSUM + row, zsum)
+        else:
+            zero = tl.zeros([BLOCK_V], dtype=X.dtype.element_ty)
+            for c0 in range(0, V, BLOCK_V):
+                cols = c0 + tl.arange(0, BLOCK_V)
+                tl.store(base + cols, zero, mask=cols < V)
             tl.store(LSE + row, 0.0)
             tl.store(ZT + row, 0.0)
             if HAS_SMOOTHING:
@@ -350,23 +501,41 @@ def _row_tiles(vocab: int, cols: int | None, block_v: int | None, warps: int | N
     return cols, block_v, warps
 
 
+def _row_variant() -> tuple[str, bool, int | None]:
+    """(pass 1's statistics, fused?, fused programs) of the row passes (sweep hooks, see above)."""
+    stats = _env_str("CHRONICALS_LCE_STATS") or ROW_STATS
+    if stats not in ROW_STATS_KINDS:
+        raise ValueError(f"row statistics must be one of {ROW_STATS_KINDS}, got {stats!r}")
+    fused = _env_int("CHRONICALS_LCE_FUSED")
+    programs = _env_int("CHRONICALS_LCE_FUSED_PROGRAMS") or ROW_FUSED_PROGRAMS
+    return stats, ROW_FUSED if fused is None else bool(fused), programs
+
+
 def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, zsum: Tensor,
              scale: float, softcap: float, label_smoothing: float, z_loss: float,
              cols: int | None = None, block_v: int | None = None, warps: int | None = None
              ) -> None:
     """The two row passes on a [C, V] chunk of whole rows: lse, zt, zsum [C] out, x → d in place
-    (d for the row weights ``row_w``). Plain tensors: also CPU under ``TRITON_INTERPRET=1``."""
+    (d for the row weights ``row_w``); or the variants ROW_STATS / ROW_FUSED select (the same
+    outputs). Plain tensors: also CPU under ``TRITON_INTERPRET=1``."""
     n, vocab = x.shape
     if n == 0:
         return
     cols, block_v, warps = _row_tiles(vocab, cols, block_v, warps)
+    stats, fused, programs = _row_variant()
+    flags = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=bool(label_smoothing), BLOCK_V=block_v,
+                 num_warps=warps)
+    if fused:
+        lce_row_fused_kernel[(min(n, programs or n),)](
+            x, x.stride(0), labels, row_w, lse, zt, zsum, n, vocab, scale, softcap or 1.0,
+            1.0 - label_smoothing, label_smoothing / vocab, z_loss, **flags)
+        return
     split = triton.cdiv(vocab, cols)
     pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
     grid = (n * split,)
-    flags = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=bool(label_smoothing), BLOCK_V=block_v,
-                 num_warps=warps)
-    lce_row_stats_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split,
-                               cols, scale, softcap or 1.0, **flags)
+    stats_kernel = lce_row_stats_lanes_kernel if stats == "lanes" else lce_row_stats_kernel
+    stats_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split, cols,
+                       scale, softcap or 1.0, **flags)
     lce_row_grad_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse, zt, zsum,
                               vocab, split, cols, n * split, scale, softcap or 1.0,
                               1.0 - label_smoothing, label_smoothing / vocab, z_loss,

@@ -173,11 +173,30 @@ def test_with_grads_reference_equals_float64_eager(name, bias):
         assert g_got.dtype == torch.float64 and rel(g_got, g_want) < 1e-12
 
 
+# The row passes' variants (module hooks ROW_STATS, ROW_FUSED, ROW_FUSED_PROGRAMS): the default
+# (two passes, per-tile statistics), lane-wise statistics, both passes fused in one kernel (one
+# program per row, or fewer programs walking several rows each).
+ROW_VARIANTS = {"tile": ("tile", False, None), "lanes": ("lanes", False, None),
+                "fused": ("tile", True, None), "fused_3_programs": ("tile", True, 3)}
+
+
+def _row_variant(monkeypatch, variant):
+    for name in ("CHRONICALS_LCE_STATS", "CHRONICALS_LCE_FUSED", "CHRONICALS_LCE_FUSED_PROGRAMS"):
+        monkeypatch.delenv(name, raising=False)
+    stats, fused, programs = ROW_VARIANTS[variant]
+    monkeypatch.setattr(K, "ROW_STATS", stats)
+    monkeypatch.setattr(K, "ROW_FUSED", fused)
+    monkeypatch.setattr(K, "ROW_FUSED_PROGRAMS", programs)
+
+
+@pytest.mark.parametrize("variant", ["tile", "lanes", "fused"])
 @pytest.mark.parametrize("name", ["plain", "scale_softcap_smoothing", "z_loss_sum_smoothing",
                                   "ignore_index_0"])
-def test_grad_in_forward_path_equals_float64(name):
+def test_grad_in_forward_path_equals_float64(name, variant, monkeypatch):
     """The Triton row passes: several token chunks (the last partial), several column slices per
-    row and tiles per slice (the last ones partial)."""
+    row and tiles per slice (the last ones partial; V = 150 is no multiple of BLOCK_V = 32); the
+    fused variant: whole rows, 5 tiles, the last partial."""
+    _row_variant(monkeypatch, variant)
     cfg = CONFIGS[name]
     h, w, b, y = make(19, 24, 150, dtype=torch.float32, bias=True, seed=8, device=DEVICE)
     y = _labels_for(cfg, y)
@@ -226,9 +245,11 @@ def test_grad_in_forward_path_partial_grads():
     assert dw is None and rel(dh, dh_t) < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["tile", "lanes", "fused"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_grad_in_forward_path_every_label_ignored_matches_eager(reduction):
+def test_grad_in_forward_path_every_label_ignored_matches_eager(reduction, variant, monkeypatch):
     """"mean" over no tokens is nan, "sum" is 0, as eager; the gradients are exactly 0."""
+    _row_variant(monkeypatch, variant)
     h, w, b, y = make(16, 16, 100, dtype=torch.float32, bias=True, seed=6, device=DEVICE)
     y[:] = -100
     loss, dh, dw, db = K.lce_forward_with_grads(h, w, b, y, -100, reduction, 0.1, 1.0, 0.0, 0.0,
@@ -237,6 +258,71 @@ def test_grad_in_forward_path_every_label_ignored_matches_eager(reduction):
     torch.testing.assert_close(loss, want, equal_nan=True)
     for g in (dh, dw, db):
         assert torch.equal(g, torch.zeros_like(g))
+
+
+def _rows_float64(x, labels, row_w, scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0):
+    """(d, lse, zt, zsum) of the row passes, in float64 from the same logits (0 on ignored rows)."""
+    z, dz = K._transform_torch(x.double(), scale, softcap)
+    lse = torch.logsumexp(z, 1)
+    valid = row_w != 0
+    hot = F.one_hot(torch.where(valid, labels, 0), x.shape[1]).double()
+    p = torch.softmax(z, 1) * (1.0 + 2.0 * z_loss * lse)[:, None]
+    d = (p - (1.0 - label_smoothing) * hot - label_smoothing / x.shape[1]) * dz
+    d = torch.where(valid[:, None], d * row_w.double()[:, None], 0.0)
+    stats = [torch.where(valid, t, 0.0) for t in (lse, (z * hot).sum(1), z.sum(1))]
+    return (d, *stats)
+
+
+@pytest.mark.parametrize("variant", sorted(ROW_VARIANTS))
+@pytest.mark.parametrize("cfg", [dict(label_smoothing=0.1, z_loss=1e-3), dict(softcap=30.0)],
+                         ids=["smoothing_z_loss", "softcap"])
+def test_row_passes_large_logits_equal_float64(variant, cfg, monkeypatch):
+    """lce_rows on hand-made fp32 logits of magnitude 100 (exp(100) overflows fp32: only
+    max-shifted exponentials stay finite): rows of ±100, one +100 among −100s, all equal, the max
+    in the partial last tile, an ignored row, against float64 from the same logits. V = 150:
+    several slices and tiles, the last ones partial."""
+    _row_variant(monkeypatch, variant)
+    g = torch.Generator().manual_seed(11)
+    c, vocab = 7, 150
+    x = torch.randn(c, vocab, generator=g) * 3
+    x[1, ::7] = 100.0                                  # large among small
+    x[2] = -100.0
+    x[2, 37] = 100.0                                   # one +100 among −100s
+    x[3] = 100.0                                       # every logit the max
+    x[4] = torch.where(torch.rand(vocab, generator=g) < 0.5, 100.0, -100.0)    # ignored row
+    x[5] = -100.0
+    x[5, -3:] = 99.0                                   # the max in the last, partial tile
+    x[6] = torch.where(torch.arange(vocab) % 2 == 0, 100.0, -100.0)
+    labels = torch.randint(0, vocab, (c,), generator=g)
+    labels[0], labels[3], labels[4] = 64, vocab - 1, -100    # a slice's first column; the last
+    row_w = torch.rand(c, generator=g) + 0.5
+    row_w[4] = 0.0
+    kw = dict(scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0) | cfg
+    d_want, *stats_want = _rows_float64(x, labels, row_w, **kw)
+    d = x.clone().to(DEVICE)
+    stats = torch.full((3, c), 7.0, device=DEVICE)     # lse, zt, zsum: every entry written
+    K.lce_rows(d, labels.to(DEVICE), row_w.to(DEVICE), *stats, kw["scale"], kw["softcap"],
+               kw["label_smoothing"], kw["z_loss"], cols=64, block_v=32)
+    assert torch.isfinite(d).all() and torch.equal(d[4].cpu(), torch.zeros(vocab))
+    assert rel(d, d_want) < 1e-5
+    for got, want in zip(stats[:3 if kw["label_smoothing"] else 2], stats_want):
+        assert rel(got, want) < 1e-5 and got[4] == 0
+
+
+def test_row_variant_environment_overrides_hooks(monkeypatch):
+    """$CHRONICALS_LCE_STATS / _FUSED / _FUSED_PROGRAMS, read per call, win over the hooks."""
+    _row_variant(monkeypatch, "tile")
+    assert K._row_variant() == ("tile", False, None)
+    monkeypatch.setattr(K, "ROW_FUSED", True)
+    monkeypatch.setenv("CHRONICALS_LCE_FUSED", "0")
+    monkeypatch.setenv("CHRONICALS_LCE_STATS", "lanes")
+    monkeypatch.setenv("CHRONICALS_LCE_FUSED_PROGRAMS", "264")
+    assert K._row_variant() == ("lanes", False, 264)
+    monkeypatch.setenv("CHRONICALS_LCE_FUSED", "1")
+    assert K._row_variant()[1] is True
+    monkeypatch.setenv("CHRONICALS_LCE_STATS", "warp")
+    with pytest.raises(ValueError, match="row statistics"):
+        K._row_variant()
 
 
 def test_scale_inplace_kernel():
