@@ -54,16 +54,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import chronicals
+    from chronicals_fx.bench import chronicals_options
     from chronicals_fx.workload import build_model, byte_batches
 
     model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
     if args.variant == "compile":
         model.compile()
     elif args.variant.startswith("chronicals"):
-        options = {}
-        if ":" in args.variant:
-            options["passes"] = tuple(args.variant.split(":", 1)[1].split(","))
-        chronicals.optimize(model, **options)
+        chronicals.optimize(model, **chronicals_options(args.variant))
     elif args.variant != "eager":
         raise SystemExit(f"unknown variant {args.variant!r}")
     params = [q for q in model.parameters() if q.requires_grad]

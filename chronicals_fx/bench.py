@@ -4,7 +4,9 @@
         [--variants eager compile liger chronicals] [--passes rmsnorm ...] [--lora 32]
 
 A variant ``chronicals:rmsnorm,swiglu`` runs chronicals with that pass set, so cumulative sets
-compare in one run: ``--variants compile chronicals:rmsnorm chronicals:rmsnorm,swiglu``.
+compare in one run: ``--variants compile chronicals:rmsnorm chronicals:rmsnorm,swiglu``; and
+``chronicals@swiglu_save_hidden=0`` (after the pass set, if any) with backend options of its
+own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers).
 
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -68,8 +71,7 @@ def run_variant(args) -> dict:
     report = None
     if variant.startswith("chronicals"):
         options = {} if args.passes is None else {"passes": tuple(args.passes)}
-        if ":" in variant:  # chronicals:rmsnorm,swiglu — a pass set of its own
-            options["passes"] = tuple(variant.split(":", 1)[1].split(","))
+        options.update(chronicals_options(variant))
         chronicals.optimize(model, **options)
     stats = train(model, byte_batches(args.batch, args.seq, device=device), args.steps,
                   lr=args.lr, warmup_steps=args.warmup)
@@ -78,6 +80,22 @@ def run_variant(args) -> dict:
     return {"variant": variant, **stats.to_dict(), "problems": stats.proof_of_training(),
             "counts": report.counts if report else None,
             "declined": report.declined_counts if report else None}
+
+
+def chronicals_options(variant: str) -> dict:
+    """The backend options a variant name carries: ``chronicals[:pass,...][@key=value,...]``."""
+    name, _, settings = variant.partition("@")
+    options = {}
+    if ":" in name:  # chronicals:rmsnorm,swiglu — a pass set of its own
+        options["passes"] = tuple(name.split(":", 1)[1].split(","))
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {variant!r}: option {item!r} is not key=value")
+        lowered = value.lower()
+        options[key] = (lowered in ("1", "true") if lowered in ("0", "1", "true", "false")
+                        else int(value) if value.isdigit() else value)
+    return options
 
 
 def main(argv=None) -> int:
@@ -107,7 +125,7 @@ def main(argv=None) -> int:
             cmd += ["--passes", *args.passes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            log = os.path.join(os.path.dirname(args.json or path), f"train_{variant.replace(':', '_').replace(',', '_')}.log")
+            log = os.path.join(os.path.dirname(args.json or path), f"train_{re.sub(r'[^A-Za-z0-9._-]', '_', variant)}.log")
             with open(log, "w") as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()

@@ -34,6 +34,11 @@ class Config:
     # linear + cross-entropy: keep the [N, V] logits alive for the model's output even when
     # the loss is computed in the same graph (costs the memory the fused op saves).
     keep_logits: bool = False
+    # SwiGLU: keep act(g)·u saved for the down projection's backward, as Inductor does (True),
+    # or take a down projection that reads nothing else into the op (False): only g and u are
+    # saved, and the SwiGLU backward pass writes act(g)·u again for the down projection's dW —
+    # one [N, I] tensor less a layer at the peak of memory, one more write of it in backward.
+    swiglu_save_hidden: bool = True
     # Kernel for causal attention on CUDA: "sdpa" (PyTorch's dispatcher picks cuDNN or flash;
     # measured fastest on an H200), or force "cudnn", "flash", or our "triton" kernel. Packed
     # documents always use the document-masked Triton kernel.

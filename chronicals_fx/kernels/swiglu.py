@@ -135,12 +135,14 @@ def swiglu_fwd_kernel(
 @triton.jit
 def swiglu_bwd_kernel(
     DY, G, U, DG, DU,             # dy, gate, up; dg, du: outputs, which may be G and U themselves
+    Y,                            # STORE_Y: y = act(g)·u recomputed (may be DY itself), else unused
     n,                            # ROWS: columns per row; else: total elements
-    stride_dy, stride_g, stride_u, stride_dg, stride_du,
+    stride_dy, stride_g, stride_u, stride_dg, stride_du, stride_y,
     ACT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    STORE_Y: tl.constexpr,
 ):
-    # In place (DG is G, DU is U): every element is loaded before this program stores it, and
-    # no other program touches it, so no element is read after it was overwritten.
+    # In place (DG is G, DU is U, Y is DY): every element is loaded before this program stores
+    # it, and no other program touches it, so no element is read after it was overwritten.
     if ROWS:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -150,6 +152,7 @@ def swiglu_bwd_kernel(
         u_off = row * stride_u + cols
         dg_off = row * stride_dg + cols
         du_off = row * stride_du + cols
+        y_off = row * stride_y + cols
     else:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -158,15 +161,22 @@ def swiglu_bwd_kernel(
         u_off = offs
         dg_off = offs
         du_off = offs
+        y_off = offs
     dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
     a, d = _act_and_grad(g, ACT)
+    a = round_to(a, ROUND)
     da = round_to(dy * u, ROUND)
     dg = round_to(da * d, ROUND)
-    du = round_to(dy * round_to(a, ROUND), ROUND)
+    du = round_to(dy * a, ROUND)
     tl.store(DG + dg_off, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + du_off, du.to(DU.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        # the forward's output again, bit for bit (the forward kernel's act and roundings: the
+        # down projection's dW is then what it would be from a saved y)
+        y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
+        tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,18 +225,20 @@ def swiglu_forward(gate: Tensor, up: Tensor, y: Tensor, activation: int) -> None
 
 
 def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, dg: Tensor, du: Tensor,
-                    activation: int) -> None:
+                    activation: int, y: Tensor | None = None) -> None:
     """(dg, du) of y = round(act(gate)) · up for [M, I] row views (any row strides); ``dg`` and
-    ``du`` may be ``gate`` and ``up`` themselves (the in-place backward)."""
+    ``du`` may be ``gate`` and ``up`` themselves (the in-place backward). With ``y``, the same
+    pass also writes the forward's output y into it (``y`` may be ``dy`` itself)."""
     m, n = gate.shape
     if m * n == 0:
         return
-    rows, grid = _layout(dy, gate, up, dg, du)
+    rows, grid = _layout(dy, gate, up, dg, du, *([y] if y is not None else []))
     launchable(swiglu_bwd_kernel, gate)[grid](
-        dy, gate, up, dg, du, n if rows else m * n,
+        dy, gate, up, dg, du, dy if y is None else y, n if rows else m * n,
         dy.stride(0), gate.stride(0), up.stride(0), dg.stride(0), du.stride(0),
+        dy.stride(0) if y is None else y.stride(0),
         ACT=activation, ROUND=ROUND_CODES[gate.dtype], ROWS=rows, BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        STORE_Y=y is not None, num_warps=NUM_WARPS,
     )
 
 
@@ -369,6 +381,88 @@ def _backward(ctx, dy: Tensor):
 
 
 swiglu.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU with the down projection taken in (Config.swiglu_save_hidden=False)
+# ---------------------------------------------------------------------------------------------
+# The down projection linear(h, W_down) of h = act(g)·u needs h for its dW. Kept as a value of
+# the graph, h is saved for backward beside g and u (Inductor's partition does the same for its
+# own fused kernel): three [N, I] tensors a layer at the peak of memory. Inside one op, the
+# backward has h written again by the SwiGLU backward pass, which reads g and u anyway (one
+# more write of [N, I]), so only g and u (and W_down) are saved:
+#
+#     forward    h = act(g)·u;  y = h W_downᵀ + b                 saved: g, u, W_down
+#     backward   dh = dy W_down;  (dg, du, h) = one pass over dh, g, u
+#                dW_down = dyᵀ h;  db = Σ_rows dy
+def _swiglu_value(gate: Tensor, up: Tensor, activation: int) -> Tensor:
+    if not _launches_kernels(gate):
+        return swiglu_reference(gate, up, activation)
+    g, u = as_rows(gate), as_rows(up)
+    y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    swiglu_forward(g, u, y, activation)
+    return y.view(gate.shape)
+
+
+@triton_op("chronicals::swiglu_linear", mutates_args=())
+def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None,
+                  activation: int) -> Tensor:
+    """linear(act(gate) · up, weight, bias), saving only gate, up and weight for backward."""
+    return F.linear(_swiglu_value(gate, up, activation), weight, bias)
+
+
+@triton_op("chronicals::swiglu_backward_recompute", mutates_args=())
+def swiglu_bwd_recompute(dy: Tensor, gate: Tensor, up: Tensor, activation: int
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """(d gate, d up, act(gate)·up), contiguous, of the shape of ``gate``: the backward and the
+    forward's output again, in one pass."""
+    if not _launches_kernels(gate):
+        # Opaque, as the kernel call is on CUDA: traced inline, its recomputation of act(g)
+        # would be merged with the forward's and saved instead of recomputed.
+        return torch.ops.chronicals.swiglu_backward_recompute_reference(dy, gate, up, activation)
+    g, u, d = as_rows(gate), as_rows(up), as_rows(dy)
+    dg, du, y = (torch.empty(g.shape, dtype=gate.dtype, device=gate.device) for _ in range(3))
+    swiglu_backward(d, g, u, dg, du, activation, y)
+    return dg.view(gate.shape), du.view(gate.shape), y.view(gate.shape)
+
+
+@torch.library.custom_op("chronicals::swiglu_backward_recompute_reference", mutates_args=())
+def _swiglu_bwd_recompute_reference(dy: Tensor, gate: Tensor, up: Tensor, activation: int
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
+    dg, du = swiglu_backward_reference(dy, gate, up, activation)
+    return dg, du, swiglu_reference(gate, up, activation)
+
+
+@_swiglu_bwd_recompute_reference.register_fake
+def _(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format),
+            torch.empty_like(gate, memory_format=torch.contiguous_format))
+
+
+def _setup_context_linear(ctx, inputs, output) -> None:
+    gate, up, weight, _bias, activation = inputs
+    ctx.save_for_backward(gate, up, weight)
+    ctx.activation = activation
+
+
+def _backward_linear(ctx, dy: Tensor):
+    gate, up, weight = ctx.saved_tensors
+    need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
+    rows = dy.reshape(-1, dy.shape[-1])                       # [N, O]
+    dh = dy @ weight                                          # [..., I]
+    d_weight = d_bias = None
+    if need_weight:
+        dg, du, h = torch.ops.chronicals.swiglu_backward_recompute(dh, gate, up, ctx.activation)
+        d_weight = rows.t() @ h.reshape(-1, h.shape[-1])     # [O, I]
+    else:
+        dg, du = torch.ops.chronicals.swiglu_backward(dh, gate, up, ctx.activation)
+    if need_bias:
+        d_bias = rows.sum(0)
+    return (dg if need_gate else None, du if need_up else None, d_weight, d_bias, None)
+
+
+swiglu_linear.register_autograd(_backward_linear, setup_context=_setup_context_linear)
 
 
 # ---------------------------------------------------------------------------------------------

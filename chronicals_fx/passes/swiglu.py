@@ -33,6 +33,9 @@ Memory: where g and u are each a whole fresh projection result that nothing but 
 (not pieces of a fused projection, not used elsewhere, not graph outputs), the op is called
 with ``inplace_backward``: its backward writes dg, du over g, u (see ``kernels.swiglu``); the
 backend gives Inductor the post-grad pass that keeps that write in place in the compiled backward.
+With ``Config.swiglu_save_hidden=False``, a down projection ``linear(y, W, b)`` that is y's only
+reader goes into the op as well (``chronicals::swiglu_linear``): y is then not saved for the
+down projection's backward; the op's backward writes it again (see ``kernels.swiglu``).
 
 Rounding: the kernel computes act(g) in fp32, rounds it to the inputs' dtype, multiplies and
 rounds again — exactly eager's rounding points for F.silu/F.gelu in bf16/fp16 (which compute
@@ -79,6 +82,7 @@ class _Site:
     composite: bool = False      # spelled as several ops (rounds per op in eager)
     casts: list[Node] = field(default_factory=list)
     inplace_backward: bool = False
+    down_projection: bool = False    # the down projection taken into the op (swiglu_linear)
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -99,6 +103,11 @@ def run(gm: GraphModule, ctx) -> None:
             ctx.declined(node, reason)
             continue
         out = _rewrite(gm, site)
+        if not ctx.config.swiglu_save_hidden:
+            fused = _take_in_down_projection(gm, out, site)
+            if fused is not None:
+                ctx.matched(fused, _describe(site))
+                continue
         site.inplace_backward = _overwritable(out, site.gate) and _overwritable(out, site.up)
         if site.inplace_backward:
             out.args = (*out.args[:3], True)
@@ -410,6 +419,30 @@ def _rewrite(gm: GraphModule, site: _Site) -> Node:
                              erase=site.chain)
 
 
+def _take_in_down_projection(gm: GraphModule, op: Node, site: _Site) -> Node | None:
+    """``linear(swiglu(g, u), W, b)`` → ``swiglu_linear(g, u, W, b)`` where the linear is the
+    op's only reader and takes it as is (one dtype, W [O, I]); else None, ``op`` unchanged (a
+    LoRA'd down projection, for one, reads the op twice)."""
+    if len(op.users) != 1:
+        return None
+    linear = is_kind(next(iter(op.users)), "linear")
+    if linear is None or linear["input"] is not op or not isinstance(linear["weight"], Node):
+        return None
+    h, w, out = tensor_value(op), tensor_value(linear["weight"]), tensor_value(linear.node)
+    b = linear["bias"]
+    if h is None or w is None or out is None or w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        return None
+    if not (w.dtype == h.dtype == out.dtype) or w.device != h.device:
+        return None
+    if b is not None and not (isinstance(b, Node) and tensor_value(b) is not None
+                              and tensor_value(b).dtype == h.dtype):
+        return None
+    site.down_projection = True
+    args = (site.gate, site.up, linear["weight"], b, ACTIVATIONS[site.activation])
+    return replace_with_call(gm.graph, linear.node, torch.ops.chronicals.swiglu_linear.default,
+                             args, erase=[op])
+
+
 def _overwritable(op: Node, node: Node) -> bool:
     """True if the op's backward may write over ``node``'s tensor: a fresh projection result
     (linear, or LoRA's sum), reached through nothing but casts (which may return their input
@@ -446,4 +479,6 @@ def _describe(site: _Site) -> str:
         parts.append(note)
     if site.inplace_backward:
         parts.append("backward writes dg, du over g, u")
+    if site.down_projection:
+        parts.append("down projection taken in: saves g, u only")
     return ", ".join(parts)

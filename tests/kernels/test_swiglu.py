@@ -154,6 +154,44 @@ def test_in_place_launch_equals_out_of_place(shape, dtype, fused):
     assert torch.equal(gi, dg) and torch.equal(ui, du)
 
 
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("shape,dtype,fused", [CASES[1], CASES[3]])
+def test_backward_writes_the_forward_output_again(shape, dtype, fused, activation):
+    """With an output for y, the backward pass writes the forward kernel's y bit for bit (the
+    down projection's dW from it is then what the saved y would give), and the same dg, du;
+    y may be dy's own buffer."""
+    g, u, dy = _inputs(shape, dtype, fused=fused)
+    y, dg, du = _launch(g, u, dy, activation)
+    code = K.ACTIVATIONS[activation]
+    g2, u2 = K.as_rows(g), K.as_rows(u)
+    dg2, du2, y2 = (torch.full(g2.shape, float("nan"), dtype=dtype, device=g.device)
+                    for _ in range(3))
+    K.swiglu_backward(K.as_rows(dy), g2, u2, dg2, du2, code, y2)
+    assert torch.equal(y2.view(g.shape), y) and torch.equal(dg2.view(g.shape), dg)
+    assert torch.equal(du2.view(g.shape), du)
+    into_dy = K.as_rows(dy).clone()
+    K.swiglu_backward(into_dy, g2, u2, dg2, du2, code, into_dy)
+    assert torch.equal(into_dy.view(g.shape), y) and torch.equal(dg2.view(g.shape), dg)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_swiglu_linear_gradcheck_and_opcheck(activation):
+    """linear(act(g)·u, W, b) with its recomputing backward: float64 gradcheck (CPU reference
+    ops), and the ops' schema, fake and autograd registrations."""
+    code = K.ACTIVATIONS[activation]
+    g, u = (torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.chronicals.swiglu_linear.default
+    assert torch.autograd.gradcheck(lambda *t: op(*t, code), (g, u, w, b))
+    assert torch.autograd.gradcheck(lambda *t: op(*t, None, code), (g, u, w))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, (g, u, w, b, code), test_utils=checks)
+    dy = torch.randn(2, 3, 8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.chronicals.swiglu_backward_recompute.default,
+                          (dy, g.detach(), u.detach(), code), test_utils=checks)
+
+
 def _projections(dtype=torch.float32):
     torch.manual_seed(0)
     x = torch.randn(6, 16, dtype=dtype, requires_grad=True)
@@ -306,7 +344,7 @@ def test_cuda_path_backward_graph_writes_into_saved_inputs(monkeypatch):
     from torch.library import wrap_triton
 
     # Compiled (not interpreted) kernels, as on a GPU: the kernel and the helpers it calls.
-    for name in ("swiglu_bwd_kernel", "_act_and_grad", "round_to"):
+    for name in ("swiglu_bwd_kernel", "_act_and_grad", "_act", "round_to"):
         fn = getattr(K, name)
         monkeypatch.setattr(K, name, triton.JITFunction(getattr(fn, "fn", fn)))
     monkeypatch.setattr(K, "_launches_kernels", lambda t: True)
@@ -471,3 +509,40 @@ def test_compiled_in_place_backward_saves_two_tensors_on_gpu():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert peak_out - peak_in >= 1.9 * n * i * 2, (peak_out, peak_in)
+
+
+@pytest.mark.gpu
+def test_swiglu_linear_saves_one_tensor_less_on_gpu():
+    """Inductor on CUDA, bf16: with the down projection inside the op, the memory held from
+    the forward to the backward drops by one [N, I] tensor (act(g)·u is written again in
+    backward, not kept), and the gradients equal those of the plain SwiGLU op followed by a
+    linear (the same values through the same GEMMs, up to cuBLAS's choice of algorithm: bf16
+    tolerance)."""
+    n, h, i = 4096, 512, 8192
+    torch.manual_seed(0)
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wg, wu = ((torch.randn(h, i, device="cuda", dtype=torch.bfloat16) / h ** 0.5).requires_grad_()
+              for _ in range(2))
+    wd = (torch.randn(h, i, device="cuda", dtype=torch.bfloat16) / i ** 0.5).requires_grad_()
+    leaves = (x, wg, wu, wd)
+
+    def plain(x, wg, wu, wd):
+        return F.linear(torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0), wd).float().sum()
+
+    def taken_in(x, wg, wu, wd):
+        return torch.ops.chronicals.swiglu_linear(x @ wg, x @ wu, wd, None, 0).float().sum()
+
+    results = {}
+    for name, f in (("plain", plain), ("taken_in", taken_in)):
+        compiled = torch.compile(f, options=K.inductor_options({}))
+        _grads(compiled(*leaves), leaves)              # compile
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        loss = compiled(*leaves)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base     # saved for backward (and the loss)
+        results[name] = (held, _grads(loss, leaves))
+    (held_plain, want), (held_taken_in, got) = results["plain"], results["taken_in"]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert abs(held_plain - held_taken_in - n * i * 2) < 2**20, (held_plain, held_taken_in)

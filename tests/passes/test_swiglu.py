@@ -376,3 +376,84 @@ def test_passes_option_turns_swiglu_off():
     report = chronicals.explain(module, torch.randn(3, 24),
                                 chronicals_options={"passes": ("rmsnorm",)})
     assert report.counts["swiglu"] == 0 and not _swiglu_report(report)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# swiglu_save_hidden=False: the down projection taken into the op
+# ---------------------------------------------------------------------------------------------
+TAKEN_IN = "down projection taken in: saves g, u only"
+
+
+def _saved_bytes(model, inputs):
+    """Bytes of the distinct storages the forward saves for backward, parameters left out
+    (through autograd's saved-tensor hooks; compiled graphs save through them too)."""
+    model(**inputs).loss.backward()     # compiled first: tracing saves fake tensors too
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    loss.backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("case", ["qwen2", "phi3"])
+def test_down_projection_taken_in(case):
+    """Counts, eager parity (loss and every gradient), and one [N, I] tensor less saved per
+    layer: g and u, not act(g)·u (Phi-3: the fused gate_up result, not it and act(g)·u)."""
+    family, overrides, detail = HF_CASES[case]
+    eager, optimized = twins(family, **overrides)
+    reference = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES,
+                        swiglu_save_hidden=False)
+    assert_same_training_signal(eager, optimized, batch())
+    matches, declines = _swiglu_report(chronicals.report_of(optimized))
+    layers = eager.config.num_hidden_layers
+    assert len(matches) == layers and not declines
+    assert all(TAKEN_IN in m.detail and detail in m.detail for m in matches), matches
+    chronicals.optimize(reference, strict=True, compiler="aot_eager", passes=PASSES)
+    inputs = batch()
+    hidden = inputs["input_ids"].numel() * eager.config.intermediate_size * 4    # fp32 [N, I]
+    saved, saved_taken_in = _saved_bytes(reference, inputs), _saved_bytes(optimized, inputs)
+    assert saved - saved_taken_in == layers * hidden, (saved, saved_taken_in, hidden)
+
+
+def test_down_projection_with_lora_is_left_out():
+    """A LoRA'd down projection reads act(g)·u twice (base layer and lora_A): the op stays
+    plain SwiGLU; parity holds."""
+    model = tiny_causal_lm("llama", num_hidden_layers=1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["gate_proj", "up_proj", "down_proj"])
+    eager = peft.get_peft_model(model, config)
+    optimized = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES,
+                        swiglu_save_hidden=False)
+    assert_same_training_signal(eager, optimized, batch())
+    matches, _ = _swiglu_report(chronicals.report_of(optimized))
+    assert len(matches) == 1 and TAKEN_IN not in matches[0].detail, matches
+
+
+@pytest.mark.parametrize("bias,frozen_down", [(True, False), (False, True)])
+def test_down_projection_bias_and_frozen_weight(bias, frozen_down):
+    """A biased down projection (db from the op), and a frozen one (no dW: act(g)·u is not
+    written again)."""
+    module = GatedMLP(SPELLINGS["f_silu"][0], bias=bias)
+    module.down.weight.requires_grad_(not frozen_down)
+    optimized = optimized_matches_eager(module, torch.randn(3, 5, 24), passes=PASSES,
+                                        swiglu_save_hidden=False)
+    matches, declines = _swiglu_report(chronicals.report_of(optimized))
+    assert len(matches) == 1 and TAKEN_IN in matches[0].detail and not declines, matches
+
+
+def test_down_projection_through_inductor():
+    """Compiled by Inductor (CPU): the op's body and backward trace, results equal eager's."""
+    module = GatedMLP(SPELLINGS["f_gelu"][0])
+    optimized = optimized_matches_eager(module, torch.randn(2, 4, 24), compiler="inductor",
+                                        passes=PASSES, swiglu_save_hidden=False)
+    matches, _ = _swiglu_report(chronicals.report_of(optimized))
+    assert len(matches) == 1 and TAKEN_IN in matches[0].detail, matches
