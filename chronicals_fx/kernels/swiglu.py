@@ -298,6 +298,16 @@ def _launches_kernels(t: Tensor) -> bool:
     return t.device.type == "cuda"
 
 
+def _swiglu_value(gate: Tensor, up: Tensor, activation: int) -> Tensor:
+    """act(gate) · up: the kernel on CUDA, the reference elsewhere."""
+    if not _launches_kernels(gate):
+        return swiglu_reference(gate, up, activation)
+    g, u = as_rows(gate), as_rows(up)
+    y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    swiglu_forward(g, u, y, activation)
+    return y.view(gate.shape)
+
+
 @triton_op("chronicals::swiglu", mutates_args=())
 def swiglu(gate: Tensor, up: Tensor, activation: int, inplace_backward: bool = False) -> Tensor:
     """act(gate) · up; ``activation`` is a code of :data:`ACTIVATIONS`.
@@ -307,12 +317,7 @@ def swiglu(gate: Tensor, up: Tensor, activation: int, inplace_backward: bool = F
     d gate and d up over them (they are returned as the gradients). Eager, it does so unless
     :func:`_may_overwrite` finds a reason not to; compiled, Inductor's backward does so where
     :class:`ReuseSavedInputs` proves it safe, and writes fresh buffers otherwise."""
-    if not _launches_kernels(gate):
-        return swiglu_reference(gate, up, activation)
-    g, u = as_rows(gate), as_rows(up)
-    y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
-    swiglu_forward(g, u, y, activation)
-    return y.view(gate.shape)
+    return _swiglu_value(gate, up, activation)
 
 
 @triton_op("chronicals::swiglu_backward", mutates_args=())
@@ -395,15 +400,6 @@ swiglu.register_autograd(_backward, setup_context=_setup_context)
 #     forward    h = act(g)·u;  y = h W_downᵀ + b                 saved: g, u, W_down
 #     backward   dh = dy W_down;  (dg, du, h) = one pass over dh, g, u
 #                dW_down = dyᵀ h;  db = Σ_rows dy
-def _swiglu_value(gate: Tensor, up: Tensor, activation: int) -> Tensor:
-    if not _launches_kernels(gate):
-        return swiglu_reference(gate, up, activation)
-    g, u = as_rows(gate), as_rows(up)
-    y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
-    swiglu_forward(g, u, y, activation)
-    return y.view(gate.shape)
-
-
 @triton_op("chronicals::swiglu_linear", mutates_args=())
 def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None,
                   activation: int) -> Tensor:
