@@ -242,50 +242,33 @@ def lce_bwd_chunk(x: Tensor, labels: Tensor, lse: Tensor, row_w: Tensor, v0: int
 
 
 @triton.jit
-def lce_row_stats_kernel(
-    X, stride_x,                # logits [C, V], whole rows (row stride; columns contiguous)
-    LABELS, ROW_W,              # int64 [C]; fp32 [C] row weights (0: ignored row, skipped)
-    PM, PS, PZT, PZSUM,         # fp32 [C, SPLIT] out: per slice max, Σ exp(z − max), target z, Σ z
-    V, SPLIT, COLS,             # vocabulary, slices per row, columns per slice
-    scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Pass 1 over a chunk of whole rows: one program per (row, column slice)."""
-    pid = tl.program_id(0)
-    row = pid // SPLIT
-    c_begin = (pid % SPLIT) * COLS
-    c_end = tl.minimum(c_begin + COLS, V)
-    w = tl.load(ROW_W + row)
-    if w != 0.0:
-        target = tl.load(LABELS + row)
-        base = X + row.to(tl.int64) * stride_x
-        m = tl.full([], float("-inf"), tl.float32)
-        s = tl.full([], 0.0, tl.float32)
-        zt = tl.full([], 0.0, tl.float32)
-        zsum = tl.full([], 0.0, tl.float32)
-        for c0 in range(c_begin, c_end, BLOCK_V):
-            cols = c0 + tl.arange(0, BLOCK_V)
-            mask = cols < c_end
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            z, _ = _transform(x, scale, softcap, HAS_SOFTCAP)
-            z_inf = tl.where(mask, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z_inf, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_inf - m_safe), axis=0)
-            m = m_new
-            zt += tl.sum(tl.where(mask & (cols == target), z, 0.0), axis=0)
-            if HAS_SMOOTHING:
-                zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        tl.store(PM + pid, m)
-        tl.store(PS + pid, s)
-        tl.store(PZT + pid, zt)
+def _stats_tile(base, c_begin, c_end, target, scale, softcap,
+                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(max, Σ exp(z − max), target z, Σ z) of columns [c_begin, c_end) of one row, tile by tile:
+    each tile's max and sum reduced across the block, then folded into the running (m, s)."""
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    zt = tl.full([], 0.0, tl.float32)
+    zsum = tl.full([], 0.0, tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        mask = cols < c_end
+        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        z, _ = _transform(x, scale, softcap, HAS_SOFTCAP)
+        z_inf = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_inf, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_inf - m_safe), axis=0)
+        m = m_new
+        zt += tl.sum(tl.where(mask & (cols == target), z, 0.0), axis=0)
         if HAS_SMOOTHING:
-            tl.store(PZSUM + pid, zsum)
+            zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    return m, s, zt, zsum
 
 
 # The "lanes" statistics (ROW_STATS = "lanes"): each of the BLOCK_V lanes of a tile keeps its own
 # online-softmax state over the columns it visits (c0 + lane, c0 + BLOCK_V + lane, ...), so the
-# loop is elementwise; the lanes are reduced across the block once, at the end. The tile kernel
+# loop is elementwise; the lanes are reduced across the block once, at the end. :func:`_stats_tile`
 # above reduces across the block (a max and a sum through shared memory) on every tile.
 #
 # A lane's max starts at −FLT_MAX, a finite floor below every finite logit, not at −inf: z − m is
@@ -343,11 +326,16 @@ def _stats_lanes(base, c_begin, c_end, target, scale, softcap,
 
 
 @triton.jit
-def lce_row_stats_lanes_kernel(
-    X, stride_x, LABELS, ROW_W, PM, PS, PZT, PZSUM, V, SPLIT, COLS, scale, softcap,
+def lce_row_stats_kernel(
+    X, stride_x,                # logits [C, V], whole rows (row stride; columns contiguous)
+    LABELS, ROW_W,              # int64 [C]; fp32 [C] row weights (0: ignored row, skipped)
+    PM, PS, PZT, PZSUM,         # fp32 [C, SPLIT] out: per slice max, Σ exp(z − max), target z, Σ z
+    V, SPLIT, COLS,             # vocabulary, slices per row, columns per slice
+    scale, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    LANES: tl.constexpr,        # ROW_STATS: "lanes" (True) or "tile" statistics
 ):
-    """Pass 1 as :func:`lce_row_stats_kernel` (same arguments, same outputs), lane-wise."""
+    """Pass 1 over a chunk of whole rows: one program per (row, column slice)."""
     pid = tl.program_id(0)
     row = pid // SPLIT
     c_begin = (pid % SPLIT) * COLS
@@ -356,13 +344,33 @@ def lce_row_stats_lanes_kernel(
     if w != 0.0:
         target = tl.load(LABELS + row)
         base = X + row.to(tl.int64) * stride_x
-        m, s, zt, zsum = _stats_lanes(base, c_begin, c_end, target, scale, softcap,
-                                      HAS_SOFTCAP, HAS_SMOOTHING, BLOCK_V)
+        if LANES:
+            m, s, zt, zsum = _stats_lanes(base, c_begin, c_end, target, scale, softcap,
+                                          HAS_SOFTCAP, HAS_SMOOTHING, BLOCK_V)
+        else:
+            m, s, zt, zsum = _stats_tile(base, c_begin, c_end, target, scale, softcap,
+                                         HAS_SOFTCAP, HAS_SMOOTHING, BLOCK_V)
         tl.store(PM + pid, m)
         tl.store(PS + pid, s)
         tl.store(PZT + pid, zt)
         if HAS_SMOOTHING:
             tl.store(PZSUM + pid, zsum)
+
+
+@triton.jit
+def _zero_row(base, LSE, ZT, ZSUM, row, c_begin, c_end, write_stats,
+              HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+    """An ignored row (weight 0): d = 0 over columns [c_begin, c_end), and 0 statistics when
+    ``write_stats`` (the row's first slice)."""
+    zero = tl.zeros([BLOCK_V], dtype=base.dtype.element_ty)
+    for c0 in range(c_begin, c_end, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        tl.store(base + cols, zero, mask=cols < c_end)
+    if write_stats:
+        tl.store(LSE + row, 0.0)
+        tl.store(ZT + row, 0.0)
+        if HAS_SMOOTHING:
+            tl.store(ZSUM + row, 0.0)
 
 
 @triton.jit
@@ -424,15 +432,7 @@ def lce_row_grad_kernel(
                 tl.store(ZSUM + row,
                          tl.sum(tl.load(PZSUM + row * SPLIT + k, mask=k_mask, other=0.0), axis=0))
     else:
-        zero = tl.zeros([BLOCK_V], dtype=X.dtype.element_ty)
-        for c0 in range(c_begin, c_end, BLOCK_V):
-            cols = c0 + tl.arange(0, BLOCK_V)
-            tl.store(base + cols, zero, mask=cols < c_end)
-        if part == 0:
-            tl.store(LSE + row, 0.0)
-            tl.store(ZT + row, 0.0)
-            if HAS_SMOOTHING:
-                tl.store(ZSUM + row, 0.0)
+        _zero_row(base, LSE, ZT, ZSUM, row, c_begin, c_end, part == 0, HAS_SMOOTHING, BLOCK_V)
 
 
 @triton.jit
@@ -470,14 +470,7 @@ def lce_row_fused_kernel(
             if HAS_SMOOTHING:
                 tl.store(ZSUM + row, zsum)
         else:
-            zero = tl.zeros([BLOCK_V], dtype=X.dtype.element_ty)
-            for c0 in range(0, V, BLOCK_V):
-                cols = c0 + tl.arange(0, BLOCK_V)
-                tl.store(base + cols, zero, mask=cols < V)
-            tl.store(LSE + row, 0.0)
-            tl.store(ZT + row, 0.0)
-            if HAS_SMOOTHING:
-                tl.store(ZSUM + row, 0.0)
+            _zero_row(base, LSE, ZT, ZSUM, row, 0, V, True, HAS_SMOOTHING, BLOCK_V)
 
 
 @triton.jit
@@ -533,9 +526,8 @@ def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, 
     split = triton.cdiv(vocab, cols)
     pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
     grid = (n * split,)
-    stats_kernel = lce_row_stats_lanes_kernel if stats == "lanes" else lce_row_stats_kernel
-    stats_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split, cols,
-                       scale, softcap or 1.0, **flags)
+    lce_row_stats_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split,
+                               cols, scale, softcap or 1.0, LANES=stats == "lanes", **flags)
     lce_row_grad_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse, zt, zsum,
                               vocab, split, cols, n * split, scale, softcap or 1.0,
                               1.0 - label_smoothing, label_smoothing / vocab, z_loss,
