@@ -325,11 +325,18 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple[T
     """(d gate, d up), contiguous, of the shape of ``gate``."""
     if not _launches_kernels(gate):
         return swiglu_backward_reference(dy, gate, up, activation)
+    return _backward_into_new(dy, gate, up, activation, with_y=False)
+
+
+def _backward_into_new(dy: Tensor, gate: Tensor, up: Tensor, activation: int, with_y: bool
+                       ) -> tuple[Tensor, ...]:
+    """The backward kernel into new contiguous buffers of gate's shape: (d gate, d up), and
+    act(gate)·up again ``with_y``."""
     g, u, d = as_rows(gate), as_rows(up), as_rows(dy)
-    dg = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(g.shape, dtype=up.dtype, device=gate.device)
-    swiglu_backward(d, g, u, dg, du, activation)
-    return dg.view(gate.shape), du.view(gate.shape)
+    out = [torch.empty(g.shape, dtype=t.dtype, device=gate.device)
+           for t in (gate, up, gate)[:3 if with_y else 2]]
+    swiglu_backward(d, g, u, *out[:2], activation, *out[2:])
+    return tuple(t.view(gate.shape) for t in out)
 
 
 @triton_op("chronicals::swiglu_backward_", mutates_args=("gate", "up"))
@@ -416,10 +423,7 @@ def swiglu_bwd_recompute(dy: Tensor, gate: Tensor, up: Tensor, activation: int
         # Opaque, as the kernel call is on CUDA: traced inline, its recomputation of act(g)
         # would be merged with the forward's and saved instead of recomputed.
         return torch.ops.chronicals.swiglu_backward_recompute_reference(dy, gate, up, activation)
-    g, u, d = as_rows(gate), as_rows(up), as_rows(dy)
-    dg, du, y = (torch.empty(g.shape, dtype=gate.dtype, device=gate.device) for _ in range(3))
-    swiglu_backward(d, g, u, dg, du, activation, y)
-    return dg.view(gate.shape), du.view(gate.shape), y.view(gate.shape)
+    return _backward_into_new(dy, gate, up, activation, with_y=True)
 
 
 @torch.library.custom_op("chronicals::swiglu_backward_recompute_reference", mutates_args=())
