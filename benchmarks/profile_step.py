@@ -2,11 +2,13 @@
 
     python -m benchmarks.profile_step [--variant chronicals] [--batch 8 --seq 1024] [--top 25]
 
-Same model, data and optimizer as `python -m chronicals_fx.bench` (variants `compile` and
-`chronicals[:passes]`). After the warm-up steps (compilation, autotuning), `--steps` steps run
-under torch.profiler; the table lists the CUDA kernels with the most time per step, and a
-summary by kind (GEMM, attention, chronicals' Triton kernels, Inductor's, optimizer, other)
-against the step's wall time: the gap between the two is time the GPU sat idle.
+Same model, data and optimizer as `python -m chronicals_fx.bench` (variants `eager`, `compile`
+and `chronicals[:passes][@key=value,...]`). After the warm-up steps (compilation, autotuning),
+`--steps` steps are timed plainly, then `--steps` more run under torch.profiler; the table lists
+the CUDA kernels with the most time per step, and a summary by kind (GEMM, attention,
+chronicals' Triton kernels, Inductor's, optimizer, other) against the step's wall time: the gap
+between the two is time the GPU sat idle. The first and last loss and the smallest grad norm of
+the timed steps are printed with them (the run trained).
 """
 
 from __future__ import annotations
@@ -68,12 +70,15 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(params, lr=3e-4, fused=True)
     batches = byte_batches(args.batch, args.seq, device="cuda")
 
+    losses, norms = [], []   # device values, read once at the end: the proof of training
+
     def step():
         loss = model(**next(batches)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
 
     for _ in range(args.warmup):
         step()
@@ -117,6 +122,9 @@ def main(argv=None) -> int:
           f"{args.model} B={args.batch} T={args.seq}: step {wall_ms:.1f} ms wall, "
           f"{busy:.1f} ms of kernels (GPU idle ≈ {max(0.0, wall_ms - busy):.1f} ms); "
           f"without the profiler {plain_ms:.1f} ms (idle ≈ {max(0.0, plain_ms - busy):.1f} ms)")
+    loss_values = torch.stack(losses).float().tolist()
+    print(f"# trained: loss {loss_values[0]:.3f} -> {loss_values[-1]:.3f} over "
+          f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")
     print(f"{'kind':<12} {'ms/step':>8} {'share':>6}")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"{kind:<12} {ms:8.2f} {100 * ms / busy:5.1f}%")
