@@ -8,7 +8,7 @@ and `chronicals[:passes][@key=value,...]`). After the warm-up steps (compilation
 the CUDA kernels with the most time per step, and a summary by kind (GEMM, attention,
 chronicals' Triton kernels, Inductor's, optimizer, other) against the step's wall time: the gap
 between the two is time the GPU sat idle. The first and last loss and the smallest grad norm of
-the timed steps are printed with them (the run trained).
+the timed steps are printed with them (the run trained), and the peak memory of the plain steps.
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ def main(argv=None) -> int:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     torch.cuda.synchronize()
+    peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     plain_ms = (time.perf_counter() - start) * 1000 / args.steps
     from torch.profiler import ProfilerActivity, profile
 
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  {args.variant}  "
           f"{args.model} B={args.batch} T={args.seq}: step {wall_ms:.1f} ms wall, "
           f"{busy:.1f} ms of kernels (GPU idle ≈ {max(0.0, wall_ms - busy):.1f} ms); "
-          f"without the profiler {plain_ms:.1f} ms (idle ≈ {max(0.0, plain_ms - busy):.1f} ms)")
+          f"without the profiler {plain_ms:.1f} ms (idle ≈ {max(0.0, plain_ms - busy):.1f} ms), "
+          f"peak {peak_gib:.2f} GiB")
     loss_values = torch.stack(losses).float().tolist()
     print(f"# trained: loss {loss_values[0]:.3f} -> {loss_values[-1]:.3f} over "
           f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")
