@@ -56,14 +56,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import chronicals
-    from chronicals_fx.bench import chronicals_options
+    from chronicals_fx.bench import variant_options
     from chronicals_fx.workload import build_model, byte_batches
 
     model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
-    if args.variant == "compile":
-        model.compile()
+    if args.variant.partition("@")[0] == "compile":
+        model.compile(**variant_options(args.variant))
     elif args.variant.startswith("chronicals"):
-        chronicals.optimize(model, **chronicals_options(args.variant))
+        chronicals.optimize(model, **variant_options(args.variant))
     elif args.variant != "eager":
         raise SystemExit(f"unknown variant {args.variant!r}")
     params = [q for q in model.parameters() if q.requires_grad]

@@ -57,7 +57,30 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
     # leaves graphs without that op alone): a piece of a graph rewritten before DDP's split
     # has no pass run of its own to ask for it.
     patches = inductor_options({**(list_mode_options(mode) if mode else {}), **config.inductor})
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    return owning_small_outputs(compiled) if patches.get("triton.cudagraphs") else compiled
+
+
+# Outputs up to this many elements are copied out of the CUDA graph pool (losses, counts).
+SMALL_OUTPUT_NUMEL = 4096
+
+
+def owning_small_outputs(compiled: Callable) -> Callable:
+    """Under CUDA graphs (``mode="reduce-overhead"``) a graph's outputs live in the graph's
+    memory pool and the next replay overwrites them: a training loop that keeps last step's
+    ``loss.detach()`` for logging would read torch's "overwritten by a subsequent run" error.
+    Small outputs (a loss, a token count) are cloned out of the pool — one tiny kernel each,
+    differentiable; large ones (kept logits) stay in it, and torch's own check guards them."""
+    import torch
+
+    def run(*args):
+        outputs = compiled(*args)
+        return type(outputs)(
+            o.clone() if isinstance(o, torch.Tensor) and o.numel() <= SMALL_OUTPUT_NUMEL else o
+            for o in outputs)
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)  # type: ignore[attr-defined]
+    return run
 
 
 def whole_graph(gm: GraphModule, example_inputs: Sequence[Any], mode: str | None = None,

@@ -6,7 +6,9 @@
 A variant ``chronicals:rmsnorm,swiglu`` runs chronicals with that pass set, so cumulative sets
 compare in one run: ``--variants compile chronicals:rmsnorm chronicals:rmsnorm,swiglu``; and
 ``chronicals@swiglu_save_hidden=0`` (after the pass set, if any) with backend options of its
-own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers).
+own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers);
+``mode=reduce-overhead`` (CUDA graphs) goes to ``torch.compile`` for ``compile@...`` and
+``chronicals@...`` alike.
 
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
@@ -66,12 +68,12 @@ def run_variant(args) -> dict:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model.get_base_model() if args.lora else model)
-    if variant in ("compile", "liger_compile"):
-        model.compile()
+    if variant.partition("@")[0] in ("compile", "liger_compile"):
+        model.compile(**variant_options(variant))    # compile@mode=reduce-overhead
     report = None
     if variant.startswith("chronicals"):
         options = {} if args.passes is None else {"passes": tuple(args.passes)}
-        options.update(chronicals_options(variant))
+        options.update(variant_options(variant))
         chronicals.optimize(model, **options)
     stats = train(model, byte_batches(args.batch, args.seq, device=device), args.steps,
                   lr=args.lr, warmup_steps=args.warmup)
@@ -82,8 +84,9 @@ def run_variant(args) -> dict:
             "declined": report.declined_counts if report else None}
 
 
-def chronicals_options(variant: str) -> dict:
-    """The backend options a variant name carries: ``chronicals[:pass,...][@key=value,...]``."""
+def variant_options(variant: str) -> dict:
+    """The options a variant name carries: ``chronicals[:pass,...][@key=value,...]`` (backend
+    options; ``mode`` too) or ``compile@mode=reduce-overhead`` (``torch.compile``'s)."""
     name, _, settings = variant.partition("@")
     options = {}
     if ":" in name:  # chronicals:rmsnorm,swiglu — a pass set of its own

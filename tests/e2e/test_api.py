@@ -66,6 +66,26 @@ def test_options_are_validated():
     assert config.passes == ("rmsnorm",) and config.inductor == {"max_autotune": True}
 
 
+def test_cuda_graph_outputs_small_ones_are_cloned_out_of_the_pool():
+    """Under CUDA graphs the backend hands back its own copies of small outputs (a loss kept
+    past the next replay stays valid), leaves large ones and non-tensors as they are, and keeps
+    the compiled function's calling convention."""
+    from chronicals_fx.backend import SMALL_OUTPUT_NUMEL, owning_small_outputs
+
+    loss, logits = torch.tensor(2.0), torch.zeros(SMALL_OUTPUT_NUMEL + 1)
+
+    def compiled(args):
+        return [loss, logits, None]
+
+    compiled._boxed_call = True
+    wrapped = owning_small_outputs(compiled)
+    out = wrapped([])
+    assert wrapped._boxed_call is True
+    assert out[0] is not loss and out[0].untyped_storage().data_ptr() != loss.untyped_storage().data_ptr()
+    assert torch.equal(out[0], loss)
+    assert out[1] is logits and out[2] is None
+
+
 def test_report_table_lists_every_op():
     report = chronicals.explain(tiny_causal_lm("llama"), **batch())
     assert set(report.counts) == {"rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy"}

@@ -2,14 +2,17 @@
 
 import pytest
 
-from chronicals_fx.bench import chronicals_options
+from chronicals_fx.bench import variant_options
 
 
 def test_variant_names_carry_passes_and_options():
-    assert chronicals_options("chronicals") == {}
-    assert chronicals_options("chronicals:rmsnorm,swiglu") == {"passes": ("rmsnorm", "swiglu")}
-    assert chronicals_options("chronicals:rmsnorm@swiglu_save_hidden=0,attention_backend=cudnn") == {
+    assert variant_options("chronicals") == {}
+    assert variant_options("chronicals:rmsnorm,swiglu") == {"passes": ("rmsnorm", "swiglu")}
+    assert variant_options("chronicals:rmsnorm@swiglu_save_hidden=0,attention_backend=cudnn") == {
         "passes": ("rmsnorm",), "swiglu_save_hidden": False, "attention_backend": "cudnn"}
-    assert chronicals_options("chronicals@swiglu_save_hidden=true") == {"swiglu_save_hidden": True}
+    assert variant_options("chronicals@swiglu_save_hidden=true") == {"swiglu_save_hidden": True}
     with pytest.raises(SystemExit, match="not key=value"):
-        chronicals_options("chronicals@swiglu_save_hidden")
+        variant_options("chronicals@swiglu_save_hidden")
+    assert variant_options("compile@mode=reduce-overhead") == {"mode": "reduce-overhead"}
+    assert variant_options("chronicals@mode=reduce-overhead,swiglu_save_hidden=0") == {
+        "mode": "reduce-overhead", "swiglu_save_hidden": False}
