@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--variants", nargs="*", default=["compile", "chronicals"],
-                   help="eager, compile, chronicals or chronicals:<pass>,<pass>")
+                   help="eager, compile, chronicals, chronicals:<pass>,<pass>, with options "
+                        "as in chronicals_fx.bench (chronicals@mode=reduce-overhead)")
     p.add_argument("--nproc", type=int, default=2, help="processes (GPUs) per data-parallel run")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--model", default="qwen2.5-0.5b")
@@ -94,6 +95,7 @@ def run_worker(args) -> dict | None:
     import torch.distributed as dist
 
     import chronicals
+    from chronicals_fx.bench import variant_options
     from chronicals_fx.workload import (
         build_model,
         byte_batches,
@@ -136,18 +138,18 @@ def run_worker(args) -> dict | None:
         wrapped = fully_shard(model)
     variant = args.variant
     report = None
-    if variant == "compile":
+    if variant.partition("@")[0] == "compile":
         if args.compile_scope == "layers":
             _compile_layers(model.model.layers, compiler)
         else:
-            wrapped.compile(backend=compiler)
+            wrapped.compile(backend=compiler, **variant_options(variant))
     elif variant.startswith("chronicals"):
-        options = {"compiler": compiler}
-        if ":" in variant:
-            options["passes"] = tuple(variant.split(":", 1)[1].split(","))
+        options = {"compiler": compiler, **variant_options(variant)}
         if args.compile_scope == "layers":
             from chronicals_fx.backend import chronicals_backend
 
+            if "mode" in options:
+                raise ValueError("--compile-scope layers takes no mode= variant option")
             report = chronicals.Report()
             _compile_layers(model.model.layers, functools.partial(
                 chronicals_backend, options=chronicals.Config.from_options(options),

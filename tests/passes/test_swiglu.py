@@ -22,6 +22,7 @@ from tests.tiny_models import (assert_same_training_signal, batch, optimized_mat
 # Only the passes up to this one: other ops' passes are tested in their own files.
 PASSES = ("rmsnorm", "swiglu")
 IN_PLACE = "backward writes dg, du over g, u"
+TAKEN_IN = "down projection taken in: saves g, u only"
 
 
 def _swiglu_report(report):
@@ -46,10 +47,10 @@ HF_CASES = {
 }
 
 
-def _check_model(eager, optimized, inputs, count, detail=""):
+def _check_model(eager, optimized, inputs, count, detail="", **options):
     """Compile (AOTAutograd through the op's autograd), compare loss and every gradient with
     eager, then check what the pass reported for the compiled graph(s)."""
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES, **options)
     assert_same_training_signal(eager, optimized, inputs)
     report = chronicals.report_of(optimized)
     matches, declines = _swiglu_report(report)
@@ -58,13 +59,19 @@ def _check_model(eager, optimized, inputs, count, detail=""):
     return matches
 
 
+@pytest.mark.parametrize("save_hidden", [False, True])
 @pytest.mark.parametrize("case", sorted(HF_CASES))
-def test_hf_family_counts_and_parity(case):
+def test_hf_family_counts_and_parity(case, save_hidden):
     family, overrides, detail = HF_CASES[case]
     eager, optimized = twins(family, **overrides)
     layers = eager.config.num_hidden_layers
-    matches = _check_model(eager, optimized, batch(), layers, detail)
-    assert [m.where for m in matches] == [f"model.layers.{i}.mlp" for i in range(layers)]
+    matches = _check_model(eager, optimized, batch(), layers, detail,
+                           swiglu_save_hidden=save_hidden)
+    site = "mlp" if save_hidden else "mlp.down_proj"     # the node the op's output replaces
+    assert [m.where for m in matches] == [f"model.layers.{i}.{site}" for i in range(layers)]
+    if not save_hidden:     # the default: every MLP's down projection goes into the op
+        assert all(TAKEN_IN in m.detail for m in matches), matches
+        return
     # g and u are the MLP's own projections: the backward writes over them, except where they
     # are pieces of Phi-3's fused gate_up projection.
     assert all((IN_PLACE in m.detail) == ("fused" not in detail) for m in matches), matches
@@ -123,9 +130,10 @@ SPELLINGS = {
 }
 
 
-def _check_matches_and_parity(module, x, count=1, rtol=1e-5, atol=1e-6, compiler="aot_eager"):
+def _check_matches_and_parity(module, x, count=1, rtol=1e-5, atol=1e-6, compiler="aot_eager",
+                              **options):
     optimized = optimized_matches_eager(module, x, rtol=rtol, atol=atol, compiler=compiler,
-                                        passes=PASSES)
+                                        passes=PASSES, **options)
     report = chronicals.report_of(optimized)
     matches, declines = _swiglu_report(report)
     assert len(matches) == count and not declines, str(report)
@@ -246,7 +254,8 @@ def test_backward_in_place_under_inductor():
     torch.manual_seed(0)
     module = GatedMLP(SPELLINGS["f_silu"][0])
     optimized, codes = run_and_get_code(optimized_matches_eager, module, torch.randn(2, 5, 24),
-                                        compiler="inductor", passes=PASSES)
+                                        compiler="inductor", passes=PASSES,
+                                        swiglu_save_hidden=True)
     [match] = _swiglu_report(chronicals.report_of(optimized))[0]
     assert IN_PLACE in match.detail
     inputs, line = saved_inputs_and_op_line(codes[-1])
@@ -255,9 +264,10 @@ def test_backward_in_place_under_inductor():
     assert "clone" not in codes[-1]
 
 
-def test_backward_in_place_under_activation_checkpointing():
+@pytest.mark.parametrize("save_hidden", [False, True])
+def test_backward_under_activation_checkpointing(save_hidden):
     """Checkpointed: g and u are recomputed in the backward, where the write into them is
-    Inductor's ordinary business; results equal eager's."""
+    Inductor's ordinary business; results equal eager's, down projection taken in or not."""
     class Checkpointed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -267,8 +277,9 @@ def test_backward_in_place_under_activation_checkpointing():
             return torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False)
 
     torch.manual_seed(0)
-    [match] = _check_matches_and_parity(Checkpointed(), torch.randn(2, 5, 24), compiler="inductor")
-    assert IN_PLACE in match.detail
+    [match] = _check_matches_and_parity(Checkpointed(), torch.randn(2, 5, 24), compiler="inductor",
+                                        swiglu_save_hidden=save_hidden)
+    assert (IN_PLACE if save_hidden else TAKEN_IN) in match.detail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +392,6 @@ def test_passes_option_turns_swiglu_off():
 # ---------------------------------------------------------------------------------------------
 # swiglu_save_hidden=False: the down projection taken into the op
 # ---------------------------------------------------------------------------------------------
-TAKEN_IN = "down projection taken in: saves g, u only"
 
 
 def _saved_bytes(model, inputs):
@@ -416,7 +426,8 @@ def test_down_projection_taken_in(case):
     layers = eager.config.num_hidden_layers
     assert len(matches) == layers and not declines
     assert all(TAKEN_IN in m.detail and detail in m.detail for m in matches), matches
-    chronicals.optimize(reference, strict=True, compiler="aot_eager", passes=PASSES)
+    chronicals.optimize(reference, strict=True, compiler="aot_eager", passes=PASSES,
+                        swiglu_save_hidden=True)
     inputs = batch()
     hidden = inputs["input_ids"].numel() * eager.config.intermediate_size * 4    # fp32 [N, I]
     saved, saved_taken_in = _saved_bytes(reference, inputs), _saved_bytes(optimized, inputs)
