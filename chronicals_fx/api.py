@@ -33,6 +33,12 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
     config = Config.from_options(options)
+    if mode == "reduce-overhead" and _fsdp2_sharded(model):
+        raise ValueError(
+            "mode='reduce-overhead' (CUDA graphs) does not suit an FSDP2 (fully_shard) model: "
+            "FSDP2 gathers the parameters into fresh memory every step, so the graphs are "
+            "recorded again each step (measured 10x slower on 2 H200s). Leave mode unset; "
+            "under DDP or on one GPU it is supported.")
     report = _REPORTS.setdefault(model, Report())
 
     def collect(graph_report: Report) -> None:
@@ -43,6 +49,14 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
     # nn.Module.compile, not model.compile: a subclass may define its own `compile`.
     nn.Module.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
     return model
+
+
+def _fsdp2_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:     # torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def report_of(model: nn.Module) -> Report:

@@ -105,8 +105,8 @@ def run(gm: GraphModule, ctx) -> None:
         out = _rewrite(gm, site)
         if not ctx.config.swiglu_save_hidden:
             fused = _take_in_down_projection(gm, out, site)
-            if fused is not None:
-                ctx.matched(fused, _describe(site))
+            if fused is not None:     # reported where the gated product was (the MLP)
+                ctx.matched(out, _describe(site))
                 continue
         site.inplace_backward = _overwritable(out, site.gate) and _overwritable(out, site.up)
         if site.inplace_backward:

@@ -86,6 +86,24 @@ def test_cuda_graph_outputs_small_ones_are_cloned_out_of_the_pool():
     assert out[1] is logits and out[2] is None
 
 
+def test_cuda_graphs_mode_refused_for_fsdp2_models():
+    """FSDP2 gathers parameters into new memory each step: CUDA graphs would be recorded
+    again every step, so optimize() refuses the mode there with the reason."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        fully_shard(model[0])
+        fully_shard(model)
+        with pytest.raises(ValueError, match="FSDP2"):
+            chronicals.optimize(model, mode="reduce-overhead")
+        assert chronicals.optimize(model) is model      # the default mode is fine
+    finally:
+        dist.destroy_process_group()
+
+
 def test_report_table_lists_every_op():
     report = chronicals.explain(tiny_causal_lm("llama"), **batch())
     assert set(report.counts) == {"rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy"}
