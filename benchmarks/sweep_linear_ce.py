@@ -11,11 +11,9 @@ a sanity check, not the float64 accuracy test — that is tests/kernels/test_lin
 
 What is swept (the module's hooks, see chronicals_fx/kernels/linear_ce.py): C, the rows per
 token chunk (ROW_CHUNK_ROWS; None = the default policy, a [C, V] buffer ≤ 256 MiB), then at
-the default C the Triton row passes' (columns per program, BLOCK_V, warps), and the variants of
-the row passes: pass 1 with lane-wise statistics (ROW_STATS = "lanes") and both passes fused
-into one kernel (ROW_FUSED, on ROW_FUSED_PROGRAMS programs: None = one per row, or a few per SM
-so the rows in flight stay in L2). ``--quick``: the default, "lanes" and fused at the default
-tiles.
+the default C the Triton row passes' (columns per program, BLOCK_V, warps), each with pass 1's
+two statistics variants: ROW_STATS = "tile" (the default) and "lanes" (lane-wise). ``--quick``:
+the default ("tile") and "lanes" at the default C and tiles.
 """
 
 from __future__ import annotations
@@ -33,13 +31,9 @@ SHAPES = ((8192, 896, 151936, 0.6), (8192, 4096, 128256, 1.4))   # N, H, V, memo
 ROWS = (512, 768, 1024)                       # C; the default policy's is printed per shape
 TILES = ((4096, 1024, 4), (16384, 4096, 8), (8192, 4096, 8))   # cols, BLOCK_V, warps
 DEFAULT_TILES = (K.ROW_SPLIT_COLS, K.ROW_BLOCK_V, K.ROW_WARPS)
-# row-pass variants: (ROW_STATS, ROW_FUSED, ROW_FUSED_PROGRAMS as a multiple of the SM count)
-DEFAULT_VARIANT = (K.ROW_STATS, K.ROW_FUSED, K.ROW_FUSED_PROGRAMS)
-LANES = ("lanes", False, None)
-FUSED = ("lanes", True, None)
-# fused: (BLOCK_V, warps) (columns per program unused) × programs per SM (None: one per row)
-FUSED_TILES = ((K.ROW_BLOCK_V, K.ROW_WARPS), (8192, 16))
-FUSED_PROGRAMS_PER_SM = (None, 1, 2)
+# row-pass variants: pass 1's statistics (ROW_STATS)
+DEFAULT_VARIANT = K.ROW_STATS
+LANES = "lanes"
 G = 0.37
 
 
@@ -89,38 +83,28 @@ def rel(a, b):
 def configure(rows, tiles, variant=DEFAULT_VARIANT):
     K.ROW_CHUNK_ROWS = rows
     K.ROW_SPLIT_COLS, K.ROW_BLOCK_V, K.ROW_WARPS = tiles
-    K.ROW_STATS, K.ROW_FUSED, K.ROW_FUSED_PROGRAMS = variant
+    K.ROW_STATS = variant
 
 
 def variant_name(variant):
-    stats, fused, programs = variant
-    if not fused:
-        return f"stats={stats}"
-    return f"fused programs={programs or 'C'}"
+    return f"stats={variant}"
 
 
-def configs(quick, sms):
+def configs(quick):
     """(rows, tiles, variant) to time: the default first, then the row-pass variants."""
-    out = [(None, DEFAULT_TILES, DEFAULT_VARIANT), (None, DEFAULT_TILES, LANES),
-           (None, DEFAULT_TILES, FUSED)]
+    out = [(None, DEFAULT_TILES, DEFAULT_VARIANT), (None, DEFAULT_TILES, LANES)]
     if quick:
         return out
     out += [(rows, DEFAULT_TILES, DEFAULT_VARIANT) for rows in ROWS]
     out += [(None, tiles, DEFAULT_VARIANT) for tiles in TILES]
     out += [(None, tiles, LANES) for tiles in TILES]
-    for block_v, warps in FUSED_TILES:
-        for per_sm in FUSED_PROGRAMS_PER_SM:
-            config = (None, (K.ROW_SPLIT_COLS, block_v, warps),
-                      ("lanes", True, per_sm and per_sm * sms))
-            if config not in out:
-                out.append(config)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true",
-                        help="the default configuration and the two row-pass variants only")
+                        help="the default configuration and the \"lanes\" variant only")
     args = parser.parse_args()
     start = time.time()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; g = {G} unless said")
@@ -141,8 +125,7 @@ def main() -> None:
 
         ms, extra, ref = measure(inductor, h, w, y, g)
         report("inductor", ms, extra)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for rows, tiles, variant in configs(args.quick, sms):
+        for rows, tiles, variant in configs(args.quick):
             configure(rows, tiles, variant)
             name = f"ours C={rows or 'default'} tiles={tiles} {variant_name(variant)}"
             try:

@@ -95,16 +95,14 @@ ROW_SPLIT_COLS = 8192
 # tiles wider than 2048).
 ROW_BLOCK_V = 2048
 ROW_WARPS: int | None = None
-# Variants of the row passes (not measured yet; $CHRONICALS_LCE_STATS / _FUSED, read per call):
-# pass 1's online softmax, "tile" (a max and a sum across the block per tile) or "lanes"
-# (per-lane running max and sum, reduced across the block once per slice) ...
+# Pass 1's online softmax ($CHRONICALS_LCE_STATS, read per call): "tile" (a max and a sum across
+# the block per tile, the default) or "lanes" (per-lane running max and sum, reduced across the
+# block once per slice). Measured on an H200, 2026-11-27 (`python -m benchmarks.sweep_linear_ce
+# --quick`, N=8192 bf16, fwd + bwd): H=896 V=151936 tile 13.40 ms, lanes 13.79 ms; H=4096
+# V=128256 tile 41.33 ms, lanes 40.36 ms. "tile" stays the default; "lanes" is kept as an option
+# because it was faster at H=4096. A third variant, both passes fused in one kernel (one program
+# per row), lost at both shapes (13.46 / 42.31 ms) and was removed.
 ROW_STATS = "tile"
-# ... or both passes in one kernel, one program per row (lanes statistics, then d written over
-# the row just read), on at most this many programs (None: one per row; each walks rows
-# pid, pid + P, ...): the rows in flight, P × V × itemsize bytes, should fit in L2 for the second
-# read to hit there ($CHRONICALS_LCE_FUSED_PROGRAMS).
-ROW_FUSED = False
-ROW_FUSED_PROGRAMS: int | None = None
 ROW_STATS_KINDS = ("tile", "lanes")
 
 
@@ -436,44 +434,6 @@ def lce_row_grad_kernel(
 
 
 @triton.jit
-def lce_row_fused_kernel(
-    X, stride_x,                # logits [C, V], whole rows; overwritten with d (same dtype)
-    LABELS, ROW_W,              # int64 [C]; fp32 [C] (0 on ignored rows: d = 0, nothing read)
-    LSE, ZT, ZSUM,              # fp32 [C] out: the rows' statistics for the loss (0 if ignored)
-    C, V,
-    scale, softcap,
-    target_weight,              # 1 − ε
-    uniform_weight,             # ε / V
-    z_loss,                     # λ
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Both passes in one (ROW_FUSED): a program takes whole rows (row = pid, pid + P, ...).
-    Per row: the lanes statistics over all of V, lse, then x → d in place, walking the row
-    backwards (its last tiles, read last, are the likeliest still in L2): HBM traffic one read
-    and one write of the row when it stays in L2, no partial statistics."""
-    n_tiles = tl.cdiv(V, BLOCK_V)
-    for row in range(tl.program_id(0), C, tl.num_programs(0)):
-        w = tl.load(ROW_W + row)
-        base = X + tl.cast(row, tl.int64) * stride_x
-        if w != 0.0:
-            target = tl.load(LABELS + row)
-            m, s, zt, zsum = _stats_lanes(base, 0, V, target, scale, softcap, HAS_SOFTCAP,
-                                          HAS_SMOOTHING, BLOCK_V)
-            lse = m + tl.log(s)             # s ≥ 1: the max's own term
-            p_scale = w * (1.0 + 2.0 * z_loss * lse)
-            for i in range(n_tiles):
-                cols = (n_tiles - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
-                _write_d(base, cols, cols < V, lse, p_scale, w, target, scale, softcap,
-                         target_weight, uniform_weight, HAS_SOFTCAP)
-            tl.store(LSE + row, lse)
-            tl.store(ZT + row, zt)
-            if HAS_SMOOTHING:
-                tl.store(ZSUM + row, zsum)
-        else:
-            _zero_row(base, LSE, ZT, ZSUM, row, 0, V, True, HAS_SMOOTHING, BLOCK_V)
-
-
-@triton.jit
 def scale_inplace_kernel(X, G, n, BLOCK: tl.constexpr):
     """x ← x · g for a dense tensor seen flat; g a device scalar; nothing is touched if g == 1."""
     g = tl.load(G).to(tl.float32)
@@ -494,14 +454,13 @@ def _row_tiles(vocab: int, cols: int | None, block_v: int | None, warps: int | N
     return cols, block_v, warps
 
 
-def _row_variant() -> tuple[str, bool, int | None]:
-    """(pass 1's statistics, fused?, fused programs) of the row passes (sweep hooks, see above)."""
+def _row_variant() -> str:
+    """Pass 1's statistics, "tile" or "lanes" (sweep hook ROW_STATS or $CHRONICALS_LCE_STATS,
+    see above)."""
     stats = _env_str("CHRONICALS_LCE_STATS") or ROW_STATS
     if stats not in ROW_STATS_KINDS:
         raise ValueError(f"row statistics must be one of {ROW_STATS_KINDS}, got {stats!r}")
-    fused = _env_int("CHRONICALS_LCE_FUSED")
-    programs = _env_int("CHRONICALS_LCE_FUSED_PROGRAMS") or ROW_FUSED_PROGRAMS
-    return stats, ROW_FUSED if fused is None else bool(fused), programs
+    return stats
 
 
 def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, zsum: Tensor,
@@ -509,20 +468,15 @@ def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, 
              cols: int | None = None, block_v: int | None = None, warps: int | None = None
              ) -> None:
     """The two row passes on a [C, V] chunk of whole rows: lse, zt, zsum [C] out, x → d in place
-    (d for the row weights ``row_w``); or the variants ROW_STATS / ROW_FUSED select (the same
+    (d for the row weights ``row_w``), pass 1 with the statistics ROW_STATS selects (the same
     outputs). Plain tensors: also CPU under ``TRITON_INTERPRET=1``."""
     n, vocab = x.shape
     if n == 0:
         return
     cols, block_v, warps = _row_tiles(vocab, cols, block_v, warps)
-    stats, fused, programs = _row_variant()
+    stats = _row_variant()
     flags = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=bool(label_smoothing), BLOCK_V=block_v,
                  num_warps=warps)
-    if fused:
-        lce_row_fused_kernel[(min(n, programs or n),)](
-            x, x.stride(0), labels, row_w, lse, zt, zsum, n, vocab, scale, softcap or 1.0,
-            1.0 - label_smoothing, label_smoothing / vocab, z_loss, **flags)
-        return
     split = triton.cdiv(vocab, cols)
     pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
     grid = (n * split,)

@@ -173,29 +173,22 @@ def test_with_grads_reference_equals_float64_eager(name, bias):
         assert g_got.dtype == torch.float64 and rel(g_got, g_want) < 1e-12
 
 
-# The row passes' variants (module hooks ROW_STATS, ROW_FUSED, ROW_FUSED_PROGRAMS): the default
-# (two passes, per-tile statistics), lane-wise statistics, both passes fused in one kernel (one
-# program per row, or fewer programs walking several rows each).
-ROW_VARIANTS = {"tile": ("tile", False, None), "lanes": ("lanes", False, None),
-                "fused": ("tile", True, None), "fused_3_programs": ("tile", True, 3)}
+# The row passes' variants (module hook ROW_STATS): pass 1 with per-tile statistics (the
+# default) or lane-wise statistics.
+ROW_VARIANTS = ("tile", "lanes")
 
 
 def _row_variant(monkeypatch, variant):
-    for name in ("CHRONICALS_LCE_STATS", "CHRONICALS_LCE_FUSED", "CHRONICALS_LCE_FUSED_PROGRAMS"):
-        monkeypatch.delenv(name, raising=False)
-    stats, fused, programs = ROW_VARIANTS[variant]
-    monkeypatch.setattr(K, "ROW_STATS", stats)
-    monkeypatch.setattr(K, "ROW_FUSED", fused)
-    monkeypatch.setattr(K, "ROW_FUSED_PROGRAMS", programs)
+    monkeypatch.delenv("CHRONICALS_LCE_STATS", raising=False)
+    monkeypatch.setattr(K, "ROW_STATS", variant)
 
 
-@pytest.mark.parametrize("variant", ["tile", "lanes", "fused"])
+@pytest.mark.parametrize("variant", ROW_VARIANTS)
 @pytest.mark.parametrize("name", ["plain", "scale_softcap_smoothing", "z_loss_sum_smoothing",
                                   "ignore_index_0"])
 def test_grad_in_forward_path_equals_float64(name, variant, monkeypatch):
     """The Triton row passes: several token chunks (the last partial), several column slices per
-    row and tiles per slice (the last ones partial; V = 150 is no multiple of BLOCK_V = 32); the
-    fused variant: whole rows, 5 tiles, the last partial."""
+    row and tiles per slice (the last ones partial; V = 150 is no multiple of BLOCK_V = 32)."""
     _row_variant(monkeypatch, variant)
     cfg = CONFIGS[name]
     h, w, b, y = make(19, 24, 150, dtype=torch.float32, bias=True, seed=8, device=DEVICE)
@@ -245,7 +238,7 @@ def test_grad_in_forward_path_partial_grads():
     assert dw is None and rel(dh, dh_t) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["tile", "lanes", "fused"])
+@pytest.mark.parametrize("variant", ROW_VARIANTS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_grad_in_forward_path_every_label_ignored_matches_eager(reduction, variant, monkeypatch):
     """"mean" over no tokens is nan, "sum" is 0, as eager; the gradients are exactly 0."""
@@ -273,7 +266,7 @@ def _rows_float64(x, labels, row_w, scale=1.0, softcap=0.0, label_smoothing=0.0,
     return (d, *stats)
 
 
-@pytest.mark.parametrize("variant", sorted(ROW_VARIANTS))
+@pytest.mark.parametrize("variant", ROW_VARIANTS)
 @pytest.mark.parametrize("cfg", [dict(label_smoothing=0.1, z_loss=1e-3), dict(softcap=30.0)],
                          ids=["smoothing_z_loss", "softcap"])
 def test_row_passes_large_logits_equal_float64(variant, cfg, monkeypatch):
@@ -310,16 +303,14 @@ def test_row_passes_large_logits_equal_float64(variant, cfg, monkeypatch):
 
 
 def test_row_variant_environment_overrides_hooks(monkeypatch):
-    """$CHRONICALS_LCE_STATS / _FUSED / _FUSED_PROGRAMS, read per call, win over the hooks."""
+    """$CHRONICALS_LCE_STATS, read per call, wins over the ROW_STATS hook."""
     _row_variant(monkeypatch, "tile")
-    assert K._row_variant() == ("tile", False, None)
-    monkeypatch.setattr(K, "ROW_FUSED", True)
-    monkeypatch.setenv("CHRONICALS_LCE_FUSED", "0")
+    assert K._row_variant() == "tile"
     monkeypatch.setenv("CHRONICALS_LCE_STATS", "lanes")
-    monkeypatch.setenv("CHRONICALS_LCE_FUSED_PROGRAMS", "264")
-    assert K._row_variant() == ("lanes", False, 264)
-    monkeypatch.setenv("CHRONICALS_LCE_FUSED", "1")
-    assert K._row_variant()[1] is True
+    assert K._row_variant() == "lanes"
+    monkeypatch.setattr(K, "ROW_STATS", "lanes")
+    monkeypatch.setenv("CHRONICALS_LCE_STATS", "tile")
+    assert K._row_variant() == "tile"
     monkeypatch.setenv("CHRONICALS_LCE_STATS", "warp")
     with pytest.raises(ValueError, match="row statistics"):
         K._row_variant()
