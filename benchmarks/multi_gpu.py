@@ -2,7 +2,8 @@
 
     python -m benchmarks.multi_gpu [--engines ddp fsdp2] [--variants compile chronicals]
         [--nproc 2] [--model qwen2.5-0.5b] [--batch 8] [--seq 1024] [--steps 10] [--warmup 4]
-        [--checkpointing] [--reference eager] [--json out.json]
+        [--checkpointing] [--compile-scope model|layers] [--reference eager] [--json out.json]
+        [--profile [--profile-steps 2] [--profile-trace]]
 
 Each (engine, variant) trains in its own ``torchrun --nproc_per_node N`` job (NCCL on CUDA,
 gloo on CPU), and the single-process reference trains on the same global batch (``N x batch``
@@ -20,12 +21,32 @@ keeps its row with the error (its log is written next to ``--json``, else to the
 Chronicals runs print their counts and, per pass, each distinct decline reason with how often it
 came and where first (also in the worker's log and the JSON).
 
+``--compile-scope layers`` is the per-layer recipe for FSDP2 (any engine takes it): every decoder
+layer's forward goes through one shared compiled function, the decoder stack's own forward
+(``model.model.forward``: embedding, mask preparation, the layer loop, the final norm) is
+``torch._dynamo.disable``d, and the wrapped (DDP/FSDP2) model is compiled with the same backend,
+so Dynamo captures around the disabled stack only the head: final hidden state -> lm_head ->
+loss (for chronicals the fused linear+CE; the report adds its graph to the layer graph's). As the
+stack runs eagerly, transformers sees real tensors, builds no causal mask, and the layers run SDPA
+``is_causal``. ``--compile-scope model`` (the default) compiles the wrapped model whole.
+
+``--profile``: after the timed steps each data-parallel run trains ``--profile-steps`` more steps
+(same model, optimizer and data stream; not in the timed numbers), rank 0 under torch.profiler
+and the other ranks unprofiled beside it (the collectives match), and rank 0 writes the summary of
+``benchmarks.profile_step`` (kernel time by kind, NCCL among them, with how much of it ran with
+no compute beside it; top kernels; GPU idle gaps by the CPU op that launched the next kernel) to
+``profile_<engine>_<variant>.txt`` next to ``--json`` (else in the temp dir), the variant's
+characters other than ``[A-Za-z0-9._-]`` replaced by ``_``; ``--profile-trace`` also writes the
+Chrome trace as ``profile_<engine>_<variant>.json.gz``. The one-process reference is not
+profiled.
+
 One worker (what the driver launches): ``torchrun --nproc_per_node 2 -m benchmarks.multi_gpu
 --worker out.json --engine ddp --variant chronicals ...``.
 
 The CPU smoke run (2 gloo processes, Triton interpreted, AOTAutograd without Inductor):
 ``python -m benchmarks.multi_gpu --device cpu --model tiny-llama --batch 2 --seq 64 --steps 3
---warmup 1``.
+--warmup 1`` (add ``--compile-scope layers``, ``--profile``; a CPU profile has no CUDA kernels
+and says so).
 """
 
 from __future__ import annotations
@@ -34,6 +55,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,9 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size")
     p.add_argument("--compile-scope", default="model", choices=("model", "layers"),
                    help="what the compile variants compile: the whole model, or (FSDP2 recipe, "
-                        "any engine) each decoder layer through one shared compiled function, "
-                        "the rest eager: transformers then builds no causal mask (SDPA "
-                        "is_causal), but the loss is not compiled")
+                        "any engine) each decoder layer through one shared compiled function "
+                        "plus the loss head (lm_head + loss, compiled in the wrapped model "
+                        "around the decoder stack, whose own forward runs eagerly: "
+                        "transformers then builds no causal mask, SDPA is_causal)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, rank 0 of each data-parallel run profiles "
+                        "--profile-steps more steps (the other ranks step with it) and writes "
+                        "profile_<engine>_<variant>.txt next to --json")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler")
+    p.add_argument("--profile-trace", action="store_true",
+                   help="with --profile, also write the Chrome trace "
+                        "(profile_<engine>_<variant>.json.gz)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per run before it is killed")
     p.add_argument("--deadline", type=int, default=560,
                    help="seconds for all runs: a run gets at most what is left (the table is "
@@ -82,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--engine", default="single", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="chronicals", help=argparse.SUPPRESS)
+    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
     return p
 
 
@@ -140,7 +172,9 @@ def run_worker(args) -> dict | None:
     report = None
     if variant.partition("@")[0] == "compile":
         if args.compile_scope == "layers":
-            _compile_layers(model.model.layers, compiler)
+            if variant_options(variant):
+                raise ValueError("--compile-scope layers takes no compile@ variant options")
+            _compile_layers_and_head(model, wrapped, compiler)
         else:
             wrapped.compile(backend=compiler, **variant_options(variant))
     elif variant.startswith("chronicals"):
@@ -150,8 +184,8 @@ def run_worker(args) -> dict | None:
 
             if "mode" in options:
                 raise ValueError("--compile-scope layers takes no mode= variant option")
-            report = chronicals.Report()
-            _compile_layers(model.model.layers, functools.partial(
+            report = chronicals.Report()   # the layer graph's and the head graph's
+            _compile_layers_and_head(model, wrapped, functools.partial(
                 chronicals_backend, options=chronicals.Config.from_options(options),
                 on_report=report.extend))
         else:
@@ -164,7 +198,15 @@ def run_worker(args) -> dict | None:
         for batch in byte_batches(rows * world, args.seq, device=device):
             yield {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
 
-    stats = train(wrapped, shard(), args.steps, lr=args.lr, warmup_steps=args.warmup)
+    # the optimizer train() would make, made here so that --profile's steps continue training
+    optimizer = torch.optim.AdamW([q for q in wrapped.parameters() if q.requires_grad],
+                                  lr=args.lr, fused=args.device == "cuda")
+    batches = shard()
+    stats = train(wrapped, batches, args.steps, lr=args.lr, warmup_steps=args.warmup,
+                  optimizer=optimizer)
+    profile = None
+    if args.profile and args.engine != "single":
+        profile = _profile(args, wrapped, batches, optimizer, stats, rank, world)
     if world > 1:  # the global batch's mean loss, the slowest rank, all ranks' tokens
         def reduce(values: list[float], op: str) -> list[float]:
             t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -179,6 +221,8 @@ def run_worker(args) -> dict | None:
     result.update(engine=args.engine, variant=variant, world=world,
                   checkpointing=args.checkpointing, compile_scope=args.compile_scope,
                   problems=stats.proof_of_training())
+    if profile is not None:
+        result["profile"] = profile
     if variant.startswith("chronicals"):
         report = report if report is not None else chronicals.report_of(wrapped)
         reasons = _decline_reasons(report)
@@ -193,6 +237,60 @@ def run_worker(args) -> dict | None:
     return result if rank == 0 else None
 
 
+def _profile(args, wrapped, batches, optimizer, stats, rank: int, world: int) -> str | None:
+    """``--profile-steps`` more training steps, rank 0's under torch.profiler (CPU and CUDA), the
+    other ranks' plain (every rank runs the same steps, so the collectives match); rank 0 writes
+    the summary (and with ``--profile-trace`` the trace) and returns the summary's path."""
+    import torch
+
+    from benchmarks.profile_step import dynamo_counters, load_trace, summarize
+    from chronicals_fx.workload import train
+
+    def steps():
+        return train(wrapped, batches, args.profile_steps, lr=args.lr, warmup_steps=0,
+                     optimizer=optimizer)
+
+    if rank != 0:
+        steps()
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        profiled = steps()
+    directory = args.profile_dir or os.path.dirname(os.path.abspath(args.worker))
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.join(directory, f"profile_{args.engine}_{_file_safe(args.variant)}")
+    events = load_trace(prof, base + ".json.gz" if args.profile_trace else None)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    scope = "  compiled per layer + head" if args.compile_scope == "layers" else ""
+    text = summarize(
+        events, args.profile_steps,
+        wall_ms=sum(profiled.step_ms) / len(profiled.step_ms),
+        title=(f"{card} rank 0 of {world}  torch {torch.__version__}  {args.engine} "
+               f"{args.variant}{scope}  {args.model} B={args.batch}/rank T={args.seq}"),
+        plain_ms=stats.median_step_ms,
+        peak_gib=stats.peak_gib if args.device == "cuda" else None,
+        notes=[(f"# {args.profile_steps} profiled steps after the {len(stats.step_ms)} of the "
+                f"run (\"without the profiler\": this rank's median timed step; the table's "
+                f"time is the slowest rank's); their loss {profiled.losses[0]:.3f} -> "
+                f"{profiled.losses[-1]:.3f} (this rank's last timed step: "
+                f"{stats.losses[-1]:.3f})")],
+        extra=[dynamo_counters(brief=True)])
+    with open(base + ".txt", "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+    return base + ".txt"
+
+
+def _file_safe(name: str) -> str:
+    """``name`` with every character other than [A-Za-z0-9._-] replaced by ``_`` (the GPU
+    machine returns no file whose name has others, '@' for one)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def _layer_forward(layer, *args, **kwargs):
     return type(layer).forward(layer, *args, **kwargs)
 
@@ -201,14 +299,31 @@ def _compile_layers(layers, backend) -> None:
     """Compile every decoder layer's forward through one compiled function (FSDP2's hooks stay
     outside it, in the module call): Dynamo compiles it once for all layers (parameters are
     inputs, guards are on the class), where ``layer.compile()`` per layer would recompile per
-    layer (a new backend callable each time) up to Dynamo's recompile_limit. The model's own
-    forward runs eagerly, so transformers decides there, on real tensors, that the batch is
-    neither padded nor packed and hands the layers no mask (SDPA ``is_causal``)."""
+    layer (a new backend callable each time) up to Dynamo's recompile_limit. The decoder stack's
+    own forward runs eagerly (:func:`_compile_layers_and_head`), so transformers decides there,
+    on real tensors, that the batch is neither padded nor packed and hands the layers no mask
+    (SDPA ``is_causal``)."""
     import torch
 
     compiled = torch.compile(_layer_forward, backend=backend)
     for layer in layers:
         layer.forward = functools.partial(compiled, layer)
+
+
+def _compile_layers_and_head(model, wrapped, backend) -> None:
+    """The per-layer recipe (``--compile-scope layers``): the decoder layers through
+    :func:`_compile_layers`, and the loss head too. The decoder stack's forward
+    (``model.model.forward``: embedding, mask preparation, the layers, the final norm) is
+    ``torch._dynamo.disable``d, so it runs eagerly (no causal mask, as above), and the wrapped
+    model (DDP/FSDP2) is compiled with the same backend: Dynamo breaks the graph at the disabled
+    stack and captures what follows, final hidden state -> lm_head -> loss, as a graph of its
+    own (chronicals: the fused linear+CE, no materialized logits)."""
+    import torch
+
+    _compile_layers(model.model.layers, backend)
+    model.model.forward = torch._dynamo.disable(model.model.forward)
+    # nn.Module.compile, not wrapped.compile: a subclass may define its own `compile`
+    torch.nn.Module.compile(wrapped, backend=backend)
 
 
 def _decline_reasons(report, width: int = 160) -> list[str]:
@@ -235,6 +350,14 @@ def _common(args) -> list[str]:
     if args.checkpointing:
         cmd.append("--checkpointing")
     return cmd
+
+
+def _profile_args(args, logdir: str) -> list[str]:
+    """What a data-parallel worker needs for --profile (the reference is not profiled)."""
+    if not args.profile:
+        return []
+    cmd = ["--profile", "--profile-steps", str(args.profile_steps), "--profile-dir", logdir]
+    return cmd + (["--profile-trace"] if args.profile_trace else [])
 
 
 def _launch(cmd: list[str], name: str, args, logdir: str, timeout: float) -> dict:
@@ -271,7 +394,10 @@ def _launch(cmd: list[str], name: str, args, logdir: str, timeout: float) -> dic
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.profile and args.profile_steps < 1:
+        parser.error("--profile-steps must be at least 1")
     if args.worker:
         result = run_worker(args)
         if result is not None:
@@ -286,7 +412,7 @@ def main(argv=None) -> int:
               f"B={args.batch}/rank (global {args.batch * args.nproc}) T={args.seq}  "
               f"steps {args.steps} (warm-up {args.warmup})"
               f"{'  activation checkpointing' if args.checkpointing else ''}"
-              f"{'  compiled per layer' if args.compile_scope == 'layers' else ''}")
+              f"{'  compiled per layer + head' if args.compile_scope == 'layers' else ''}")
     print(header, flush=True)
     logdir = os.path.dirname(os.path.abspath(args.json)) if args.json else tempfile.gettempdir()
     os.makedirs(logdir, exist_ok=True)
@@ -301,10 +427,11 @@ def main(argv=None) -> int:
             jobs.append((engine, variant, [
                 sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", str(args.nproc), "-m", "benchmarks.multi_gpu",
-                "--engine", engine, "--variant", variant, "--batch", str(args.batch)]))
+                "--engine", engine, "--variant", variant, "--batch", str(args.batch),
+                *_profile_args(args, logdir)]))
     deadline = time.monotonic() + args.deadline
     for engine, variant, cmd in jobs:
-        name = f"{engine}_{variant.replace(':', '-').replace(',', '+')}"
+        name = _file_safe(f"{engine}_{variant.replace(':', '-').replace(',', '+')}")
         left = deadline - time.monotonic()
         if left < 30:
             r = {"error": "skipped: --deadline reached", "log": "", "wall_s": 0.0}
@@ -323,6 +450,8 @@ def main(argv=None) -> int:
                   flush=True)
             for line in r.get("decline_reasons", []):
                 print(f"    declined {line}", flush=True)
+            if "profile" in r:
+                print(f"    profile of rank 0: {r['profile']}", flush=True)
 
     print(summary_table(results))
     if args.json:
