@@ -33,12 +33,13 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
     config = Config.from_options(options)
-    if mode == "reduce-overhead" and _fsdp2_sharded(model):
+    if _cuda_graphs(mode, config) and _fsdp2_sharded(model):
         raise ValueError(
-            "mode='reduce-overhead' (CUDA graphs) does not suit an FSDP2 (fully_shard) model: "
-            "FSDP2 gathers the parameters into fresh memory every step, so the graphs are "
-            "recorded again each step (measured 10x slower on 2 H200s). Leave mode unset; "
-            "under DDP or on one GPU it is supported.")
+            f"CUDA graphs (mode={mode!r} or triton.cudagraphs) do not suit an FSDP2 "
+            "(fully_shard) model: FSDP2 gathers the parameters into fresh memory every step, so "
+            "the graphs are recorded again each step (measured 10x slower on 2 H200s). Leave "
+            "them off ('max-autotune-no-cudagraphs' keeps autotuning); under DDP or on one GPU "
+            "they are supported.")
     report = _REPORTS.setdefault(model, Report())
 
     def collect(graph_report: Report) -> None:
@@ -49,6 +50,15 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
     # nn.Module.compile, not model.compile: a subclass may define its own `compile`.
     nn.Module.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
     return model
+
+
+def _cuda_graphs(mode: str | None, config: Config) -> bool:
+    """Whether Inductor will replay the graphs from CUDA graphs: a mode that turns them on
+    ("reduce-overhead", "max-autotune") unless an option turns them off, or the option alone."""
+    from torch._inductor import list_mode_options
+
+    return bool({**(list_mode_options(mode) if mode else {}), **config.inductor}
+                .get("triton.cudagraphs", False))
 
 
 def _fsdp2_sharded(model: nn.Module) -> bool:

@@ -97,8 +97,11 @@ def test_cuda_graphs_mode_refused_for_fsdp2_models():
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         fully_shard(model[0])
         fully_shard(model)
-        with pytest.raises(ValueError, match="FSDP2"):
-            chronicals.optimize(model, mode="reduce-overhead")
+        for cuda_graphs in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"},
+                            {"triton.cudagraphs": True}):
+            with pytest.raises(ValueError, match="FSDP2"):
+                chronicals.optimize(model, **cuda_graphs)
+        assert chronicals.optimize(model, mode="reduce-overhead", **{"triton.cudagraphs": False})
         assert chronicals.optimize(model) is model      # the default mode is fine
     finally:
         dist.destroy_process_group()
