@@ -55,12 +55,13 @@ import argparse
 import functools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+from chronicals_fx.bench import file_safe
 
 # NVLink multicast (NVLS) is unavailable on the lent GPU machines: NCCL and symmetric memory
 # must not try it. Set here so every torchrun job inherits it.
@@ -262,7 +263,7 @@ def _profile(args, wrapped, batches, optimizer, stats, rank: int, world: int) ->
         profiled = steps()
     directory = args.profile_dir or os.path.dirname(os.path.abspath(args.worker))
     os.makedirs(directory, exist_ok=True)
-    base = os.path.join(directory, f"profile_{args.engine}_{_file_safe(args.variant)}")
+    base = os.path.join(directory, f"profile_{args.engine}_{file_safe(args.variant)}")
     events = load_trace(prof, base + ".json.gz" if args.profile_trace else None)
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     scope = "  compiled per layer + head" if args.compile_scope == "layers" else ""
@@ -283,12 +284,6 @@ def _profile(args, wrapped, batches, optimizer, stats, rank: int, world: int) ->
         f.write(text + "\n")
     print(text, flush=True)
     return base + ".txt"
-
-
-def _file_safe(name: str) -> str:
-    """``name`` with every character other than [A-Za-z0-9._-] replaced by ``_`` (the GPU
-    machine returns no file whose name has others, '@' for one)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def _layer_forward(layer, *args, **kwargs):
@@ -431,7 +426,7 @@ def main(argv=None) -> int:
                 *_profile_args(args, logdir)]))
     deadline = time.monotonic() + args.deadline
     for engine, variant, cmd in jobs:
-        name = _file_safe(f"{engine}_{variant.replace(':', '-').replace(',', '+')}")
+        name = file_safe(f"{engine}_{variant.replace(':', '-').replace(',', '+')}")
         left = deadline - time.monotonic()
         if left < 30:
             r = {"error": "skipped: --deadline reached", "log": "", "wall_s": 0.0}

@@ -243,10 +243,6 @@ def idle_causes(events: list[dict], steps: int, top: int) -> list[str]:
     return lines
 
 
-def print_idle_causes(events: list[dict], steps: int, top: int) -> None:
-    print("\n".join(idle_causes(events, steps, top)))
-
-
 def load_trace(prof, gz_path: str | None = None) -> list[dict]:
     """A finished ``torch.profiler.profile``'s Chrome trace events; also written gzipped to
     ``gz_path`` when given."""

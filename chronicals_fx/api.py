@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import chronicals_backend
+from .backend import chronicals_backend, inductor_settings
 from .config import Config
 from .report import Report
 
@@ -33,7 +33,9 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
     config = Config.from_options(options)
-    if _cuda_graphs(mode, config) and _fsdp2_sharded(model):
+    # CUDA graphs: a mode that turns them on ("reduce-overhead", "max-autotune") unless an
+    # option turns them off, or the option alone
+    if inductor_settings(mode, config).get("triton.cudagraphs") and _fsdp2_sharded(model):
         raise ValueError(
             f"CUDA graphs (mode={mode!r} or triton.cudagraphs) do not suit an FSDP2 "
             "(fully_shard) model: FSDP2 gathers the parameters into fresh memory every step, so "
@@ -50,15 +52,6 @@ def optimize(model: nn.Module, *, dynamic: bool | None = None, fullgraph: bool =
     # nn.Module.compile, not model.compile: a subclass may define its own `compile`.
     nn.Module.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
     return model
-
-
-def _cuda_graphs(mode: str | None, config: Config) -> bool:
-    """Whether Inductor will replay the graphs from CUDA graphs: a mode that turns them on
-    ("reduce-overhead", "max-autotune") unless an option turns them off, or the option alone."""
-    from torch._inductor import list_mode_options
-
-    return bool({**(list_mode_options(mode) if mode else {}), **config.inductor}
-                .get("triton.cudagraphs", False))
 
 
 def _fsdp2_sharded(model: nn.Module) -> bool:

@@ -48,7 +48,6 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(gm, example_inputs)
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     from .kernels.swiglu import inductor_options
@@ -56,9 +55,17 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
     # Every graph gets SwiGLU's post-grad pass (it keeps the in-place backward in place, and
     # leaves graphs without that op alone): a piece of a graph rewritten before DDP's split
     # has no pass run of its own to ask for it.
-    patches = inductor_options({**(list_mode_options(mode) if mode else {}), **config.inductor})
+    patches = inductor_options(inductor_settings(mode, config))
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     return owning_small_outputs(compiled) if patches.get("triton.cudagraphs") else compiled
+
+
+def inductor_settings(mode: str | None, config: Config) -> dict[str, Any]:
+    """Inductor's options for ``torch.compile``'s ``mode`` (e.g. "reduce-overhead" turns on
+    ``triton.cudagraphs``), overridden by the user's own Inductor options."""
+    from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(mode) if mode else {}), **config.inductor}
 
 
 # Outputs up to this many elements are copied out of the CUDA graph pool (losses, counts).

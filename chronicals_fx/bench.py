@@ -84,6 +84,12 @@ def run_variant(args) -> dict:
             "declined": report.declined_counts if report else None}
 
 
+def file_safe(name: str) -> str:
+    """``name`` with every character other than [A-Za-z0-9._-] replaced by ``_`` (the GPU
+    machine returns no file whose name has others, '@' for one)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def variant_options(variant: str) -> dict:
     """The options a variant name carries: ``chronicals[:pass,...][@key=value,...]`` (backend
     options; ``mode`` too) or ``compile@mode=reduce-overhead`` (``torch.compile``'s)."""
@@ -128,7 +134,7 @@ def main(argv=None) -> int:
             cmd += ["--passes", *args.passes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            log = os.path.join(os.path.dirname(args.json or path), f"train_{re.sub(r'[^A-Za-z0-9._-]', '_', variant)}.log")
+            log = os.path.join(os.path.dirname(args.json or path), f"train_{file_safe(variant)}.log")
             with open(log, "w") as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()

@@ -103,11 +103,10 @@ def run(gm: GraphModule, ctx) -> None:
             ctx.declined(node, reason)
             continue
         out = _rewrite(gm, site)
-        if not ctx.config.swiglu_save_hidden:
-            fused = _take_in_down_projection(gm, out, site)
-            if fused is not None:     # reported where the gated product was (the MLP)
-                ctx.matched(out, _describe(site))
-                continue
+        if (not ctx.config.swiglu_save_hidden
+                and _take_in_down_projection(gm, out, site) is not None):
+            ctx.matched(out, _describe(site))     # where the gated product was (the MLP)
+            continue
         site.inplace_backward = _overwritable(out, site.gate) and _overwritable(out, site.up)
         if site.inplace_backward:
             out.args = (*out.args[:3], True)
