@@ -37,7 +37,7 @@ class Config:
     # SwiGLU: take a down projection that reads nothing else into the op (False, default):
     # only g and u are saved, and the SwiGLU backward pass writes act(g)·u again for the down
     # projection's dW — one [N, I] tensor less a layer at the peak of memory, one more write
-    # of it in backward (H200, Qwen2.5-0.5B B=8 T=1024: peak 10.7 → 9.1 GiB, step ±1%);
+    # of it in backward (H200, Qwen2.5-0.5B B=8 T=1024: peak 10.7 → 9.1 GiB, step 1–2% slower);
     # or keep act(g)·u saved for the down projection's backward, as Inductor does (True).
     swiglu_save_hidden: bool = False
     # Kernel for causal attention on CUDA: "sdpa" (PyTorch's dispatcher picks cuDNN or flash;
