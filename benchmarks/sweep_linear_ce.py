@@ -12,13 +12,14 @@ a sanity check, not the float64 accuracy test — that is tests/kernels/test_lin
 What is swept (the module's hooks, see chronicals_fx/kernels/linear_ce.py): C, the rows per
 token chunk (ROW_CHUNK_ROWS; None = the default policy, a [C, V] buffer ≤ 256 MiB), then at
 the default C the Triton row passes' (columns per program, BLOCK_V, warps), each with pass 1's
-two statistics variants: ROW_STATS = "tile" (the default) and "lanes" (lane-wise). ``--quick``:
-the default ("tile") and "lanes" at the default C and tiles.
+two statistics variants: ROW_STATS = "lanes" (lane-wise, the default) and "tile". ``--quick``:
+the default configuration and the previous one (PREVIOUS).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -29,11 +30,13 @@ from chronicals_fx.kernels import linear_ce as K
 
 SHAPES = ((8192, 896, 151936, 0.6), (8192, 4096, 128256, 1.4))   # N, H, V, memory budget GB
 ROWS = (512, 768, 1024)                       # C; the default policy's is printed per shape
-TILES = ((4096, 1024, 4), (16384, 4096, 8), (8192, 4096, 8))   # cols, BLOCK_V, warps
+TILES = ((8192, 2048, 8), (32768, 2048, 8), (16384, 1024, 4), (4096, 1024, 4))  # cols, BLOCK_V, warps
 DEFAULT_TILES = (K.ROW_SPLIT_COLS, K.ROW_BLOCK_V, K.ROW_WARPS)
 # row-pass variants: pass 1's statistics (ROW_STATS)
 DEFAULT_VARIANT = K.ROW_STATS
-LANES = "lanes"
+# the default until session 6 (2026-11-27): per-tile statistics, 8192 columns per program,
+# BLOCK_V 2048, 4 warps
+PREVIOUS = (None, (8192, 2048, 4), "tile")
 G = 0.37
 
 
@@ -91,53 +94,70 @@ def variant_name(variant):
 
 
 def configs(quick):
-    """(rows, tiles, variant) to time: the default first, then the row-pass variants."""
-    out = [(None, DEFAULT_TILES, DEFAULT_VARIANT), (None, DEFAULT_TILES, LANES)]
+    """(rows, tiles, variant) to time: the default and the previous default first, then other
+    C and the row-pass tiles with both statistics variants."""
+    out = [(None, DEFAULT_TILES, DEFAULT_VARIANT), PREVIOUS]
     if quick:
         return out
     out += [(rows, DEFAULT_TILES, DEFAULT_VARIANT) for rows in ROWS]
-    out += [(None, tiles, DEFAULT_VARIANT) for tiles in TILES]
-    out += [(None, tiles, LANES) for tiles in TILES]
+    out += [(None, tiles, variant) for tiles in TILES for variant in K.ROW_STATS_KINDS]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true",
-                        help="the default configuration and the \"lanes\" variant only")
+                        help="the default configuration and the previous default only")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds, every configuration once per round (interleaved: "
+                             "the GPU's clock drifts over a run); the median is reported")
     args = parser.parse_args()
     start = time.time()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; g = {G} unless said")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; g = {G} unless said; "
+          f"median of {args.rounds} interleaved rounds")
     inductor = torch.compile(eager_loss, dynamic=False)
     for n, hidden, vocab, budget in SHAPES:
         h, w, y = inputs(n, hidden, vocab)
         flop = 6 * n * hidden * vocab
         g = torch.tensor(G, device="cuda")
+        one = torch.tensor(1.0, device="cuda")
         print(f"## N={n} H={hidden} V={vocab}: budget {budget} GB, default C="
               f"{K.row_chunk(n, vocab, 2)}, default tiles (cols, BLOCK_V, warps)={DEFAULT_TILES}",
               flush=True)
-
-        def report(name, ms, extra, err=None, flop=flop, budget=budget):
-            line = f"{name:<72} {ms:7.2f} ms {flop / ms / 1e9:5.0f} TFLOP/s {extra:6.3f} GB"
-            if err is not None:
-                line += f"  max rel diff vs inductor {err:.1e}"
-            print(line + ("" if extra <= budget else "  OVER BUDGET"), flush=True)
-
-        ms, extra, ref = measure(inductor, h, w, y, g)
-        report("inductor", ms, extra)
+        # (name, configuration or None for Inductor, upstream gradient)
+        runs = [("inductor", None, g), ("inductor g=1", None, one)]
         for rows, tiles, variant in configs(args.quick):
-            configure(rows, tiles, variant)
             name = f"ours C={rows or 'default'} tiles={tiles} {variant_name(variant)}"
-            try:
-                ms, extra, out = measure(ours, h, w, y, g)
-                report(name, ms, extra, max(rel(a, b) for a, b in zip(out, ref)))
-                if rows is None and tiles == DEFAULT_TILES and variant == DEFAULT_VARIANT:
-                    ms, extra, _ = measure(ours, h, w, y, torch.tensor(1.0, device="cuda"))
-                    report(name + " g=1", ms, extra)
-            except torch.cuda.OutOfMemoryError as exc:
-                print(f"{name}: out of memory ({exc})", flush=True)
-            torch.cuda.empty_cache()
+            runs.append((name, (rows, tiles, variant), g))
+            if (rows, tiles, variant) == (None, DEFAULT_TILES, DEFAULT_VARIANT):
+                runs.append((name + " g=1", (rows, tiles, variant), one))
+        times = {name: [] for name, _, _ in runs}
+        extra, errors = {}, {}
+        ref = measure(inductor, h, w, y, g)[2]
+        for _ in range(args.rounds):
+            for name, config, grad in runs:
+                if config is not None:
+                    configure(*config)
+                try:
+                    ms, extra[name], out = measure(inductor if config is None else ours,
+                                                   h, w, y, grad)
+                except torch.cuda.OutOfMemoryError as exc:
+                    print(f"{name}: out of memory ({exc})", flush=True)
+                    continue
+                times[name].append(ms)
+                if config is not None and grad is g:
+                    errors[name] = max(rel(a, b) for a, b in zip(out, ref))
+                torch.cuda.empty_cache()
         configure(None, DEFAULT_TILES)
+        for name, _, _ in runs:
+            if not times[name]:
+                continue
+            ms = statistics.median(times[name])
+            line = (f"{name:<72} {ms:7.2f} ms {flop / ms / 1e9:5.0f} TFLOP/s "
+                    f"{extra[name]:6.3f} GB  (rounds {' '.join(f'{t:.2f}' for t in times[name])})")
+            if name in errors:
+                line += f"  max rel diff vs inductor {errors[name]:.1e}"
+            print(line + ("" if extra[name] <= budget else "  OVER BUDGET"), flush=True)
         del h, w, y, ref
         torch.cuda.empty_cache()
     print(f"# {time.time() - start:.0f} s")

@@ -90,19 +90,22 @@ ROW_CHUNK_ROWS: int | None = None
 # chunks (large N) dW is summed in an fp32 [V, H] buffer instead (4·V·H more bytes).
 DW_LOW_PRECISION_MAX_CHUNKS = 32
 # Triton passes over a [C, V] chunk: one program per (row, slice of this many columns) ...
-ROW_SPLIT_COLS = 8192
+ROW_SPLIT_COLS = 16384
 # ... walking its slice in tiles of this many columns, with this many warps (None: 4, or 8 for
 # tiles wider than 2048).
 ROW_BLOCK_V = 2048
-ROW_WARPS: int | None = None
-# Pass 1's online softmax ($CHRONICALS_LCE_STATS, read per call): "tile" (a max and a sum across
-# the block per tile, the default) or "lanes" (per-lane running max and sum, reduced across the
-# block once per slice). Measured on an H200, 2026-11-27 (`python -m benchmarks.sweep_linear_ce
-# --quick`, N=8192 bf16, fwd + bwd): H=896 V=151936 tile 13.40 ms, lanes 13.79 ms; H=4096
-# V=128256 tile 41.33 ms, lanes 40.36 ms. "tile" stays the default; "lanes" is kept as an option
-# because it was faster at H=4096. A third variant, both passes fused in one kernel (one program
-# per row), lost at both shapes (13.46 / 42.31 ms) and was removed.
-ROW_STATS = "tile"
+ROW_WARPS: int | None = 8
+# Pass 1's online softmax ($CHRONICALS_LCE_STATS, read per call): "lanes" (per-lane running max
+# and sum, reduced across the block once per slice; the default) or "tile" (a max and a sum
+# across the block per tile). Both passes alone on one chunk, H200, 2026-11-27 (`python -m
+# benchmarks.anatomy_linear_ce`; bytes = read + read + write of the chunk, copy 4.1 TB/s):
+#   [768, 151936]:  lanes 16384/2048/8 warps 0.206 ms (3.40 TB/s); tile 8192/2048/4 0.242 ms
+#   [1024, 128256]: lanes 16384/2048/8 warps 0.229 ms (3.44 TB/s); tile 8192/2048/4 0.273 ms
+# "lanes" was faster with every one of six tilings at both shapes. (Session 5's full-op sweep had
+# put "tile" ahead at H=896 by 2.9%: one run each, within the ±3% those 13 ms runs drift.) A
+# third variant, both passes fused in one kernel (one program per row), lost at both shapes
+# and was removed.
+ROW_STATS = "lanes"
 ROW_STATS_KINDS = ("tile", "lanes")
 
 
