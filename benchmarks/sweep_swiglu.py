@@ -1,0 +1,88 @@
+"""SwiGLU launch-parameter sweep: the forward and backward kernels alone (no autograd), bf16.
+
+    python -m benchmarks.sweep_swiglu
+
+The backward as the default SwiGLU op runs it in a model (``swiglu_save_hidden=False``): it
+reads dy, g, u and writes dg, du and y = act(g)·u again (for the down projection's dW) — six
+[N, I] streams — and, for comparison, without y (five streams, what Inductor's fused backward
+moves when the forward saved y). Each (BLOCK, warps) is replayed from a CUDA graph; GB/s on the
+streams' bytes against the copy bandwidth of the same run. Inductor's own kernels for the same
+math (``torch.compile`` of the pointwise functions) are timed the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from benchmarks.harness import copy_bandwidth_gbps
+from chronicals_fx.kernels import swiglu as K
+
+SHAPES = ((8192, 4864), (16384, 14336))
+BLOCKS = (1024, 2048, 4096, 8192)
+WARPS = (4, 8, 16)
+SILU = K.ACTIVATIONS["silu"]
+
+
+def graphed_ms(step) -> float:
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def inductor_backward(dy, g, u, with_y: bool):
+    gf, uf, dyf = g.float(), u.float(), dy.float()
+    s = torch.sigmoid(gf)
+    a = (gf * s).to(g.dtype).float()
+    dg = ((dyf * uf).to(g.dtype).float() * s * (1 + gf * (1 - s))).to(g.dtype)
+    du = (dyf * a).to(g.dtype)
+    if with_y:
+        return dg, du, (a * uf).to(g.dtype)
+    return dg, du
+
+
+def main() -> None:
+    copy = copy_bandwidth_gbps()
+    print(f"# {torch.cuda.get_device_name()} copy {copy:.0f} GB/s; default BLOCK={K.BLOCK} "
+          f"warps={K.NUM_WARPS}")
+    bf16 = torch.bfloat16
+    default = (K.BLOCK, K.NUM_WARPS)
+    compiled = {with_y: torch.compile(lambda dy, g, u, w=with_y: inductor_backward(dy, g, u, w))
+                for with_y in (False, True)}
+    forward = torch.compile(lambda g, u: F.silu(g) * u)
+    for n, i in SHAPES:
+        g, u, dy = (torch.randn(n, i, device="cuda", dtype=bf16) for _ in range(3))
+        dg, du, y = (torch.empty_like(g) for _ in range(3))
+        stream_bytes = g.numel() * g.element_size()
+        print(f"## N={n} I={i} (one stream {stream_bytes / 1e6:.0f} MB)", flush=True)
+
+        def report(name, ms, streams):
+            gbps = streams * stream_bytes / ms / 1e6
+            print(f"{name:<44} {ms * 1e3:7.1f} us  {gbps:5.0f} GB/s  {100 * gbps / copy:3.0f}% copy",
+                  flush=True)
+
+        report("inductor forward", graphed_ms(lambda: forward(g, u)), 3)
+        for with_y in (True, False):
+            report(f"inductor backward{' + y' if with_y else ''}",
+                   graphed_ms(lambda w=with_y: compiled[w](dy, g, u)), 6 if with_y else 5)
+        for block in BLOCKS:
+            for warps in WARPS:
+                K.BLOCK, K.NUM_WARPS = block, warps
+                tag = f"BLOCK={block} warps={warps}{' (default)' if (block, warps) == default else ''}"
+                report(f"ours forward {tag}",
+                       graphed_ms(lambda: K.swiglu_forward(g, u, y, SILU)), 3)
+                report(f"ours backward + y {tag}",
+                       graphed_ms(lambda: K.swiglu_backward(dy, g, u, dg, du, SILU, y)), 6)
+                report(f"ours backward {tag}",
+                       graphed_ms(lambda: K.swiglu_backward(dy, g, u, dg, du, SILU)), 5)
+        K.BLOCK, K.NUM_WARPS = default
+        del g, u, dy, dg, du, y
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
