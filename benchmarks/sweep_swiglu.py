@@ -45,42 +45,41 @@ def inductor_backward(dy, g, u, with_y: bool):
     return dg, du
 
 
+def sweep_shape(n: int, i: int, copy: float, compiled: dict, forward) -> None:
+    g, u, dy = (torch.randn(n, i, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dg, du, y = (torch.empty_like(g) for _ in range(3))
+    stream_bytes = g.numel() * g.element_size()
+    print(f"## N={n} I={i} (one stream {stream_bytes / 1e6:.0f} MB)", flush=True)
+
+    def report(name, ms, streams):
+        gbps = streams * stream_bytes / ms / 1e6
+        print(f"{name:<44} {ms * 1e3:7.1f} us  {gbps:5.0f} GB/s  {100 * gbps / copy:3.0f}% copy",
+              flush=True)
+
+    report("inductor forward", graphed_ms(lambda: forward(g, u)), 3)
+    report("inductor backward + y", graphed_ms(lambda: compiled[True](dy, g, u)), 6)
+    report("inductor backward", graphed_ms(lambda: compiled[False](dy, g, u)), 5)
+    default = (K.BLOCK, K.NUM_WARPS)
+    for block, warps in ((b, w) for b in BLOCKS for w in WARPS):
+        K.BLOCK, K.NUM_WARPS = block, warps
+        tag = f"BLOCK={block} warps={warps}{' (default)' if (block, warps) == default else ''}"
+        report(f"ours forward {tag}", graphed_ms(lambda: K.swiglu_forward(g, u, y, SILU)), 3)
+        report(f"ours backward + y {tag}",
+               graphed_ms(lambda: K.swiglu_backward(dy, g, u, dg, du, SILU, y)), 6)
+        report(f"ours backward {tag}",
+               graphed_ms(lambda: K.swiglu_backward(dy, g, u, dg, du, SILU)), 5)
+    K.BLOCK, K.NUM_WARPS = default
+
+
 def main() -> None:
     copy = copy_bandwidth_gbps()
     print(f"# {torch.cuda.get_device_name()} copy {copy:.0f} GB/s; default BLOCK={K.BLOCK} "
           f"warps={K.NUM_WARPS}")
-    bf16 = torch.bfloat16
-    default = (K.BLOCK, K.NUM_WARPS)
     compiled = {with_y: torch.compile(lambda dy, g, u, w=with_y: inductor_backward(dy, g, u, w))
                 for with_y in (False, True)}
     forward = torch.compile(lambda g, u: F.silu(g) * u)
     for n, i in SHAPES:
-        g, u, dy = (torch.randn(n, i, device="cuda", dtype=bf16) for _ in range(3))
-        dg, du, y = (torch.empty_like(g) for _ in range(3))
-        stream_bytes = g.numel() * g.element_size()
-        print(f"## N={n} I={i} (one stream {stream_bytes / 1e6:.0f} MB)", flush=True)
-
-        def report(name, ms, streams):
-            gbps = streams * stream_bytes / ms / 1e6
-            print(f"{name:<44} {ms * 1e3:7.1f} us  {gbps:5.0f} GB/s  {100 * gbps / copy:3.0f}% copy",
-                  flush=True)
-
-        report("inductor forward", graphed_ms(lambda: forward(g, u)), 3)
-        for with_y in (True, False):
-            report(f"inductor backward{' + y' if with_y else ''}",
-                   graphed_ms(lambda w=with_y: compiled[w](dy, g, u)), 6 if with_y else 5)
-        for block in BLOCKS:
-            for warps in WARPS:
-                K.BLOCK, K.NUM_WARPS = block, warps
-                tag = f"BLOCK={block} warps={warps}{' (default)' if (block, warps) == default else ''}"
-                report(f"ours forward {tag}",
-                       graphed_ms(lambda: K.swiglu_forward(g, u, y, SILU)), 3)
-                report(f"ours backward + y {tag}",
-                       graphed_ms(lambda: K.swiglu_backward(dy, g, u, dg, du, SILU, y)), 6)
-                report(f"ours backward {tag}",
-                       graphed_ms(lambda: K.swiglu_backward(dy, g, u, dg, du, SILU)), 5)
-        K.BLOCK, K.NUM_WARPS = default
-        del g, u, dy, dg, du, y
+        sweep_shape(n, i, copy, compiled, forward)
         torch.cuda.empty_cache()
 
 
