@@ -6,9 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# Report keys, in pipeline order. Every report carries all six, 0 where nothing matched.
-OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy",
-                             "projections")
+# Report keys, in pipeline order. Every report carries all five, 0 where nothing matched.
+OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
 _ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "triton")  # kernels.attention.BACKENDS

@@ -15,15 +15,14 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Config
 from ..report import Decline, Match, Report
-from . import attention, linear_ce, projections, rmsnorm, rope, swiglu
+from . import attention, linear_ce, rmsnorm, rope, swiglu
 from .graph import OUTER_NODE, where
 
 log = logging.getLogger("chronicals")
 
 # Order matters: normalization first (its output feeds the projections the MLP and attention
-# passes look for), then the loss (it consumes the final norm's output), and the shared-input
-# projections last: they concatenate only what the op passes left as plain linears.
-PIPELINE = (rmsnorm, swiglu, rope, attention, linear_ce, projections)
+# passes look for), the loss last (it consumes the final norm's output).
+PIPELINE = (rmsnorm, swiglu, rope, attention, linear_ce)
 
 
 @dataclass

@@ -19,8 +19,6 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
-from torch.fx.node import map_arg
-from torch.utils._pytree import tree_leaves
 
 # ---------------------------------------------------------------------------------------------
 # Canonical kinds: name -> (positional parameter names, keyword defaults).
@@ -282,9 +280,9 @@ def fake_call(target: Any, args: tuple, kwargs: dict | None = None) -> Any:
     and Inductor see a valid graph.
     """
     kwargs = kwargs or {}
-    flat = map_arg(tuple(args), value)               # nodes inside lists too (torch.cat)
-    fkw = map_arg(dict(kwargs), value)
-    modes = {id(v.fake_mode): v.fake_mode for v in tree_leaves((flat, fkw))
+    flat = [value(a) if isinstance(a, Node) else a for a in args]
+    fkw = {k: value(v) if isinstance(v, Node) else v for k, v in kwargs.items()}
+    modes = {id(v.fake_mode): v.fake_mode for v in [*flat, *fkw.values()]
              if getattr(v, "fake_mode", None) is not None}
     if len(modes) != 1:
         raise RuntimeError(f"expected example values of one fake mode, found {len(modes)}")
