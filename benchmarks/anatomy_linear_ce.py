@@ -88,6 +88,7 @@ def row_table(h, w, labels, vocab: int) -> None:
     copy = ms(lambda: x.copy_(x0))
     print(f"row passes on [{rows}, {vocab}] (copy of the chunk: {copy:.3f} ms, "
           f"{2 * x.numel() * x.element_size() / copy / 1e6:.0f} GB/s):", flush=True)
+    default = K.ROW_STATS
     for stats in K.ROW_STATS_KINDS:
         K.ROW_STATS = stats
         for cols, block_v, warps in ROW_TILES:
@@ -97,7 +98,7 @@ def row_table(h, w, labels, vocab: int) -> None:
             t = ms(run) - copy
             print(f"  stats={stats:5s} cols={cols:5d} BLOCK_V={block_v:4d} warps={warps}: "
                   f"{t:.3f} ms, {moved / t / 1e6:.0f} GB/s", flush=True)
-    K.ROW_STATS = "tile"
+    K.ROW_STATS = default
 
 
 def main() -> None:

@@ -173,8 +173,8 @@ def test_with_grads_reference_equals_float64_eager(name, bias):
         assert g_got.dtype == torch.float64 and rel(g_got, g_want) < 1e-12
 
 
-# The row passes' variants (module hook ROW_STATS): pass 1 with per-tile statistics (the
-# default) or lane-wise statistics.
+# The row passes' variants (module hook ROW_STATS): pass 1 with lane-wise statistics (the
+# default) or per-tile statistics.
 ROW_VARIANTS = ("tile", "lanes")
 
 
