@@ -11,7 +11,7 @@ from chronicals_fx.kernels import swiglu_gemm as K
 from tests.conftest import DEVICE
 from tests.kernels.test_swiglu import ACTS, TOLERANCE, rel_err
 
-SMALL_TILES = (16, 32, 16, 4, 2)    # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages (PREFETCH varies)
+SMALL_TILES = (16, 32, 16, 4, 2)    # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages (SPLIT varies)
 
 
 def _inputs(m, k, n, dtype, device=DEVICE, fused=False):
@@ -41,13 +41,17 @@ def _launch(dy, w, g, u, activation, with_y, config):
     return dg, du, y
 
 
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_matches_float64_with_ragged_tiles(activation, dtype, prefetch):
-    """m, k, n not multiples of the tiles: the masked K tail, wrapped rows and columns."""
-    dy, w, g, u = _inputs(37, 40, 70, dtype)
-    dg, du, y = _launch(dy, w, g, u, activation, True, (*SMALL_TILES, prefetch))
+CASES = ([(act, torch.bfloat16, 2, 40) for act in ACTS]
+         + [("silu", torch.bfloat16, 1, 48), ("silu", torch.bfloat16, 4, 48),
+            ("gelu", torch.float16, 4, 40), ("gelu_tanh", torch.float16, 1, 48)])
+
+
+@pytest.mark.parametrize("activation, dtype, split, k", CASES)
+def test_matches_float64_with_ragged_tiles(activation, dtype, split, k):
+    """m, n not multiples of the tiles (wrapped rows and columns), k with and without the
+    masked K tail; the epilogue in 1, 2 and 4 column pieces."""
+    dy, w, g, u = _inputs(37, k, 70, dtype)
+    dg, du, y = _launch(dy, w, g, u, activation, True, (*SMALL_TILES, split))
     want = _reference(dy, w, g, u, activation)
     for got, ref in zip((dg, du, y), want):
         assert rel_err(got, ref) < TOLERANCE[dtype]
@@ -57,7 +61,7 @@ def test_matches_float64_with_ragged_tiles(activation, dtype, prefetch):
 def test_y_is_the_forward_kernels_output_bit_for_bit(dtype):
     """The down projection's dW reads this y: it must be what the forward wrote."""
     dy, w, g, u = _inputs(33, 32, 48, dtype)
-    _, _, y = _launch(dy, w, g, u, "silu", True, (*SMALL_TILES, True))
+    _, _, y = _launch(dy, w, g, u, "silu", True, (*SMALL_TILES, 2))
     want = torch.empty_like(y)
     S.swiglu_forward(g, u, want, S.ACTIVATIONS["silu"])
     assert torch.equal(y, want)
@@ -67,7 +71,7 @@ def test_row_strided_gate_and_up_without_y():
     """g and u as the two halves of one fused projection (row stride 2n), and no y written."""
     dy, w, g, u = _inputs(20, 32, 24, torch.bfloat16, fused=True)
     assert g.stride(0) == 48
-    dg, du, y = _launch(dy, w, g, u, "gelu_tanh", False, (*SMALL_TILES, True))
+    dg, du, y = _launch(dy, w, g, u, "gelu_tanh", False, (*SMALL_TILES, 2))
     assert y is None
     want = _reference(dy, w, g, u, "gelu_tanh")
     for got, ref in zip((dg, du), want):
