@@ -1,3 +1,3 @@
 """Kernels: one module per op. Importing a module registers its ``torch.ops.chronicals`` ops."""
 
-from . import attention, linear_ce, rmsnorm, rope, swiglu, swiglu_gemm  # noqa: F401
+from . import attention, linear_ce, rmsnorm, rope, swiglu  # noqa: F401

@@ -454,21 +454,13 @@ def _backward_linear(ctx, dy: Tensor):
     gate, up, weight = ctx.saved_tensors
     need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
     rows = dy.reshape(-1, dy.shape[-1])                       # [N, O]
+    dh = dy @ weight                                          # [..., I]
     d_weight = d_bias = None
-    from . import swiglu_gemm     # imports this module (the activations): imported here, not above
-    if _launches_kernels(gate) and swiglu_gemm.fusable(dy, weight, gate):
-        # dh = dy W_down never reaches memory: the GEMM's epilogue does the SwiGLU backward
-        dg, du, *h = torch.ops.chronicals.down_proj_swiglu_backward(
-            dy, weight, gate, up, ctx.activation, need_weight)
-    else:
-        dh = dy @ weight                                      # [..., I]
-        if need_weight:
-            dg, du, *h = torch.ops.chronicals.swiglu_backward_recompute(
-                dh, gate, up, ctx.activation)
-        else:
-            dg, du = torch.ops.chronicals.swiglu_backward(dh, gate, up, ctx.activation)
     if need_weight:
-        d_weight = rows.t() @ h[0].reshape(-1, h[0].shape[-1])    # [O, I]
+        dg, du, h = torch.ops.chronicals.swiglu_backward_recompute(dh, gate, up, ctx.activation)
+        d_weight = rows.t() @ h.reshape(-1, h.shape[-1])     # [O, I]
+    else:
+        dg, du = torch.ops.chronicals.swiglu_backward(dh, gate, up, ctx.activation)
     if need_bias:
         d_bias = rows.sum(0)
     return (dg if need_gate else None, du if need_up else None, d_weight, d_bias, None)
