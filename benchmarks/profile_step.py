@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: one variant, a few profiled steps, kernels grouped.
 
-    python -m benchmarks.profile_step [--variant chronicals] [--batch 8 --seq 1024] [--top 25]
+    python -m benchmarks.profile_step [--variant chronicals] [--batch 8 --seq 1024] [--lora 32]
+        [--top 25]
 
 Same model, data and optimizer as `python -m chronicals_fx.bench` (variants `eager`, `compile`
 and `chronicals[:passes][@key=value,...]`). After the warm-up steps (compilation, autotuning),
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--variant", default="chronicals")
     p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=4)
@@ -60,10 +62,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import chronicals
-    from chronicals_fx.bench import variant_options
+    from chronicals_fx.bench import variant_options, with_lora
     from chronicals_fx.workload import build_model, byte_batches
 
     model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
+    if args.lora:
+        model = with_lora(model, args.lora)
     if args.variant.partition("@")[0] == "compile":
         model.compile(**variant_options(args.variant))
     elif args.variant.startswith("chronicals"):
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
     print(summarize(
         events, args.steps, top=args.top, gaps=args.gaps, wall_ms=wall_ms,
         title=(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {args.variant}  "
-               f"{args.model} B={args.batch} T={args.seq}"),
+               f"{args.model} B={args.batch} T={args.seq}"
+               f"{f'  LoRA r={args.lora}' if args.lora else ''}"),
         plain_ms=plain_ms, peak_gib=peak_gib,
         notes=[(f"# trained: loss {loss_values[0]:.3f} -> {loss_values[-1]:.3f} over "
                 f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")],

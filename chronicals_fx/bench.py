@@ -59,10 +59,7 @@ def run_variant(args) -> dict:
     model = build_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                         device=device)
     if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=args.lora,
-                                                 target_modules="all-linear", lora_dropout=0.0))
+        model = with_lora(model, args.lora)
     variant = args.variant
     if variant.startswith("liger"):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -82,6 +79,15 @@ def run_variant(args) -> dict:
     return {"variant": variant, **stats.to_dict(), "problems": stats.proof_of_training(),
             "counts": report.counts if report else None,
             "declined": report.declined_counts if report else None}
+
+
+def with_lora(model, rank: int):
+    """PEFT LoRA of this rank on every linear layer (alpha = rank, no dropout): the LoRA runs'
+    model, shared with benchmarks/profile_step.py."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
+                                            lora_dropout=0.0))
 
 
 def file_safe(name: str) -> str:
