@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# Report keys, in pipeline order. Every report carries all five, 0 where nothing matched.
-OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy")
+# Report keys, in pipeline order. Every report carries all of them, 0 where nothing matched.
+OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy",
+                             "lora")
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
 _ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "triton")  # kernels.attention.BACKENDS

@@ -1,7 +1,8 @@
 """The pass pipeline: each op is one module here with ``NAME`` and ``run(gm, ctx)``.
 
 Adding an op means adding ``passes/X.py`` (how to find it), ``kernels/X.py`` (how to compute
-it), and one line in :data:`PIPELINE`.
+it), and one line in :data:`PIPELINE`. (``lora`` has no kernel: it moves fp32 adapter products
+to the model's dtype, cuBLAS computes them.)
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Config
 from ..report import Decline, Match, Report
-from . import attention, linear_ce, rmsnorm, rope, swiglu
+from . import attention, linear_ce, lora, rmsnorm, rope, swiglu
 from .graph import OUTER_NODE, where
 
 log = logging.getLogger("chronicals")
 
 # Order matters: normalization first (its output feeds the projections the MLP and attention
-# passes look for), the loss last (it consumes the final norm's output).
-PIPELINE = (rmsnorm, swiglu, rope, attention, linear_ce)
+# passes look for), the loss after them (it consumes the final norm's output), the adapters'
+# precision last (the SwiGLU pass recognizes LoRA'd projections as PEFT spells them).
+PIPELINE = (rmsnorm, swiglu, rope, attention, linear_ce, lora)
 
 
 @dataclass

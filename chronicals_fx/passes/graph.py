@@ -339,7 +339,7 @@ def erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
 # Where a node lives, for the report (never a reason to match)
 # ---------------------------------------------------------------------------------------------
 _SOURCE_ROOT = re.compile(r"^L\['[^']*'\](\[\d+\])?")
-_MODULES_KEY = re.compile(r"\._modules\['([^']*)'\]")
+_MODULES_KEY = re.compile(r"\.(?:__dict__\['_modules'\]|_modules)\['([^']*)'\]")
 _INDEX = re.compile(r"\[(\d+)\]")
 
 

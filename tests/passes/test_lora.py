@@ -1,0 +1,160 @@
+"""LoRA precision pass: fp32 adapters on a bf16 model get their products in bf16, exactly as
+``torch.autocast`` computes them (fp32 weights and gradients); adapters already in the model's
+dtype, fp32 models and full-rank fp32 layers are left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import chronicals
+from tests.tiny_models import batch, loss_and_grads, tiny_causal_lm
+
+PASSES = ("lora",)
+DETAIL = "products in bfloat16 (fp32 weights, fp32 accumulation)"
+
+
+def _peft(dtype=torch.bfloat16, **lora):
+    model = tiny_causal_lm("llama", num_hidden_layers=1).to(dtype)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=lora.pop("lora_dropout", 0.0),
+                             init_lora_weights=False, target_modules="all-linear")
+    return peft.get_peft_model(model, config, **lora)
+
+
+def _lora_report(model):
+    report = chronicals.report_of(model)
+    return ([m for m in report.matches if m.op == "lora"],
+            [d for d in report.declines if d.op == "lora"])
+
+
+def _assert_autocast_parity(eager, optimized, inputs):
+    """The optimized model's loss and every gradient equal eager's under torch.autocast(bf16),
+    whose precision the pass claims; gradients stay fp32 like their weights."""
+    with torch.autocast("cpu", torch.bfloat16):
+        loss_a, grads_a = loss_and_grads(eager, inputs)
+    loss_o, grads_o = loss_and_grads(optimized, inputs)
+    torch.testing.assert_close(loss_o, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_o.keys()
+    for name in grads_a:
+        assert grads_o[name].dtype == grads_a[name].dtype, name
+        assert grads_o[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_o[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    return loss_o
+
+
+def test_peft_bf16_model_fp32_adapters():
+    """PEFT's default on a bf16 model: fp32 adapter weights; all 7 linears of the layer."""
+    eager = _peft()
+    assert {p.dtype for n, p in eager.named_parameters() if "lora_" in n} == {torch.float32}
+    optimized = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
+    loss = _assert_autocast_parity(eager, optimized, batch())
+    # against the fp32 adapter products: the loss within bf16 rounding of the model's own
+    loss_e, _ = loss_and_grads(eager, batch())
+    torch.testing.assert_close(loss, loss_e, rtol=2 ** -8, atol=0)
+    matches, declines = _lora_report(optimized)
+    assert not declines
+    assert sorted(m.where.rsplit(".", 1)[-1] for m in matches) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert all(m.where.startswith("base_model.model.model.layers.0.") for m in matches), matches
+    assert all(DETAIL in m.detail and "rank 4" in m.detail for m in matches), matches
+
+
+def test_peft_dropout_is_kept_in_fp32():
+    """lora_dropout > 0: the dropout stays on the fp32 input, its result is cast for the GEMM."""
+    optimized = _peft(lora_dropout=0.1)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
+    loss, grads = loss_and_grads(optimized, batch())
+    assert torch.isfinite(loss) and all(g.abs().sum() > 0 for g in grads.values())
+    assert len(_lora_report(optimized)[0]) == 7
+
+
+@pytest.mark.parametrize("case", ["fp32 model", "adapters in bf16"])
+def test_nothing_to_do(case):
+    """An fp32 model's adapters are fp32 products already; PEFT without autocast_adapter_dtype
+    keeps bf16 adapters on a bf16 model (bf16 GEMMs already): no match, no decline."""
+    if case == "fp32 model":
+        eager = _peft(torch.float32)
+    else:
+        eager = _peft(autocast_adapter_dtype=False)
+        assert {p.dtype for n, p in eager.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    optimized = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
+    loss_e, grads_e = loss_and_grads(eager, batch())
+    loss_o, grads_o = loss_and_grads(optimized, batch())
+    torch.testing.assert_close(loss_o, loss_e, rtol=1e-5, atol=1e-6)
+    for name in grads_e:
+        torch.testing.assert_close(grads_o[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert _lora_report(optimized) == ([], [])
+
+
+class Adapted(nn.Module):
+    """A bf16 layer plus a hand-written fp32 branch up(down(x)) · ½ (low rank or not)."""
+
+    def __init__(self, rank=3, hidden=16, out=12):
+        super().__init__()
+        self.base = nn.Linear(hidden, out).to(torch.bfloat16)
+        self.down = nn.Linear(hidden, rank, bias=False)        # fp32
+        self.up = nn.Linear(rank, out, bias=True)              # fp32, with a bias
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x.float())) * 0.5      # fp32 (bf16 + fp32)
+
+
+class FP32Head(nn.Module):
+    """Look-alike: a full-rank fp32 layer on an upcast bf16 output (a deliberate precision)."""
+
+    def __init__(self, hidden=16, out=12):
+        super().__init__()
+        self.base = nn.Linear(hidden, hidden).to(torch.bfloat16)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.head(self.base(x).float())
+
+
+def _run(module, x, g, autocast=False):
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = module(x)
+    y.float().backward(g)
+    return y, {n: p.grad for n, p in module.named_parameters()}
+
+
+def test_hand_written_adapter_with_biases():
+    """Matched with A's and B's biases; every gradient equals autocast's (½ is exact in bf16,
+    so the scaled branch rounds where autocast's does); the output is the fp32 sum autocast
+    rounds to bf16 once."""
+    torch.manual_seed(0)
+    eager = Adapted()
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
+                                    passes=PASSES)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    g = torch.randn(2, 5, 12)
+    y_a, grads_a = _run(eager, x, g, autocast=True)
+    y_o, grads_o = _run(optimized, x, g)
+    assert y_o.dtype == torch.float32 and y_a.dtype == torch.bfloat16
+    torch.testing.assert_close(y_o.to(torch.bfloat16), y_a, rtol=0, atol=0)
+    for name in grads_a:
+        assert grads_o[name].dtype == grads_a[name].dtype, name
+        torch.testing.assert_close(grads_o[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert len(_lora_report(optimized)[0]) == 1
+
+
+@pytest.mark.parametrize("module", [Adapted(rank=12), FP32Head()], ids=["full rank", "fp32 head"])
+def test_look_alikes_left_alone(module):
+    """rank 12 = min(16, 12) is no low-rank branch; an fp32 head on an upcast output is not an
+    adapter: no match, and eager's results exactly."""
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    passes=PASSES)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    g = torch.randn(2, 5, 12)
+    y_e, grads_e = _run(module, x, g)
+    y_o, grads_o = _run(optimized, x, g)
+    torch.testing.assert_close(y_o, y_e, rtol=1e-5, atol=1e-6)
+    for name in grads_e:
+        torch.testing.assert_close(grads_o[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert _lora_report(optimized) == ([], [])
