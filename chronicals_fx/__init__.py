@@ -7,7 +7,7 @@
 """
 
 from .api import explain, optimize, report_of
-from .config import OP_NAMES, Config
+from .config import DEFAULT_PASSES, OP_NAMES, Config
 from .report import Decline, Match, Report
 from .runtime.hf import register_with_accelerate as _register_with_accelerate
 
@@ -17,4 +17,4 @@ _register_with_accelerate()
 
 __version__ = "0.1.0"
 __all__ = ["optimize", "explain", "report_of", "Config", "Report", "Match", "Decline",
-           "OP_NAMES", "__version__"]
+           "OP_NAMES", "DEFAULT_PASSES", "__version__"]

@@ -134,7 +134,7 @@ _CHECKPOINTING = {("ddp", 25.0): (False,), ("ddp", 1.0): (False, True),
 
 def _all_sites(layers: int) -> dict[str, int]:
     return {"rmsnorm": 2 * layers + 1, "swiglu": layers, "rope": layers, "attention": layers,
-            "linear_cross_entropy": 1}
+            "linear_cross_entropy": 1, "lora": 0}
 
 
 @pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0)])
@@ -170,7 +170,7 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
             # frame's input, a runtime tensor no graph of it can prove: attention declines
             # once, and SDPA keeps the mask (README "Several GPUs" says what to do).
             assert counts == {"rmsnorm": 3, "swiglu": 1, "rope": 1, "attention": 0,
-                              "linear_cross_entropy": 1}, (where, counts)
+                              "linear_cross_entropy": 1, "lora": 0}, (where, counts)
             assert [d.op for d in declines] == ["attention"], (where, declines)
             assert "runtime" in declines[0].reason, declines
 

@@ -14,7 +14,7 @@ from torch import nn
 import chronicals
 from tests.tiny_models import batch, loss_and_grads, tiny_causal_lm
 
-PASSES = ("lora",)
+PASSES = ("lora",)      # opt-in: not in chronicals.DEFAULT_PASSES
 DETAIL = "products in bfloat16 (fp32 weights, fp32 accumulation)"
 
 
@@ -157,4 +157,14 @@ def test_look_alikes_left_alone(module):
     torch.testing.assert_close(y_o, y_e, rtol=1e-5, atol=1e-6)
     for name in grads_e:
         torch.testing.assert_close(grads_o[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert _lora_report(optimized) == ([], [])
+
+
+def test_opt_in():
+    """Not a default pass: optimize() alone leaves fp32 adapters as they are (reported as 0)."""
+    assert "lora" in chronicals.OP_NAMES and "lora" not in chronicals.DEFAULT_PASSES
+    optimized = _peft()
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager")
+    loss_and_grads(optimized, batch())
+    assert chronicals.report_of(optimized).counts["lora"] == 0
     assert _lora_report(optimized) == ([], [])
