@@ -67,3 +67,24 @@ def test_families_bf16_train_like_eager_on_gpu(family, record_property):
     assert not ours.proof_of_training(), ours.proof_of_training()
     assert ours.losses[-1] < ours.losses[0] - 0.5
     assert max(gaps) <= 0.02, (eager.losses, ours.losses)
+
+
+@pytest.mark.gpu
+def test_lora_pass_trains_like_eager_on_gpu():
+    """PEFT LoRA (fp32 adapters on the bf16 model) with every pass and the opt-in ``lora`` one:
+    30 steps within bf16 tolerance of eager's fp32-adapter products, and every adapter found."""
+    from chronicals_fx.bench import with_lora
+
+    runs = {}
+    for variant in ("eager", "chronicals"):
+        model = with_lora(build_model("tiny-llama", dtype=torch.bfloat16, device="cuda"), 8)
+        if variant == "chronicals":
+            chronicals.optimize(model, strict=True, passes=(*chronicals.DEFAULT_PASSES, "lora"))
+        runs[variant] = train(model, byte_batches(8, 256, device="cuda"), 30, lr=1e-3)
+    eager, ours = runs["eager"], runs["chronicals"]
+    assert not ours.proof_of_training(), ours.proof_of_training()
+    assert ours.losses[-1] < ours.losses[0] - 0.5
+    for a, b in zip(eager.losses, ours.losses):
+        assert abs(a - b) <= 0.02 * abs(a), (eager.losses, ours.losses)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert chronicals.report_of(model).counts["lora"] == 7 * layers
