@@ -404,6 +404,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.profile and args.profile_steps < 1:
         parser.error("--profile-steps must be at least 1")
+    if args.fsdp_group < 1:
+        parser.error("--fsdp-group must be at least 1")
     if args.worker:
         result = run_worker(args)
         if result is not None:

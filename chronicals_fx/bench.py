@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compilation)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--variants", nargs="*", default=["eager", "compile", "liger", "chronicals"])
-    p.add_argument("--passes", nargs="*", default=None, help="chronicals passes (default: all)")
+    p.add_argument("--passes", nargs="*", default=None,
+                   help="chronicals passes (default: chronicals.DEFAULT_PASSES, all but lora)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here

@@ -9,22 +9,27 @@ base model's bf16 GEMMs. The computation matched, by value and shape, never by m
 
     y = base + (B(A(xᵤ)) · s)        either operand order of the add; s a number (or absent)
 
-    base   a D-typed tensor, D ∈ {bf16, fp16}       (the frozen layer's output)
-    xᵤ     an fp32 tensor                            (PEFT: x.to(float32), maybe dropout of it)
-    A, B   linear(·, W_A[, b_A]) then linear(·, W_B[, b_B]) with fp32 weights W_A [r, in],
-           W_B [out, r] and r < min(in, out)          (low rank; A's output feeds only B)
+    base   linear(x, W[, b]) of dtype D ∈ {bf16, fp16}   (the frozen layer)
+    xᵤ     an fp32 tensor from the same x                 (PEFT: x.to(float32), maybe dropout)
+    A, B   linear(·, W_A[, b_A]) then linear(·, W_B[, b_B]), computed in fp32, with fp32
+           weights W_A [r, in], W_B [out, r], r < min(in, out) (low rank; A feeds only B)
 
-Rewritten with autocast's precision (what HF Trainer's ``bf16=True`` gives the same model):
+Rewritten with autocast's product precision (what HF Trainer's ``bf16=True`` gives them):
 
     a = linear(xᵤ.to(D), W_A.to(D), b_A.to(D))      # cuBLAS in D, fp32 accumulation
-    b = linear(a, W_B.to(D), b_B.to(D)).to(fp32)     # then s·b + base as before
+    b = linear(a, W_B.to(D), b_B.to(D)).to(fp32)     # then s·b + base as before, in fp32
 
-The weights stay fp32 (so do their gradients and the optimizer's update); only the products
-are rounded to D, like the base layer's own. Where xᵤ is an upcast of a D tensor x (PEFT without
-dropout), x is used directly (the cast is exact). Not candidates: adapters already in D (no fp32
-GEMM to remove), full-rank fp32 layers on a low-precision input (e.g. an fp32 lm_head, a
-deliberate choice of precision), fp32 models. ``Config(passes=...)`` without ``"lora"`` keeps
-the fp32 products.
+The weights stay fp32 tensors, as do their gradients (whose values are rounded through D by the
+casts' backward, as under autocast), so the optimizer's update keeps fp32 precision. Where xᵤ
+is one upcast of a D tensor x (PEFT without dropout), x is used directly (the cast is exact).
+The scaled sum s·b + base is rounded once, where autocast rounds b·s to D first: the results
+are autocast's exactly when s is a power of two (PEFT's alpha / r usually is), within one
+rounding otherwise. Not candidates: products already in D (adapters in D, or under
+``torch.autocast``), a low-rank fp32 branch that is no adapter of a linear of the same input
+(e.g. added to a residual stream), full-rank fp32 layers on a low-precision input (e.g. an fp32
+lm_head, a deliberate choice of precision), fp32 models. With several adapters on one layer,
+the first one's sum is fp32 and the others are left alone. ``passes=(*DEFAULT_PASSES, "lora")``
+turns the pass on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import erase_dead, fake_call, is_kind, number, strip_casts, tensor_value
+from .graph import erase_dead, fake_call, is_kind, number, strip_casts, tensor_value, value
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
@@ -43,14 +48,15 @@ def run(gm: GraphModule, ctx) -> None:
         if node._erased:
             continue
         add = is_kind(node, "add")
-        if add is None or add.inputs.get("alpha", 1) != 1:
+        if add is None:
             continue
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
             site = _adapter(base, delta)
             if site is not None:
-                low = _rewrite(gm, *site)
-                ctx.matched(node, f"rank {site[2].meta['example_value'].shape[0]} adapter: "
-                                  f"products in {str(low).removeprefix('torch.')} "
+                low, rank, *nodes = site
+                _rewrite(gm, low, *nodes)
+                ctx.matched(node, f"rank {rank} adapter: products in "
+                                  f"{str(low).removeprefix('torch.')} "
                                   f"(fp32 weights, fp32 accumulation)")
                 break
 
@@ -60,8 +66,28 @@ def _dtype(node) -> torch.dtype | None:
     return value.dtype if value is not None else None
 
 
+def _scalar(x) -> bool:
+    """A number, or a symbolic one (Dynamo makes a float attribute that changed between two
+    compiled instances a SymFloat input)."""
+    if number(x) is not None:
+        return True
+    v = value(x) if isinstance(x, Node) else None
+    return isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
+def _source(node):
+    """``node`` through dtype casts and dropout: the tensor an adapter and its base layer share."""
+    while True:
+        node, _ = strip_casts(node)
+        if (isinstance(node, Node) and node.op == "call_function"
+                and node.target is torch.nn.functional.dropout and node.args):
+            node = node.args[0]
+            continue
+        return node
+
+
 def _adapter(base, delta):
-    """(low dtype, linear A node, W_A, linear B node) if ``base + delta`` is a site, else None."""
+    """(low dtype, rank, linear A node, W_A, linear B node) if ``base + delta`` is a site."""
     low = _dtype(base)
     if low not in _LOW or not isinstance(delta, Node):
         return None
@@ -70,7 +96,7 @@ def _adapter(base, delta):
         a, b = scaled["input"], scaled["other"]
         if scaled.kind == "mul" and not isinstance(a, Node):
             a, b = b, a
-        if number(b) is None:
+        if not _scalar(b):
             return None
         delta = a
     lin_b = is_kind(delta, "linear")
@@ -78,6 +104,9 @@ def _adapter(base, delta):
         return None
     lin_a = is_kind(lin_b["input"], "linear")
     if lin_a is None or len(lin_a.node.users) != 1:
+        return None
+    # fp32 products (under torch.autocast they are low-precision already: nothing to do)
+    if _dtype(lin_a.node) != torch.float32 or _dtype(lin_b.node) != torch.float32:
         return None
     w_a, w_b = tensor_value(lin_a["weight"]), tensor_value(lin_b["weight"])
     if w_a is None or w_b is None or w_a.dim() != 2 or w_b.dim() != 2:
@@ -92,11 +121,15 @@ def _adapter(base, delta):
     for bias in (lin_a["bias"], lin_b["bias"]):
         if bias is not None and _dtype(bias) != torch.float32:
             return None
-    return low, lin_a.node, lin_a["weight"], lin_b.node
+    # an adapter of the base layer: base = linear(x) of the same x (not e.g. a residual stream)
+    base_lin = is_kind(strip_casts(base)[0], "linear")
+    if base_lin is None or _source(base_lin["input"]) is not _source(lin_a["input"]):
+        return None
+    return low, rank, lin_a.node, lin_a["weight"], lin_b.node
 
 
 def _rewrite(gm: GraphModule, low: torch.dtype, node_a: Node, weight_a: Node, node_b: Node
-             ) -> torch.dtype:
+             ) -> None:
     graph = gm.graph
     a, b = is_kind(node_a, "linear"), is_kind(node_b, "linear")
 
@@ -109,13 +142,13 @@ def _rewrite(gm: GraphModule, low: torch.dtype, node_a: Node, weight_a: Node, no
         new.meta["example_value"] = fake_call(target, args)
         return new
 
-    def in_low(value, before: Node):
-        if value is None:
+    def in_low(node, before: Node):
+        if node is None:
             return None
-        source, casts = strip_casts(value)
-        if casts and _dtype(source) == low:        # an upcast of a low tensor: exact, skip it
+        source, casts = strip_casts(node)
+        if len(casts) == 1 and _dtype(source) == low:   # one upcast of a low tensor: exact
             return source
-        return call(before, torch.Tensor.to, (value, low))
+        return call(before, torch.Tensor.to, (node, low))
 
     x = in_low(a["input"], node_a)
     prod_a = call(node_a, torch.nn.functional.linear,
@@ -126,4 +159,3 @@ def _rewrite(gm: GraphModule, low: torch.dtype, node_a: Node, weight_a: Node, no
     node_b.replace_all_uses_with(up)
     upcasts = [c.node for c in strip_casts(a["input"])[1]]
     erase_dead(graph, [node_b, node_a, *upcasts])
-    return low

@@ -1,6 +1,8 @@
-"""LoRA precision pass: fp32 adapters on a bf16 model get their products in bf16, exactly as
-``torch.autocast`` computes them (fp32 weights and gradients); adapters already in the model's
-dtype, fp32 models and full-rank fp32 layers are left alone."""
+"""LoRA precision pass: fp32 adapters on a bf16 model get their products in bf16, as
+``torch.autocast`` computes them — exactly its results where the scale is a power of two, within
+one rounding otherwise (fp32 weights and gradients); products already in bf16 (adapters in bf16,
+autocast), fp32 models, full-rank fp32 layers and low-rank fp32 branches that adapt no linear
+are left alone."""
 
 from __future__ import annotations
 
@@ -93,16 +95,30 @@ def test_nothing_to_do(case):
 
 
 class Adapted(nn.Module):
-    """A bf16 layer plus a hand-written fp32 branch up(down(x)) · ½ (low rank or not)."""
+    """A bf16 layer plus a hand-written fp32 branch up(down(x)) · s (low rank or not)."""
 
-    def __init__(self, rank=3, hidden=16, out=12):
+    def __init__(self, rank=3, hidden=16, out=12, scale=0.5):
         super().__init__()
         self.base = nn.Linear(hidden, out).to(torch.bfloat16)
         self.down = nn.Linear(hidden, rank, bias=False)        # fp32
         self.up = nn.Linear(rank, out, bias=True)              # fp32, with a bias
+        self.scale = scale
 
     def forward(self, x):
-        return self.base(x) + self.up(self.down(x.float())) * 0.5      # fp32 (bf16 + fp32)
+        return self.base(x) + self.up(self.down(x.float())) * self.scale   # fp32 (bf16 + fp32)
+
+
+class ResidualBranch(nn.Module):
+    """Look-alike: a low-rank fp32 branch added to the bf16 residual stream itself, adapting
+    no linear layer (a deliberate fp32 computation, not an adapter)."""
+
+    def __init__(self, rank=3, hidden=16):
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+
+    def forward(self, x):
+        return x + self.up(self.down(x.float()))
 
 
 class FP32Head(nn.Module):
@@ -129,7 +145,7 @@ def test_hand_written_adapter_with_biases():
     so the scaled branch rounds where autocast's does); the output is the fp32 sum autocast
     rounds to bf16 once."""
     torch.manual_seed(0)
-    eager = Adapted()
+    eager = Adapted(scale=0.5)
     optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
                                     passes=PASSES)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
@@ -144,14 +160,56 @@ def test_hand_written_adapter_with_biases():
     assert len(_lora_report(optimized)[0]) == 1
 
 
-@pytest.mark.parametrize("module", [Adapted(rank=12), FP32Head()], ids=["full rank", "fp32 head"])
-def test_look_alikes_left_alone(module):
-    """rank 12 = min(16, 12) is no low-rank branch; an fp32 head on an upcast output is not an
-    adapter: no match, and eager's results exactly."""
-    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+def test_scale_not_a_power_of_two_is_within_one_rounding_of_autocast():
+    """s = 0.3: autocast rounds b·s to bf16 before the sum, the pass rounds the sum once. The
+    outputs differ by at most one bf16 rounding; the gradients are as far from the fp32
+    products' (eager without autocast) as autocast's are: the same precision."""
+    torch.manual_seed(0)
+    eager = Adapted(scale=0.3)
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
                                     passes=PASSES)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     g = torch.randn(2, 5, 12)
+    y_a, grads_a = _run(copy.deepcopy(eager), x, g, autocast=True)
+    y_32, grads_32 = _run(eager, x, g)
+    y_o, grads_o = _run(optimized, x, g)
+    ulp = 2.0 ** -7    # bf16 spacing relative to the value: one rounding is at most half of it
+    torch.testing.assert_close(y_o.to(torch.bfloat16), y_a, rtol=ulp, atol=1e-3)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    for name in grads_32:
+        ours, autocast = rel(grads_o[name], grads_32[name]), rel(grads_a[name], grads_32[name])
+        assert ours <= 1.5 * autocast + 1e-6, (name, ours, autocast)
+    assert len(_lora_report(optimized)[0]) == 1
+
+
+def test_under_autocast_nothing_to_do():
+    """Under torch.autocast the products are bf16 already: no match, eager's output dtype."""
+    torch.manual_seed(0)
+    eager = Adapted()
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
+                                    passes=PASSES)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y_e, y_o = eager(x), optimized(x)
+    assert y_o.dtype == y_e.dtype == torch.bfloat16
+    torch.testing.assert_close(y_o, y_e, rtol=0, atol=0)
+    assert _lora_report(optimized) == ([], [])
+
+
+@pytest.mark.parametrize("build", [lambda: Adapted(rank=12), FP32Head, ResidualBranch],
+                         ids=["full rank", "fp32 head", "residual branch"])
+def test_look_alikes_left_alone(build):
+    """rank 12 = min(16, 12) is no low-rank branch; an fp32 head on an upcast output and a
+    low-rank branch on the residual stream adapt no linear: no match, eager's results exactly."""
+    torch.manual_seed(0)
+    module = build()
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    passes=PASSES)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    g = torch.randn(2, 5, 16 if isinstance(module, ResidualBranch) else 12)
     y_e, grads_e = _run(module, x, g)
     y_o, grads_o = _run(optimized, x, g)
     torch.testing.assert_close(y_o, y_e, rtol=1e-5, atol=1e-6)
