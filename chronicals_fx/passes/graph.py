@@ -252,6 +252,18 @@ def strip_casts(node: Any) -> tuple[Any, list[Canon]]:
     return node, casts
 
 
+def scaled_operand(node: Any) -> tuple[Node, Any] | None:
+    """(x, s) if ``node`` computes x·s, s·x or x/s with x a node; what s may be is the
+    caller's to check (a number, a symbolic one, ...)."""
+    c = is_kind(node, "mul", "div")
+    if c is None:
+        return None
+    x, s = c["input"], c["other"]
+    if c.kind == "mul" and not isinstance(x, Node):
+        x, s = s, x
+    return (x, s) if isinstance(x, Node) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Exclusivity and rewriting
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +302,21 @@ def fake_call(target: Any, args: tuple, kwargs: dict | None = None) -> Any:
         return target(*flat, **fkw)
 
 
+def call_before(graph: Graph, before: Node, target: Any, args: tuple,
+                kwargs: dict | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, with ``before``'s metadata (module
+    stack, for the report) and its own fake ``example_value``. A string target is a tensor
+    method (``"to"``: a cast, as Dynamo spells it)."""
+    kwargs = kwargs or {}
+    with graph.inserting_before(before):
+        new = (graph.call_method(target, args, kwargs) if isinstance(target, str)
+               else graph.call_function(target, args, kwargs))
+    new.meta = {k: v for k, v in before.meta.items() if k not in ("example_value", "val")}
+    fn = getattr(torch.Tensor, target) if isinstance(target, str) else target
+    new.meta["example_value"] = fake_call(fn, args, kwargs)
+    return new
+
+
 def replace_with_call(graph: Graph, old: Node, target: Any, args: tuple,
                       kwargs: dict | None = None, erase: Iterable[Node] = ()) -> Node:
     """Insert ``target(*args)`` before ``old``, redirect ``old``'s users to it, erase the dead.
@@ -297,11 +324,7 @@ def replace_with_call(graph: Graph, old: Node, target: Any, args: tuple,
     ``erase`` lists the matched nodes; each is removed once nothing uses it (reverse
     topological order), so values still needed elsewhere stay in the graph.
     """
-    kwargs = kwargs or {}
-    with graph.inserting_before(old):
-        new = graph.call_function(target, args, kwargs)
-    new.meta = {k: v for k, v in old.meta.items() if k not in ("example_value", "val")}
-    new.meta["example_value"] = fake_call(target, args, kwargs)
+    new = call_before(graph, old, target, args, kwargs)
     old.replace_all_uses_with(new)
     erase_dead(graph, [*erase, old])
     return new

@@ -37,7 +37,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import erase_dead, fake_call, is_kind, number, strip_casts, tensor_value, value
+from .graph import (Canon, call_before, erase_dead, is_kind, number, scaled_operand, strip_casts,
+                    tensor_value, value)
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
@@ -53,8 +54,8 @@ def run(gm: GraphModule, ctx) -> None:
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
             site = _adapter(base, delta)
             if site is not None:
-                low, rank, *nodes = site
-                _rewrite(gm, low, *nodes)
+                low, rank, lin_a, lin_b = site
+                _rewrite(gm, low, lin_a, lin_b)
                 ctx.matched(node, f"rank {rank} adapter: products in "
                                   f"{str(low).removeprefix('torch.')} "
                                   f"(fp32 weights, fp32 accumulation)")
@@ -87,18 +88,15 @@ def _source(node):
 
 
 def _adapter(base, delta):
-    """(low dtype, rank, linear A node, W_A, linear B node) if ``base + delta`` is a site."""
+    """(low dtype, rank, linear A, linear B) if ``base + delta`` is a site, else None."""
     low = _dtype(base)
     if low not in _LOW or not isinstance(delta, Node):
         return None
-    scaled = is_kind(delta, "mul", "div")
+    scaled = scaled_operand(delta)
     if scaled is not None:
-        a, b = scaled["input"], scaled["other"]
-        if scaled.kind == "mul" and not isinstance(a, Node):
-            a, b = b, a
-        if not _scalar(b):
+        delta, scale = scaled
+        if not _scalar(scale):
             return None
-        delta = a
     lin_b = is_kind(delta, "linear")
     if lin_b is None or len(delta.users) != 1:
         return None
@@ -125,22 +123,11 @@ def _adapter(base, delta):
     base_lin = is_kind(strip_casts(base)[0], "linear")
     if base_lin is None or _source(base_lin["input"]) is not _source(lin_a["input"]):
         return None
-    return low, rank, lin_a.node, lin_a["weight"], lin_b.node
+    return low, rank, lin_a, lin_b
 
 
-def _rewrite(gm: GraphModule, low: torch.dtype, node_a: Node, weight_a: Node, node_b: Node
-             ) -> None:
+def _rewrite(gm: GraphModule, low: torch.dtype, a: Canon, b: Canon) -> None:
     graph = gm.graph
-    a, b = is_kind(node_a, "linear"), is_kind(node_b, "linear")
-
-    def call(before: Node, target, args) -> Node:
-        """``target(*args)`` before ``before``; a cast is ``call_method "to"`` as Dynamo spells it."""
-        with graph.inserting_before(before):
-            new = (graph.call_method("to", args) if target is torch.Tensor.to
-                   else graph.call_function(target, args))
-        new.meta = {k: v for k, v in before.meta.items() if k not in ("example_value", "val")}
-        new.meta["example_value"] = fake_call(target, args)
-        return new
 
     def in_low(node, before: Node):
         if node is None:
@@ -148,14 +135,15 @@ def _rewrite(gm: GraphModule, low: torch.dtype, node_a: Node, weight_a: Node, no
         source, casts = strip_casts(node)
         if len(casts) == 1 and _dtype(source) == low:   # one upcast of a low tensor: exact
             return source
-        return call(before, torch.Tensor.to, (node, low))
+        return call_before(graph, before, "to", (node, low))
 
-    x = in_low(a["input"], node_a)
-    prod_a = call(node_a, torch.nn.functional.linear,
-                  (x, in_low(weight_a, node_a), in_low(a["bias"], node_a)))
-    prod_b = call(node_b, torch.nn.functional.linear,
-                  (prod_a, in_low(b["weight"], node_b), in_low(b["bias"], node_b)))
-    up = call(node_b, torch.Tensor.to, (prod_b, torch.float32))
-    node_b.replace_all_uses_with(up)
+    linear = torch.nn.functional.linear
+    x = in_low(a["input"], a.node)
+    prod_a = call_before(graph, a.node, linear,
+                         (x, in_low(a["weight"], a.node), in_low(a["bias"], a.node)))
+    prod_b = call_before(graph, b.node, linear,
+                         (prod_a, in_low(b["weight"], b.node), in_low(b["bias"], b.node)))
+    up = call_before(graph, b.node, "to", (prod_b, torch.float32))
+    b.node.replace_all_uses_with(up)
     upcasts = [c.node for c in strip_casts(a["input"])[1]]
-    erase_dead(graph, [node_b, node_a, *upcasts])
+    erase_dead(graph, [b.node, a.node, *upcasts])

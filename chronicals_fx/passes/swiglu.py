@@ -55,8 +55,8 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.swiglu import ACTIVATIONS
-from .graph import (canon, is_kind, narrower, normalize_dim, replace_with_call, strip_casts,
-                    tensor_value, used_outside)
+from .graph import (canon, is_kind, narrower, normalize_dim, number, replace_with_call,
+                    scaled_operand, strip_casts, tensor_value, used_outside)
 
 NAME = "swiglu"
 _LOW = (torch.bfloat16, torch.float16)
@@ -138,14 +138,11 @@ def projection(node) -> _Projection | None:
 def _low_rank_delta(node) -> bool:
     """B(A(x)) · s: a linear, possibly scaled by a number and cast (LoRA's added branch)."""
     node, _ = strip_casts(node)
-    c = is_kind(node, "mul", "div")
-    if c is not None:
-        a, b = c["input"], c["other"]
-        if c.kind == "mul" and not isinstance(a, Node):
-            a, b = b, a
-        if isinstance(b, Node) or isinstance(b, bool) or not isinstance(b, (int, float)):
+    scaled = scaled_operand(node)
+    if scaled is not None:
+        if number(scaled[1]) is None:
             return False
-        node, _ = strip_casts(a)
+        node, _ = strip_casts(scaled[0])
     return is_kind(node, "linear") is not None
 
 

@@ -133,6 +133,19 @@ class FP32Head(nn.Module):
         return self.head(self.base(x).float())
 
 
+def _optimized_with_inputs(build):
+    """(module, its optimized copy with the lora pass alone, bf16 input x [2, 5, 16], an fp32
+    output gradient g), seeded."""
+    torch.manual_seed(0)
+    module = build()
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    passes=PASSES)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        g = torch.randn(module(x).shape)
+    return module, optimized, x, g
+
+
 def _run(module, x, g, autocast=False):
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         y = module(x)
@@ -144,12 +157,7 @@ def test_hand_written_adapter_with_biases():
     """Matched with A's and B's biases; every gradient equals autocast's (½ is exact in bf16,
     so the scaled branch rounds where autocast's does); the output is the fp32 sum autocast
     rounds to bf16 once."""
-    torch.manual_seed(0)
-    eager = Adapted(scale=0.5)
-    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
-                                    passes=PASSES)
-    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    g = torch.randn(2, 5, 12)
+    eager, optimized, x, g = _optimized_with_inputs(lambda: Adapted(scale=0.5))
     y_a, grads_a = _run(eager, x, g, autocast=True)
     y_o, grads_o = _run(optimized, x, g)
     assert y_o.dtype == torch.float32 and y_a.dtype == torch.bfloat16
@@ -164,12 +172,7 @@ def test_scale_not_a_power_of_two_is_within_one_rounding_of_autocast():
     """s = 0.3: autocast rounds b·s to bf16 before the sum, the pass rounds the sum once. The
     outputs differ by at most one bf16 rounding; the gradients are as far from the fp32
     products' (eager without autocast) as autocast's are: the same precision."""
-    torch.manual_seed(0)
-    eager = Adapted(scale=0.3)
-    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
-                                    passes=PASSES)
-    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    g = torch.randn(2, 5, 12)
+    eager, optimized, x, g = _optimized_with_inputs(lambda: Adapted(scale=0.3))
     y_a, grads_a = _run(copy.deepcopy(eager), x, g, autocast=True)
     y_32, grads_32 = _run(eager, x, g)
     y_o, grads_o = _run(optimized, x, g)
@@ -187,11 +190,7 @@ def test_scale_not_a_power_of_two_is_within_one_rounding_of_autocast():
 
 def test_under_autocast_nothing_to_do():
     """Under torch.autocast the products are bf16 already: no match, eager's output dtype."""
-    torch.manual_seed(0)
-    eager = Adapted()
-    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
-                                    passes=PASSES)
-    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    eager, optimized, x, _ = _optimized_with_inputs(Adapted)
     with torch.autocast("cpu", torch.bfloat16):
         y_e, y_o = eager(x), optimized(x)
     assert y_o.dtype == y_e.dtype == torch.bfloat16
@@ -204,12 +203,7 @@ def test_under_autocast_nothing_to_do():
 def test_look_alikes_left_alone(build):
     """rank 12 = min(16, 12) is no low-rank branch; an fp32 head on an upcast output and a
     low-rank branch on the residual stream adapt no linear: no match, eager's results exactly."""
-    torch.manual_seed(0)
-    module = build()
-    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
-                                    passes=PASSES)
-    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    g = torch.randn(2, 5, 16 if isinstance(module, ResidualBranch) else 12)
+    module, optimized, x, g = _optimized_with_inputs(build)
     y_e, grads_e = _run(module, x, g)
     y_o, grads_o = _run(optimized, x, g)
     torch.testing.assert_close(y_o, y_e, rtol=1e-5, atol=1e-6)
