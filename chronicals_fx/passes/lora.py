@@ -34,6 +34,10 @@ turns the pass on.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -42,6 +46,9 @@ from .graph import (Canon, call_before, erase_dead, is_kind, number, scaled_oper
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
+# The sum base + B(A(x))·s formed by cuBLAS (addmm, base read in the GEMM's epilogue) rather than
+# by a [N, out] product and an add. $CHRONICALS_LORA_ADDMM=0 turns it off (a measurement hook).
+ADDMM = os.environ.get("CHRONICALS_LORA_ADDMM", "1") != "0"
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -52,14 +59,25 @@ def run(gm: GraphModule, ctx) -> None:
         if add is None:
             continue
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
-            site = _adapter(base, delta)
+            site = _adapter(add.node, base, delta)
             if site is not None:
-                low, rank, lin_a, lin_b = site
-                _rewrite(gm, low, lin_a, lin_b)
-                ctx.matched(node, f"rank {rank} adapter: products in "
-                                  f"{str(low).removeprefix('torch.')} "
-                                  f"(fp32 weights, fp32 accumulation)")
+                how = _rewrite(gm, site)
+                ctx.matched(node, f"rank {site.rank} adapter: products in "
+                                  f"{str(site.low).removeprefix('torch.')} "
+                                  f"(fp32 weights, fp32 accumulation){how}")
                 break
+
+
+@dataclass
+class _Site:
+    add: Node               # base + delta (fp32: bf16 + fp32 promotes)
+    base: Node              # the frozen layer's output, dtype low
+    low: torch.dtype
+    rank: int
+    a: Canon                # linear A
+    b: Canon                # linear B
+    scale: Any = None       # s of delta = B(A(x)) · s (or / s), None if unscaled
+    divide: bool = False
 
 
 def _dtype(node) -> torch.dtype | None:
@@ -87,13 +105,15 @@ def _source(node):
         return node
 
 
-def _adapter(base, delta):
-    """(low dtype, rank, linear A, linear B) if ``base + delta`` is a site, else None."""
+def _adapter(add: Node, base, delta) -> _Site | None:
+    """The site if ``add`` = ``base + delta`` is an adapted layer's sum, else None."""
     low = _dtype(base)
     if low not in _LOW or not isinstance(delta, Node):
         return None
+    scale, divide = None, False
     scaled = scaled_operand(delta)
     if scaled is not None:
+        divide = is_kind(delta, "div") is not None
         delta, scale = scaled
         if not _scalar(scale):
             return None
@@ -123,11 +143,12 @@ def _adapter(base, delta):
     base_lin = is_kind(strip_casts(base)[0], "linear")
     if base_lin is None or _source(base_lin["input"]) is not _source(lin_a["input"]):
         return None
-    return low, rank, lin_a, lin_b
+    return _Site(add, base, low, rank, lin_a, lin_b, scale, divide)
 
 
-def _rewrite(gm: GraphModule, low: torch.dtype, a: Canon, b: Canon) -> None:
-    graph = gm.graph
+def _rewrite(gm: GraphModule, site: _Site) -> str:
+    """Rewrite the site; returns how the sum was formed, for the report."""
+    graph, low, a, b = gm.graph, site.low, site.a, site.b
 
     def in_low(node, before: Node):
         if node is None:
@@ -141,9 +162,48 @@ def _rewrite(gm: GraphModule, low: torch.dtype, a: Canon, b: Canon) -> None:
     x = in_low(a["input"], a.node)
     prod_a = call_before(graph, a.node, linear,
                          (x, in_low(a["weight"], a.node), in_low(a["bias"], a.node)))
+    upcasts = [c.node for c in strip_casts(a["input"])[1]]
+    casts_to_low = [u for u in site.add.users
+                    if (c := is_kind(u, "cast")) is not None and c["dtype"] == low]
+    if site.add.users and len(casts_to_low) == len(site.add.users):
+        how = _sum_in_low(graph, site, prod_a, in_low)
+        for cast in casts_to_low:
+            cast.replace_all_uses_with(how[0])
+        erase_dead(graph, [*casts_to_low, site.add, *site.add.all_input_nodes, b.node, a.node,
+                           *upcasts])
+        return how[1]
+    # the fp32 sum has other users (a hand-written module's fp32 output): keep it in fp32
     prod_b = call_before(graph, b.node, linear,
                          (prod_a, in_low(b["weight"], b.node), in_low(b["bias"], b.node)))
     up = call_before(graph, b.node, "to", (prod_b, torch.float32))
     b.node.replace_all_uses_with(up)
-    upcasts = [c.node for c in strip_casts(a["input"])[1]]
     erase_dead(graph, [b.node, a.node, *upcasts])
+    return ""
+
+
+def _sum_in_low(graph, site: _Site, prod_a: Node, in_low) -> tuple[Node, str]:
+    """The sum, wanted only in the low dtype (PEFT casts it back): base + a·(s·W_B)ᵀ in low.
+
+    s is folded into W_B ([out, r], not [N, out]: the backward then scales no [N, out]
+    gradient), which is exact when s is a power of two. Without a bias on B the sum is one
+    cuBLAS addmm (β = 1: base is read in the GEMM's epilogue instead of a [N, out] product
+    being written and added): base + Σ rounded once, where autocast rounds Σ·s first.
+    """
+    add, b = site.add, site.b
+    weight, bias = b["weight"], b["bias"]
+    if site.scale is not None:
+        op = torch.div if site.divide else torch.mul
+        weight = call_before(graph, add, op, (weight, site.scale))
+        if bias is not None:
+            bias = call_before(graph, add, op, (bias, site.scale))
+    weight = in_low(weight, add)
+    if bias is not None or not ADDMM:
+        prod_b = call_before(graph, add, torch.nn.functional.linear,
+                             (prod_a, weight, in_low(bias, add)))
+        return call_before(graph, add, torch.add, (site.base, prod_b)), ""
+    out_features = tensor_value(weight).shape[0]
+    base_2d = call_before(graph, add, "reshape", (site.base, -1, out_features))
+    a_2d = call_before(graph, add, "reshape", (prod_a, -1, site.rank))
+    weight_t = call_before(graph, add, "t", (weight,))
+    out = call_before(graph, add, torch.addmm, (base_2d, a_2d, weight_t))
+    return call_before(graph, add, "view_as", (out, site.base)), ", sum in the GEMM (addmm)"
