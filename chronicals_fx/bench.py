@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="*", default=["eager", "compile", "liger", "chronicals"])
     p.add_argument("--passes", nargs="*", default=None,
                    help="chronicals passes (default: chronicals.DEFAULT_PASSES, all but lora)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="decoder layers (0: the model's own count; fewer compile faster)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
@@ -57,8 +59,9 @@ def run_variant(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # bf16 on the GPU, as trained; fp32 on a CPU (a smoke run: the fused kernels are GPU-only)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     model = build_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-                        device=device)
+                        device=device, **overrides)
     if args.lora:
         model = with_lora(model, args.lora)
     variant = args.variant
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     card = (torch.cuda.get_device_name() if torch.cuda.is_available()
             else "CPU (smoke run: no speed claims, the fused kernels run on GPUs only)")
     header = (f"# {card}  torch {torch.__version__}  model {args.model}"
-              f"  B={args.batch} T={args.seq}  steps {args.steps} (warm-up {args.warmup})"
+              f"{f' ({args.layers} layers)' if args.layers else ''}  B={args.batch} T={args.seq}  steps {args.steps} (warm-up {args.warmup})"
               f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}")
     print(header, flush=True)
     results = []
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path, "--variant", variant,
                "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
-               "--lora", str(args.lora)]
+               "--lora", str(args.lora), "--layers", str(args.layers)]
         if args.passes is not None:
             cmd += ["--passes", *args.passes]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -46,9 +46,10 @@ from .graph import (Canon, call_before, erase_dead, is_kind, number, scaled_oper
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
-# The sum base + B(A(x))·s formed by cuBLAS (addmm, base read in the GEMM's epilogue) rather than
-# by a [N, out] product and an add. $CHRONICALS_LORA_ADDMM=0 turns it off (a measurement hook).
-ADDMM = os.environ.get("CHRONICALS_LORA_ADDMM", "1") != "0"
+# How the sum is formed where PEFT casts it back ($CHRONICALS_LORA_SUM, a measurement hook):
+# "low" (s folded into W_B, the add in the model's dtype), "addmm" (the same in one cuBLAS
+# addmm), "fp32" (the fp32 sum, as for any other user).
+SUM = os.environ.get("CHRONICALS_LORA_SUM", "low")
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -165,7 +166,7 @@ def _rewrite(gm: GraphModule, site: _Site) -> str:
     upcasts = [c.node for c in strip_casts(a["input"])[1]]
     casts_to_low = [u for u in site.add.users
                     if (c := is_kind(u, "cast")) is not None and c["dtype"] == low]
-    if site.add.users and len(casts_to_low) == len(site.add.users):
+    if SUM != "fp32" and site.add.users and len(casts_to_low) == len(site.add.users):
         how = _sum_in_low(graph, site, prod_a, in_low)
         for cast in casts_to_low:
             cast.replace_all_uses_with(how[0])
@@ -197,7 +198,7 @@ def _sum_in_low(graph, site: _Site, prod_a: Node, in_low) -> tuple[Node, str]:
         if bias is not None:
             bias = call_before(graph, add, op, (bias, site.scale))
     weight = in_low(weight, add)
-    if bias is not None or not ADDMM:
+    if bias is not None or SUM != "addmm":
         prod_b = call_before(graph, add, torch.nn.functional.linear,
                              (prod_a, weight, in_low(bias, add)))
         return call_before(graph, add, torch.add, (site.base, prod_b)), ""
