@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--variants", nargs="*", default=["eager", "compile", "liger", "chronicals"])
     p.add_argument("--passes", nargs="*", default=None,
-                   help="chronicals passes (default: chronicals.DEFAULT_PASSES, all but lora)")
+                   help="chronicals passes (default: chronicals.DEFAULT_PASSES, all of them)")
     p.add_argument("--layers", type=int, default=0,
                    help="decoder layers (0: the model's own count; fewer compile faster)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("run", help="run a training script unmodified, its models optimized")
     p.add_argument("--passes", help="comma-separated passes to run "
-                                    "(default: chronicals.DEFAULT_PASSES, all but lora)")
+                                    "(default: chronicals.DEFAULT_PASSES, all of them)")
     p.add_argument("--compiler", help="inductor (default), aot_eager or eager")
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)

@@ -17,24 +17,30 @@ base model's bf16 GEMMs. The computation matched, by value and shape, never by m
 Rewritten with autocast's product precision (what HF Trainer's ``bf16=True`` gives them):
 
     a = linear(xᵤ.to(D), W_A.to(D), b_A.to(D))      # cuBLAS in D, fp32 accumulation
-    b = linear(a, W_B.to(D), b_B.to(D)).to(fp32)     # then s·b + base as before, in fp32
+    y = base + linear(a, (s·W_B).to(D), (s·b_B).to(D))            (in D)
+
+when every user of y casts it back to D (PEFT does: ``result.to(torch_result_dtype)``). s is
+folded into the [out, r] weight, so no [N, out] product or gradient is ever scaled. Where y has
+other users (a hand-written module returning the fp32 sum), the sum stays fp32 instead:
+``y = base + s · linear(a, W_B.to(D), b_B.to(D)).to(fp32)``, rounded once.
 
 The weights stay fp32 tensors, as do their gradients (whose values are rounded through D by the
 casts' backward, as under autocast), so the optimizer's update keeps fp32 precision. Where xᵤ
 is one upcast of a D tensor x (PEFT without dropout), x is used directly (the cast is exact).
-The scaled sum s·b + base is rounded once, where autocast rounds b·s to D first: the results
-are autocast's exactly when s is a power of two (PEFT's alpha / r usually is), within one
-rounding otherwise. Not candidates: products already in D (adapters in D, or under
+When s is a power of two (PEFT's alpha / r usually is) the results are autocast's exactly;
+otherwise within one rounding (autocast rounds W_B, the product, b·s and the sum; this rounds
+s·W_B, the product and the sum — or the fp32 sum once). Measured on an H200, LoRA r=32 on every
+linear of the Qwen2.5-0.5B shape: 1.21x torch.compile with the pass (benchmarks/RESULTS.md,
+session 8). Not candidates: products already in D (adapters in D, or under
 ``torch.autocast``), a low-rank fp32 branch that is no adapter of a linear of the same input
 (e.g. added to a residual stream), full-rank fp32 layers on a low-precision input (e.g. an fp32
 lm_head, a deliberate choice of precision), fp32 models. With several adapters on one layer,
-the first one's sum is fp32 and the others are left alone. ``passes=(*DEFAULT_PASSES, "lora")``
-turns the pass on.
+the first one's sum is fp32 and the others are left alone. A default pass (``passes=`` without
+"lora" turns it off).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +52,6 @@ from .graph import (Canon, call_before, erase_dead, is_kind, number, scaled_oper
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
-# How the sum is formed where PEFT casts it back ($CHRONICALS_LORA_SUM, a measurement hook):
-# "low" (s folded into W_B, the add in the model's dtype), "addmm" (the same in one cuBLAS
-# addmm), "fp32" (the fp32 sum, as for any other user).
-SUM = os.environ.get("CHRONICALS_LORA_SUM", "low")
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -62,10 +64,10 @@ def run(gm: GraphModule, ctx) -> None:
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
             site = _adapter(add.node, base, delta)
             if site is not None:
-                how = _rewrite(gm, site)
+                _rewrite(gm, site)
                 ctx.matched(node, f"rank {site.rank} adapter: products in "
                                   f"{str(site.low).removeprefix('torch.')} "
-                                  f"(fp32 weights, fp32 accumulation){how}")
+                                  f"(fp32 weights, fp32 accumulation)")
                 break
 
 
@@ -147,8 +149,7 @@ def _adapter(add: Node, base, delta) -> _Site | None:
     return _Site(add, base, low, rank, lin_a, lin_b, scale, divide)
 
 
-def _rewrite(gm: GraphModule, site: _Site) -> str:
-    """Rewrite the site; returns how the sum was formed, for the report."""
+def _rewrite(gm: GraphModule, site: _Site) -> None:
     graph, low, a, b = gm.graph, site.low, site.a, site.b
 
     def in_low(node, before: Node):
@@ -166,29 +167,27 @@ def _rewrite(gm: GraphModule, site: _Site) -> str:
     upcasts = [c.node for c in strip_casts(a["input"])[1]]
     casts_to_low = [u for u in site.add.users
                     if (c := is_kind(u, "cast")) is not None and c["dtype"] == low]
-    if SUM != "fp32" and site.add.users and len(casts_to_low) == len(site.add.users):
-        how = _sum_in_low(graph, site, prod_a, in_low)
+    if site.add.users and len(casts_to_low) == len(site.add.users):
+        out = _sum_in_low(graph, site, prod_a, in_low)
         for cast in casts_to_low:
-            cast.replace_all_uses_with(how[0])
+            cast.replace_all_uses_with(out)
         erase_dead(graph, [*casts_to_low, site.add, *site.add.all_input_nodes, b.node, a.node,
                            *upcasts])
-        return how[1]
+        return
     # the fp32 sum has other users (a hand-written module's fp32 output): keep it in fp32
     prod_b = call_before(graph, b.node, linear,
                          (prod_a, in_low(b["weight"], b.node), in_low(b["bias"], b.node)))
     up = call_before(graph, b.node, "to", (prod_b, torch.float32))
     b.node.replace_all_uses_with(up)
     erase_dead(graph, [b.node, a.node, *upcasts])
-    return ""
 
 
-def _sum_in_low(graph, site: _Site, prod_a: Node, in_low) -> tuple[Node, str]:
-    """The sum, wanted only in the low dtype (PEFT casts it back): base + a·(s·W_B)ᵀ in low.
+def _sum_in_low(graph, site: _Site, prod_a: Node, in_low) -> Node:
+    """base + a·(s·W_B)ᵀ in the low dtype, for a sum wanted only there (PEFT casts it back).
 
-    s is folded into W_B ([out, r], not [N, out]: the backward then scales no [N, out]
-    gradient), which is exact when s is a power of two. Without a bias on B the sum is one
-    cuBLAS addmm (β = 1: base is read in the GEMM's epilogue instead of a [N, out] product
-    being written and added): base + Σ rounded once, where autocast rounds Σ·s first.
+    s is folded into W_B ([out, r]) instead of scaling the [N, out] product, so the backward
+    scales no [N, out] gradient either. For s a power of two the fold is exact and the result
+    is autocast's bit for bit (it rounds the product, then the sum, as this does).
     """
     add, b = site.add, site.b
     weight, bias = b["weight"], b["bias"]
@@ -197,14 +196,6 @@ def _sum_in_low(graph, site: _Site, prod_a: Node, in_low) -> tuple[Node, str]:
         weight = call_before(graph, add, op, (weight, site.scale))
         if bias is not None:
             bias = call_before(graph, add, op, (bias, site.scale))
-    weight = in_low(weight, add)
-    if bias is not None or SUM != "addmm":
-        prod_b = call_before(graph, add, torch.nn.functional.linear,
-                             (prod_a, weight, in_low(bias, add)))
-        return call_before(graph, add, torch.add, (site.base, prod_b)), ""
-    out_features = tensor_value(weight).shape[0]
-    base_2d = call_before(graph, add, "reshape", (site.base, -1, out_features))
-    a_2d = call_before(graph, add, "reshape", (prod_a, -1, site.rank))
-    weight_t = call_before(graph, add, "t", (weight,))
-    out = call_before(graph, add, torch.addmm, (base_2d, a_2d, weight_t))
-    return call_before(graph, add, "view_as", (out, site.base)), ", sum in the GEMM (addmm)"
+    prod_b = call_before(graph, add, torch.nn.functional.linear,
+                         (prod_a, in_low(weight, add), in_low(bias, add)))
+    return call_before(graph, add, torch.add, (site.base, prod_b))

@@ -71,7 +71,7 @@ def test_families_bf16_train_like_eager_on_gpu(family, record_property):
 
 @pytest.mark.gpu
 def test_lora_pass_trains_like_eager_on_gpu():
-    """PEFT LoRA (fp32 adapters on the bf16 model) with every pass and the opt-in ``lora`` one:
+    """PEFT LoRA (fp32 adapters on the bf16 model) with the default passes, ``lora`` among them:
     30 steps within bf16 tolerance of eager's fp32-adapter products, and every adapter found."""
     from chronicals_fx.bench import with_lora
 
@@ -79,7 +79,7 @@ def test_lora_pass_trains_like_eager_on_gpu():
     for variant in ("eager", "chronicals"):
         model = with_lora(build_model("tiny-llama", dtype=torch.bfloat16, device="cuda"), 8)
         if variant == "chronicals":
-            chronicals.optimize(model, strict=True, passes=(*chronicals.DEFAULT_PASSES, "lora"))
+            chronicals.optimize(model, strict=True)
         runs[variant] = train(model, byte_batches(8, 256, device="cuda"), 30, lr=1e-3)
     eager, ours = runs["eager"], runs["chronicals"]
     assert not ours.proof_of_training(), ours.proof_of_training()

@@ -16,7 +16,7 @@ from torch import nn
 import chronicals
 from tests.tiny_models import batch, loss_and_grads, tiny_causal_lm
 
-PASSES = ("lora",)      # opt-in: not in chronicals.DEFAULT_PASSES
+PASSES = ("lora",)      # the pass alone
 DETAIL = "products in bfloat16 (fp32 weights, fp32 accumulation)"
 
 
@@ -95,17 +95,21 @@ def test_nothing_to_do(case):
 
 
 class Adapted(nn.Module):
-    """A bf16 layer plus a hand-written fp32 branch up(down(x)) · s (low rank or not)."""
+    """A bf16 layer plus a hand-written fp32 branch up(down(x)) · s (low rank or not), or
+    / (1/s); the fp32 sum is returned, or cast back to bf16 as PEFT does."""
 
-    def __init__(self, rank=3, hidden=16, out=12, scale=0.5):
+    def __init__(self, rank=3, hidden=16, out=12, scale=0.5, divide=False, cast_back=False):
         super().__init__()
         self.base = nn.Linear(hidden, out).to(torch.bfloat16)
         self.down = nn.Linear(hidden, rank, bias=False)        # fp32
         self.up = nn.Linear(rank, out, bias=True)              # fp32, with a bias
-        self.scale = scale
+        self.scale, self.divide, self.cast_back = scale, divide, cast_back
 
     def forward(self, x):
-        return self.base(x) + self.up(self.down(x.float())) * self.scale   # fp32 (bf16 + fp32)
+        branch = self.up(self.down(x.float()))
+        branch = branch / (1 / self.scale) if self.divide else branch * self.scale
+        y = self.base(x) + branch                              # fp32 (bf16 + fp32)
+        return y.to(torch.bfloat16) if self.cast_back else y
 
 
 class ResidualBranch(nn.Module):
@@ -153,14 +157,20 @@ def _run(module, x, g, autocast=False):
     return y, {n: p.grad for n, p in module.named_parameters()}
 
 
-def test_hand_written_adapter_with_biases():
+CASES = [dict(), dict(divide=True), dict(cast_back=True), dict(cast_back=True, divide=True)]
+CASE_IDS = ["fp32 sum", "fp32 sum, divided", "cast back", "cast back, divided"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_hand_written_adapter_with_biases(case):
     """Matched with A's and B's biases; every gradient equals autocast's (½ is exact in bf16,
-    so the scaled branch rounds where autocast's does); the output is the fp32 sum autocast
-    rounds to bf16 once."""
-    eager, optimized, x, g = _optimized_with_inputs(lambda: Adapted(scale=0.5))
+    so the scaled branch rounds where autocast's does). An fp32 sum is autocast's output before
+    its one rounding; a sum cast back (s folded into B, the sum in bf16) is autocast's."""
+    eager, optimized, x, g = _optimized_with_inputs(lambda: Adapted(scale=0.5, **case))
     y_a, grads_a = _run(eager, x, g, autocast=True)
     y_o, grads_o = _run(optimized, x, g)
-    assert y_o.dtype == torch.float32 and y_a.dtype == torch.bfloat16
+    assert y_a.dtype == torch.bfloat16
+    assert y_o.dtype == (torch.bfloat16 if case.get("cast_back") else torch.float32)
     torch.testing.assert_close(y_o.to(torch.bfloat16), y_a, rtol=0, atol=0)
     for name in grads_a:
         assert grads_o[name].dtype == grads_a[name].dtype, name
@@ -168,11 +178,13 @@ def test_hand_written_adapter_with_biases():
     assert len(_lora_report(optimized)[0]) == 1
 
 
-def test_scale_not_a_power_of_two_is_within_one_rounding_of_autocast():
-    """s = 0.3: autocast rounds b·s to bf16 before the sum, the pass rounds the sum once. The
-    outputs differ by at most one bf16 rounding; the gradients are as far from the fp32
-    products' (eager without autocast) as autocast's are: the same precision."""
-    eager, optimized, x, g = _optimized_with_inputs(lambda: Adapted(scale=0.3))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_scale_not_a_power_of_two_is_within_one_rounding_of_autocast(case):
+    """s = 0.3: autocast rounds b·s to bf16 before the sum; the pass rounds the fp32 sum once, or
+    (cast back) rounds s·W_B instead of W_B and b·s. The outputs differ by at most one bf16
+    rounding; the gradients are as far from the fp32 products' (eager without autocast) as
+    autocast's are: the same precision."""
+    eager, optimized, x, g = _optimized_with_inputs(lambda: Adapted(scale=0.3, **case))
     y_a, grads_a = _run(copy.deepcopy(eager), x, g, autocast=True)
     y_32, grads_32 = _run(eager, x, g)
     y_o, grads_o = _run(optimized, x, g)
@@ -212,11 +224,16 @@ def test_look_alikes_left_alone(build):
     assert _lora_report(optimized) == ([], [])
 
 
-def test_opt_in():
-    """Not a default pass: optimize() alone leaves fp32 adapters as they are (reported as 0)."""
-    assert "lora" in chronicals.OP_NAMES and "lora" not in chronicals.DEFAULT_PASSES
-    optimized = _peft()
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager")
-    loss_and_grads(optimized, batch())
-    assert chronicals.report_of(optimized).counts["lora"] == 0
-    assert _lora_report(optimized) == ([], [])
+def test_default_and_off():
+    """A default pass: optimize() alone rewrites all 7 adapters; passes without "lora" leave
+    them as they are (reported as 0)."""
+    assert "lora" in chronicals.DEFAULT_PASSES
+    on, off = _peft(), _peft()
+    chronicals.optimize(on, strict=True, compiler="aot_eager")
+    passes = tuple(p for p in chronicals.DEFAULT_PASSES if p != "lora")
+    chronicals.optimize(off, strict=True, compiler="aot_eager", passes=passes)
+    loss_and_grads(on, batch())
+    loss_and_grads(off, batch())
+    assert chronicals.report_of(on).counts["lora"] == 7
+    assert chronicals.report_of(off).counts["lora"] == 0
+    assert _lora_report(off) == ([], [])
