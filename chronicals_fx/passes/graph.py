@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
+from torch.fx.node import map_arg
 
 # ---------------------------------------------------------------------------------------------
 # Canonical kinds: name -> (positional parameter names, keyword defaults).
@@ -289,29 +290,29 @@ def fake_call(target: Any, args: tuple, kwargs: dict | None = None) -> Any:
     """Run ``target`` on the example values of ``args`` under the graph's fake mode.
 
     Nodes a pass inserts need ``meta["example_value"]`` like Dynamo's own, so later passes
-    and Inductor see a valid graph.
+    and Inductor see a valid graph. Arguments may nest nodes (a shape tuple with symbolic sizes,
+    the tuple an op returned).
     """
-    kwargs = kwargs or {}
-    flat = [value(a) if isinstance(a, Node) else a for a in args]
-    fkw = {k: value(v) if isinstance(v, Node) else v for k, v in kwargs.items()}
-    modes = {id(v.fake_mode): v.fake_mode for v in [*flat, *fkw.values()]
-             if getattr(v, "fake_mode", None) is not None}
+    args, kwargs = map_arg((tuple(args), dict(kwargs or {})), value)
+    modes = {id(m): m for v in torch.utils._pytree.tree_leaves((args, kwargs))
+             if (m := getattr(v, "fake_mode", None)) is not None}
     if len(modes) != 1:
         raise RuntimeError(f"expected example values of one fake mode, found {len(modes)}")
     with next(iter(modes.values())):
-        return target(*flat, **fkw)
+        return target(*args, **kwargs)
 
 
 def call_before(graph: Graph, before: Node, target: Any, args: tuple,
-                kwargs: dict | None = None) -> Node:
-    """Insert ``target(*args, **kwargs)`` before ``before``, with ``before``'s metadata (module
-    stack, for the report) and its own fake ``example_value``. A string target is a tensor
-    method (``"to"``: a cast, as Dynamo spells it)."""
+                kwargs: dict | None = None, meta_from: Node | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, with the metadata of ``meta_from``
+    (default ``before``: the module stack, for the report) and its own fake ``example_value``.
+    A string target is a tensor method (``"to"``: a cast, as Dynamo spells it)."""
     kwargs = kwargs or {}
     with graph.inserting_before(before):
         new = (graph.call_method(target, args, kwargs) if isinstance(target, str)
                else graph.call_function(target, args, kwargs))
-    new.meta = {k: v for k, v in before.meta.items() if k not in ("example_value", "val")}
+    source = before if meta_from is None else meta_from
+    new.meta = {k: v for k, v in source.meta.items() if k not in ("example_value", "val")}
     fn = getattr(torch.Tensor, target) if isinstance(target, str) else target
     new.meta["example_value"] = fake_call(fn, args, kwargs)
     return new
@@ -337,17 +338,9 @@ def insert_call(graph: Graph, before: Node, target: Any, args: tuple, meta_from:
 
     The caller redirects users (``replace_all_uses_with``) and erases what became dead.
     """
-    example = fake_call(target, args)
-    meta = {k: v for k, v in meta_from.meta.items() if k not in ("example_value", "val")}
-    with graph.inserting_before(before):
-        call = graph.call_function(target, args)
-        call.meta = {**meta, "example_value": example}
-        outputs = []
-        for i in range(n_outputs):
-            item = graph.call_function(operator.getitem, (call, i))
-            item.meta = {**meta, "example_value": example[i]}
-            outputs.append(item)
-    return outputs
+    call = call_before(graph, before, target, args, meta_from=meta_from)
+    return [call_before(graph, before, operator.getitem, (call, i), meta_from=meta_from)
+            for i in range(n_outputs)]
 
 
 def erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:

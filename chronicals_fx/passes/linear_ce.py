@@ -51,7 +51,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..kernels._triton import KERNEL_DTYPES
-from .graph import canon, is_kind, narrower, number, static_int, tensor_value, value
+from .graph import call_before, canon, is_kind, narrower, number, static_int, tensor_value
 
 NAME = "linear_cross_entropy"
 
@@ -465,35 +465,21 @@ def _outputs_must_be_tensors() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Rewriting
 # ---------------------------------------------------------------------------------------------
-def _insert(graph, target, args, meta_from: Node) -> Node:
-    """Insert ``target(*args)`` with its example value computed under the graph's fake mode
-    (arguments may nest nodes, e.g. symbolic sizes inside a shape tuple)."""
-    node = graph.call_function(target, args)
-    node.meta = {k: v for k, v in meta_from.meta.items() if k not in ("example_value", "val")}
-    values = map_arg(args, value)
-    modes = {id(m): m for v in torch.utils._pytree.tree_leaves(values)
-             if (m := getattr(v, "fake_mode", None)) is not None}
-    if len(modes) != 1:
-        raise RuntimeError(f"expected example values of one fake mode, found {len(modes)}")
-    with next(iter(modes.values())):
-        node.meta["example_value"] = target(*values)
-    return node
-
-
-def _replay(graph, node: Node, h: Node, hidden_size: int, vocab: int) -> Node:
-    """Apply shape op ``node`` (on logits) to ``h`` (hidden size in place of V)."""
+def _replay(insert, node: Node, h: Node, hidden_size: int, vocab: int) -> Node:
+    """Apply shape op ``node`` (on logits) to ``h`` (hidden size in place of V); ``insert``
+    adds a call to the graph."""
     c = canon(node)
     if c is not None and c.kind == "getitem":
-        return _insert(graph, operator.getitem, (h, c["index"]), node)
+        return insert(operator.getitem, (h, c["index"]), node)
     kind = _shape_kind(node)
     if kind == "contiguous":
-        return _insert(graph, torch.Tensor.contiguous, (h,), node)
+        return insert(torch.Tensor.contiguous, (h,), node)
     if kind == "flatten":
         args = list(node.args[1:])
         kw = dict(node.kwargs)
         start = args[0] if args else kw.get("start_dim", 0)
         end = args[1] if len(args) > 1 else kw.get("end_dim", -1)
-        return _insert(graph, torch.flatten, (h, start, end), node)
+        return insert(torch.flatten, (h, start, end), node)
     # view / reshape: the shape with V (the last entry) replaced by H
     shape = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:])
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -505,7 +491,7 @@ def _replay(graph, node: Node, h: Node, hidden_size: int, vocab: int) -> Node:
         shape[-1] = hidden_size
     elif static_int(last) != -1:
         raise RuntimeError(f"cannot replay {node.format_node()}")
-    return _insert(graph, torch.reshape, (h, tuple(shape)), node)
+    return insert(torch.reshape, (h, tuple(shape)), node)
 
 
 def _rewrite(gm: GraphModule, site: _Site, dropped: list[Node]) -> Node:
@@ -516,28 +502,30 @@ def _rewrite(gm: GraphModule, site: _Site, dropped: list[Node]) -> Node:
         output.args = map_arg(output.args, lambda n: None if n in gone else n)
     w_val = tensor_value(site.weight)
     vocab, hidden_size = (w_val.shape[1], w_val.shape[0]) if site.weight_t else tuple(w_val.shape)
-    with graph.inserting_before(site.loss):
-        weight = site.weight
-        if site.weight_t:
-            weight = _insert(graph, torch.t, (weight,), site.loss)
-        h = site.hidden
-        for node in site.shape_ops:
-            h = _replay(graph, node, h, hidden_size, vocab)
-        if tensor_value(h).dim() != 2:
-            h = _insert(graph, torch.reshape, (h, (-1, hidden_size)), site.loss)
-        args = (h, weight, site.bias, site.labels, site.ignore_index, site.reduction,
-                site.label_smoothing, site.scale, site.softcap, 0.0, site.out_dtype)
-        if any(site.needs):
-            target = torch.ops.chronicals.linear_cross_entropy_grad_in_forward.default
-            args = args + tuple(site.needs)
-            site.notes.append("gradients in the forward (" + ", ".join(
-                name for name, need in zip(("hidden", "weight", "bias"), site.needs) if need) + ")")
-        else:
-            target = torch.ops.chronicals.linear_cross_entropy.default
-            site.notes.append("forward only (no gradient needed)")
-        # The op's "where" is the linear's module (lm_head): HF's loss function is no module.
-        op = _insert(graph, target, args, site.linear)
-        loss = _insert(graph, operator.getitem, (op, 0), site.linear)
+    def insert(target, args, meta_from: Node) -> Node:
+        return call_before(graph, site.loss, target, args, meta_from=meta_from)
+
+    weight = site.weight
+    if site.weight_t:
+        weight = insert(torch.t, (weight,), site.loss)
+    h = site.hidden
+    for node in site.shape_ops:
+        h = _replay(insert, node, h, hidden_size, vocab)
+    if tensor_value(h).dim() != 2:
+        h = insert(torch.reshape, (h, (-1, hidden_size)), site.loss)
+    args = (h, weight, site.bias, site.labels, site.ignore_index, site.reduction,
+            site.label_smoothing, site.scale, site.softcap, 0.0, site.out_dtype)
+    if any(site.needs):
+        target = torch.ops.chronicals.linear_cross_entropy_grad_in_forward.default
+        args = args + tuple(site.needs)
+        site.notes.append("gradients in the forward (" + ", ".join(
+            name for name, need in zip(("hidden", "weight", "bias"), site.needs) if need) + ")")
+    else:
+        target = torch.ops.chronicals.linear_cross_entropy.default
+        site.notes.append("forward only (no gradient needed)")
+    # The op's "where" is the linear's module (lm_head): HF's loss function is no module.
+    op = insert(target, args, site.linear)
+    loss = insert(operator.getitem, (op, 0), site.linear)
     site.loss.replace_all_uses_with(loss)
     # Erase what became dead, users before inputs; transposes of W last (they may feed other
     # nodes, e.g. a tied embedding, and then stay).

@@ -48,8 +48,10 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
+    call_before,
     canon,
-    fake_call,
+    erase_dead,
+    insert_call,
     is_kind,
     narrower,
     normalize_dim,
@@ -654,21 +656,15 @@ def _pairs(gm: GraphModule, sites: list[_Site]) -> list[list[_Site]]:
     return groups
 
 
-def _insert(graph, target, *args) -> Node:
-    node = graph.call_function(target, args)
-    node.meta["example_value"] = fake_call(target, args)
-    return node
-
-
-def _table_3d(graph, site: _Site, table: Node) -> Node:
+def _table_3d(insert, site: _Site, table: Node) -> Node:
     """cos/sin as [Bc, Tc, W] views (unit dims added in front, the head axis squeezed)."""
     for _ in range(4 - tensor_value(table).dim()):
-        table = _insert(graph, torch.unsqueeze, table, 0)
-    table = _insert(graph, torch.squeeze, table, 3 - site.seq_dim)  # the head axis
+        table = insert(torch.unsqueeze, table, 0)
+    table = insert(torch.squeeze, table, 3 - site.seq_dim)  # the head axis
     if site.half and site.spelling == "rotate-half":
-        table = _insert(graph, operator.getitem, table, (Ellipsis, slice(None, _shape(table)[-1] // 2)))
+        table = insert(operator.getitem, table, (Ellipsis, slice(None, _shape(table)[-1] // 2)))
     elif site.half and site.spelling == "interleaved":
-        table = _insert(graph, operator.getitem, table, (Ellipsis, slice(None, None, 2)))
+        table = insert(operator.getitem, table, (Ellipsis, slice(None, None, 2)))
     return table
 
 
@@ -678,31 +674,24 @@ def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     a = group[0]
     b = group[1] if len(group) > 1 else None
     anchor = min((s.output for s in group), key=order.__getitem__)
-    with graph.inserting_before(anchor):
-        if a.spelling == "complex":
-            pairs = _insert(graph, torch.view_as_real, a.cos)
-            cos = _table_3d(graph, a, _insert(graph, torch.select, pairs, -1, 0))
-            sin = _table_3d(graph, a, _insert(graph, torch.select, pairs, -1, 1))
-        else:
-            cos, sin = _table_3d(graph, a, a.cos), _table_3d(graph, a, a.sin)
-        args = (a.x, b.x if b else None, cos, sin, a.seq_dim, a.interleaved, a.half,
-                a.round_dtype, a.grad_round_dtype, a.out_dtype)
-        call = _insert(graph, torch.ops.chronicals.rope.default, *args)
-        meta = {k: v for k, v in a.output.meta.items() if k not in ("example_value", "val")}
-        call.meta.update(meta)
-        outs = []
-        for i, site in enumerate(group):
-            out = graph.call_function(operator.getitem, (call, i))
-            out.meta.update(meta)
-            out.meta["example_value"] = call.meta["example_value"][i]
-            site.output.replace_all_uses_with(out)
-            outs.append(out)
-    erase = set().union(*(s.matched for s in group))
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted(erase, key=order.__getitem__, reverse=True):
-        if not node.users and node.op in ("call_function", "call_method"):
-            graph.erase_node(node)
-    return call
+
+    def insert(target, *args) -> Node:   # before the first output, with its module stack
+        return call_before(graph, anchor, target, args, meta_from=a.output)
+
+    if a.spelling == "complex":
+        pairs = insert(torch.view_as_real, a.cos)
+        cos = _table_3d(insert, a, insert(torch.select, pairs, -1, 0))
+        sin = _table_3d(insert, a, insert(torch.select, pairs, -1, 1))
+    else:
+        cos, sin = _table_3d(insert, a, a.cos), _table_3d(insert, a, a.sin)
+    args = (a.x, b.x if b else None, cos, sin, a.seq_dim, a.interleaved, a.half, a.round_dtype,
+            a.grad_round_dtype, a.out_dtype)
+    outs = insert_call(graph, anchor, torch.ops.chronicals.rope.default, args, a.output,
+                       len(group))
+    for site, out in zip(group, outs):
+        site.output.replace_all_uses_with(out)
+    erase_dead(graph, set().union(*(s.matched for s in group)))
+    return outs[0].args[0]
 
 
 def _describe(group: list[_Site]) -> str:

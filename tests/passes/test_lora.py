@@ -225,15 +225,12 @@ def test_look_alikes_left_alone(build):
 
 
 def test_default_and_off():
-    """A default pass: optimize() alone rewrites all 7 adapters; passes without "lora" leave
+    """A default pass: the default passes rewrite all 7 adapters; passes without "lora" leave
     them as they are (reported as 0)."""
     assert "lora" in chronicals.DEFAULT_PASSES
-    on, off = _peft(), _peft()
-    chronicals.optimize(on, strict=True, compiler="aot_eager")
+    model = _peft()
     passes = tuple(p for p in chronicals.DEFAULT_PASSES if p != "lora")
-    chronicals.optimize(off, strict=True, compiler="aot_eager", passes=passes)
-    loss_and_grads(on, batch())
-    loss_and_grads(off, batch())
-    assert chronicals.report_of(on).counts["lora"] == 7
-    assert chronicals.report_of(off).counts["lora"] == 0
-    assert _lora_report(off) == ([], [])
+    on = chronicals.explain(model, **batch())
+    off = chronicals.explain(model, **batch(), chronicals_options={"passes": passes})
+    assert on.counts["lora"] == 7 and not [d for d in on.declines if d.op == "lora"]
+    assert off.counts["lora"] == 0 and not [m for m in off.matches if m.op == "lora"]
