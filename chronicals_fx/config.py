@@ -11,7 +11,7 @@ OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_c
                              "lora")
 # The passes that run unless ``passes`` says otherwise: all of them. ("lora" gives fp32 adapters'
 # products autocast's precision; on an H200, LoRA r=32: 1.21x torch.compile, losses within 0.011
-# of eager's, benchmarks/RESULTS.md session 8.)
+# of eager's, benchmarks/RESULTS.md session 8, call 1 — measured with its fp32-sum form.)
 DEFAULT_PASSES: tuple[str, ...] = OP_NAMES
 
 _COMPILERS = ("inductor", "aot_eager", "eager")

@@ -260,7 +260,7 @@ def scaled_operand(node: Any) -> tuple[Node, Any] | None:
     if c is None:
         return None
     x, s = c["input"], c["other"]
-    if c.kind == "mul" and not isinstance(x, Node):
+    if c.kind == "mul" and tensor_value(x) is None:   # s · x (s a number or a symbolic one)
         x, s = s, x
     return (x, s) if isinstance(x, Node) else None
 
@@ -312,7 +312,9 @@ def call_before(graph: Graph, before: Node, target: Any, args: tuple,
         new = (graph.call_method(target, args, kwargs) if isinstance(target, str)
                else graph.call_function(target, args, kwargs))
     source = before if meta_from is None else meta_from
-    new.meta = {k: v for k, v in source.meta.items() if k not in ("example_value", "val")}
+    # where it lives (the module stack), not what it computes (value, source function)
+    new.meta = {k: v for k, v in source.meta.items()
+                if k not in ("example_value", "val", "source_fn_stack")}
     fn = getattr(torch.Tensor, target) if isinstance(target, str) else target
     new.meta["example_value"] = fake_call(fn, args, kwargs)
     return new

@@ -19,19 +19,23 @@ Rewritten with autocast's product precision (what HF Trainer's ``bf16=True`` giv
     a = linear(xᵤ.to(D), W_A.to(D), b_A.to(D))      # cuBLAS in D, fp32 accumulation
     y = base + linear(a, (s·W_B).to(D), (s·b_B).to(D))            (in D)
 
-when every user of y casts it back to D (PEFT does: ``result.to(torch_result_dtype)``). s is
-folded into the [out, r] weight, so no [N, out] product or gradient is ever scaled. Where y has
-other users (a hand-written module returning the fp32 sum), the sum stays fp32 instead:
+when every user of y casts it back to D (PEFT does: ``result.to(torch_result_dtype)``) and the
+scaled branch feeds nothing else. s is folded into the [out, r] weight (not at all when s = 1),
+so no [N, out] product or gradient is ever scaled. Where y or the scaled branch has other users
+(a hand-written module returning the fp32 sum), the sum stays fp32 instead:
 ``y = base + s · linear(a, W_B.to(D), b_B.to(D)).to(fp32)``, rounded once.
 
 The weights stay fp32 tensors, as do their gradients (whose values are rounded through D by the
 casts' backward, as under autocast), so the optimizer's update keeps fp32 precision. Where xᵤ
 is one upcast of a D tensor x (PEFT without dropout), x is used directly (the cast is exact).
-When s is a power of two (PEFT's alpha / r usually is) the results are autocast's exactly;
-otherwise within one rounding (autocast rounds W_B, the product, b·s and the sum; this rounds
-s·W_B, the product and the sum — or the fp32 sum once). Measured on an H200, LoRA r=32 on every
-linear of the Qwen2.5-0.5B shape: 1.21x torch.compile with the pass (benchmarks/RESULTS.md,
-session 8). Not candidates: products already in D (adapters in D, or under
+When s is a power of two (PEFT's alpha / r usually is) the results are autocast's exactly
+(in fp16, unless s·W_B has entries below fp16's normal range, 6.1e-5, which the fold rounds
+differently); otherwise within one rounding (autocast rounds W_B, the product, b·s and the sum;
+this rounds s·W_B, the product and the sum — or the fp32 sum once). The report's detail says
+which sum a site got. Measured on an H200, LoRA r=32 on every linear of the Qwen2.5-0.5B shape
+(benchmarks/RESULTS.md, session 8): with the pass 1.21x torch.compile (the fp32-sum form of
+9657d4d, 24 layers), and the sum in the low dtype 1.07x the fp32 sum (6 layers, one machine).
+Not candidates: products already in D (adapters in D, or under
 ``torch.autocast``), a low-rank fp32 branch that is no adapter of a linear of the same input
 (e.g. added to a residual stream), full-rank fp32 layers on a low-precision input (e.g. an fp32
 lm_head, a deliberate choice of precision), fp32 models. With several adapters on one layer,
@@ -64,10 +68,11 @@ def run(gm: GraphModule, ctx) -> None:
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
             site = _adapter(add.node, base, delta)
             if site is not None:
-                _rewrite(gm, site)
-                ctx.matched(node, f"rank {site.rank} adapter: products in "
-                                  f"{str(site.low).removeprefix('torch.')} "
-                                  f"(fp32 weights, fp32 accumulation)")
+                low = str(site.low).removeprefix("torch.")
+                in_low = _rewrite(gm, site)
+                ctx.matched(node, f"rank {site.rank} adapter: products in {low} (fp32 "
+                                  f"weights, fp32 accumulation), "
+                                  + (f"sum in {low}" if in_low else "fp32 sum"))
                 break
 
 
@@ -81,6 +86,7 @@ class _Site:
     b: Canon                # linear B
     scale: Any = None       # s of delta = B(A(x)) · s (or / s), None if unscaled
     divide: bool = False
+    scaled: Node | None = None   # the node computing B(A(x)) · s
 
 
 def _dtype(node) -> torch.dtype | None:
@@ -113,10 +119,11 @@ def _adapter(add: Node, base, delta) -> _Site | None:
     low = _dtype(base)
     if low not in _LOW or not isinstance(delta, Node):
         return None
-    scale, divide = None, False
+    scale, divide, scaled_node = None, False, None
     scaled = scaled_operand(delta)
     if scaled is not None:
         divide = is_kind(delta, "div") is not None
+        scaled_node = delta
         delta, scale = scaled
         if not _scalar(scale):
             return None
@@ -146,10 +153,11 @@ def _adapter(add: Node, base, delta) -> _Site | None:
     base_lin = is_kind(strip_casts(base)[0], "linear")
     if base_lin is None or _source(base_lin["input"]) is not _source(lin_a["input"]):
         return None
-    return _Site(add, base, low, rank, lin_a, lin_b, scale, divide)
+    return _Site(add, base, low, rank, lin_a, lin_b, scale, divide, scaled_node)
 
 
-def _rewrite(gm: GraphModule, site: _Site) -> None:
+def _rewrite(gm: GraphModule, site: _Site) -> bool:
+    """Rewrite the site; True if the sum is formed in the low dtype, False if in fp32."""
     graph, low, a, b = gm.graph, site.low, site.a, site.b
 
     def in_low(node, before: Node):
@@ -167,31 +175,36 @@ def _rewrite(gm: GraphModule, site: _Site) -> None:
     upcasts = [c.node for c in strip_casts(a["input"])[1]]
     casts_to_low = [u for u in site.add.users
                     if (c := is_kind(u, "cast")) is not None and c["dtype"] == low]
-    if site.add.users and len(casts_to_low) == len(site.add.users):
+    only_cast_back = bool(site.add.users) and len(casts_to_low) == len(site.add.users)
+    scaled_for_the_sum_only = site.scaled is None or len(site.scaled.users) == 1
+    if only_cast_back and scaled_for_the_sum_only:
         out = _sum_in_low(graph, site, prod_a, in_low)
         for cast in casts_to_low:
             cast.replace_all_uses_with(out)
         erase_dead(graph, [*casts_to_low, site.add, *site.add.all_input_nodes, b.node, a.node,
                            *upcasts])
-        return
-    # the fp32 sum has other users (a hand-written module's fp32 output): keep it in fp32
+        return True
+    # the fp32 sum (or the scaled product) has other users, e.g. a hand-written module's fp32
+    # output: keep the sum in fp32
     prod_b = call_before(graph, b.node, linear,
                          (prod_a, in_low(b["weight"], b.node), in_low(b["bias"], b.node)))
     up = call_before(graph, b.node, "to", (prod_b, torch.float32))
     b.node.replace_all_uses_with(up)
     erase_dead(graph, [b.node, a.node, *upcasts])
+    return False
 
 
 def _sum_in_low(graph, site: _Site, prod_a: Node, in_low) -> Node:
     """base + a·(s·W_B)ᵀ in the low dtype, for a sum wanted only there (PEFT casts it back).
 
     s is folded into W_B ([out, r]) instead of scaling the [N, out] product, so the backward
-    scales no [N, out] gradient either. For s a power of two the fold is exact and the result
-    is autocast's bit for bit (it rounds the product, then the sum, as this does).
+    scales no [N, out] gradient either. For s a power of two the fold is exact (in fp16 unless
+    s·W_B falls below its normal range) and the result is autocast's bit for bit (it rounds the
+    product, then the sum, as this does).
     """
     add, b = site.add, site.b
     weight, bias = b["weight"], b["bias"]
-    if site.scale is not None:
+    if site.scale is not None and number(site.scale) != 1:   # PEFT's alpha = r: s = 1
         op = torch.div if site.divide else torch.mul
         weight = call_before(graph, add, op, (weight, site.scale))
         if bias is not None:

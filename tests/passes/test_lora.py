@@ -18,6 +18,7 @@ from tests.tiny_models import batch, loss_and_grads, tiny_causal_lm
 
 PASSES = ("lora",)      # the pass alone
 DETAIL = "products in bfloat16 (fp32 weights, fp32 accumulation)"
+SUM_IN_LOW, SUM_IN_FP32 = "sum in bfloat16", "fp32 sum"     # the detail's last words
 
 
 def _peft(dtype=torch.bfloat16, **lora):
@@ -63,7 +64,8 @@ def test_peft_bf16_model_fp32_adapters():
     assert sorted(m.where.rsplit(".", 1)[-1] for m in matches) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert all(m.where.startswith("base_model.model.model.layers.0.") for m in matches), matches
-    assert all(DETAIL in m.detail and "rank 4" in m.detail for m in matches), matches
+    assert all(DETAIL in m.detail and "rank 4" in m.detail and m.detail.endswith(SUM_IN_LOW)
+               for m in matches), matches
 
 
 def test_peft_dropout_is_kept_in_fp32():
@@ -175,7 +177,8 @@ def test_hand_written_adapter_with_biases(case):
     for name in grads_a:
         assert grads_o[name].dtype == grads_a[name].dtype, name
         torch.testing.assert_close(grads_o[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert len(_lora_report(optimized)[0]) == 1
+    (match,), _ = _lora_report(optimized)
+    assert match.detail.endswith(SUM_IN_LOW if case.get("cast_back") else SUM_IN_FP32), match
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -197,7 +200,8 @@ def test_scale_not_a_power_of_two_is_within_one_rounding_of_autocast(case):
     for name in grads_32:
         ours, autocast = rel(grads_o[name], grads_32[name]), rel(grads_a[name], grads_32[name])
         assert ours <= 1.5 * autocast + 1e-6, (name, ours, autocast)
-    assert len(_lora_report(optimized)[0]) == 1
+    (match,), _ = _lora_report(optimized)
+    assert match.detail.endswith(SUM_IN_LOW if case.get("cast_back") else SUM_IN_FP32), match
 
 
 def test_under_autocast_nothing_to_do():
@@ -233,4 +237,62 @@ def test_default_and_off():
     on = chronicals.explain(model, **batch())
     off = chronicals.explain(model, **batch(), chronicals_options={"passes": passes})
     assert on.counts["lora"] == 7 and not [d for d in on.declines if d.op == "lora"]
+    assert off.graphs == 1 and off.counts["rmsnorm"] > 0      # compiled, with the other passes
     assert off.counts["lora"] == 0 and not [m for m in off.matches if m.op == "lora"]
+
+
+class BranchAlsoReturned(Adapted):
+    """The scaled branch has a second user (returned too): the sum stays fp32, so the branch is
+    computed once (a bf16 sum would need the scaled product anyway, and the fp32 GEMMs with it)."""
+
+    def forward(self, x):
+        branch = self.up(self.down(x.float())) * self.scale
+        return (self.base(x) + branch).to(torch.bfloat16), branch
+
+
+def test_scaled_branch_with_another_user_keeps_the_fp32_sum():
+    torch.manual_seed(0)
+    eager = BranchAlsoReturned()
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
+                                    passes=PASSES)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y_a, branch_a = eager(x)
+    y_o, branch_o = optimized(x)
+    torch.testing.assert_close(y_o, y_a, rtol=0, atol=0)
+    torch.testing.assert_close(branch_o.to(torch.bfloat16), branch_a, rtol=0, atol=0)
+    (match,), _ = _lora_report(optimized)
+    assert match.detail.endswith(SUM_IN_FP32), match
+
+
+class ScaleOnTheLeft(nn.Module):
+    """PEFT's sum with the scale written on either side: s · B(A(x)) or B(A(x)) · s."""
+
+    def __init__(self, scale, left):
+        super().__init__()
+        self.base = nn.Linear(16, 12).to(torch.bfloat16)
+        self.down = nn.Linear(16, 3, bias=False)
+        self.up = nn.Linear(3, 12, bias=False)
+        self.scale, self.left = scale, left
+
+    def forward(self, x):
+        branch = self.up(self.down(x.float()))
+        branch = self.scale * branch if self.left else branch * self.scale
+        return (self.base(x) + branch).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["b * s", "s * b"])
+def test_symbolic_scale_on_either_side(left):
+    """A float attribute that differs between instances becomes a symbolic input of the graph
+    (from the second compiled instance on): matched on either side of the product."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    for scale in (0.5, 0.25, 0.125):
+        torch.manual_seed(0)
+        module = ScaleOnTheLeft(scale, left)
+        optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                        passes=PASSES)
+        with torch.autocast("cpu", torch.bfloat16):
+            expected = module(x)
+        torch.testing.assert_close(optimized(x), expected, rtol=0, atol=0)
+        assert chronicals.report_of(optimized).counts["lora"] == 1, scale
