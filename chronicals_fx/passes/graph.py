@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +187,14 @@ def is_kind(node: Any, *kinds: str) -> Canon | None:
     """``canon(node)`` if its kind is one of ``kinds``, else None."""
     c = canon(node)
     return c if c is not None and c.kind in kinds else None
+
+
+def live_canons(graph: Graph, *kinds: str) -> Iterator[Canon]:
+    """The canonical view of each node of one of ``kinds``, over the graph as it was when the
+    walk began, skipping nodes a rewrite on the way has erased (a pass's outer loop)."""
+    for node in list(graph.nodes):
+        if not node._erased and (c := is_kind(node, *kinds)) is not None:
+            yield c
 
 
 # ---------------------------------------------------------------------------------------------

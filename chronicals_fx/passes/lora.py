@@ -51,22 +51,18 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import (Canon, call_before, erase_dead, is_kind, number, scaled_operand, strip_casts,
-                    tensor_value, value)
+from .graph import (Canon, call_before, erase_dead, is_kind, live_canons, number, scaled_operand,
+                    strip_casts, tensor_value, value)
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
 
 
 def run(gm: GraphModule, ctx) -> None:
-    for node in list(gm.graph.nodes):
-        if node._erased:
-            continue
-        add = is_kind(node, "add")
-        if add is None:
-            continue
+    for add in live_canons(gm.graph, "add"):
+        node = add.node
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
-            site = _adapter(add.node, base, delta)
+            site = _adapter(node, base, delta)
             if site is not None:
                 low = str(site.low).removeprefix("torch.")
                 in_low = _rewrite(gm, site)

@@ -25,8 +25,9 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.rmsnorm import MAX_HIDDEN
-from .graph import (Canon, canon, erase_dead, insert_call, is_kind, narrower, normalize_dim,
-                    number, replace_with_call, sole_user, static_int, tensor_value, used_outside)
+from .graph import (Canon, canon, erase_dead, insert_call, is_kind, live_canons, narrower,
+                    normalize_dim, number, replace_with_call, sole_user, static_int, tensor_value,
+                    used_outside)
 
 NAME = "rmsnorm"
 _LOW = (torch.bfloat16, torch.float16)
@@ -48,12 +49,8 @@ class _Site:
 
 
 def run(gm: GraphModule, ctx) -> None:
-    for node in list(gm.graph.nodes):
-        if node._erased:
-            continue
-        c = canon(node)
-        if c is None or c.kind not in ("add", "rms_norm"):
-            continue
+    for c in live_canons(gm.graph, "add", "rms_norm"):
+        node = c.node
         site = _functional(c) if c.kind == "rms_norm" else _decomposed(c)
         if site is None:
             continue

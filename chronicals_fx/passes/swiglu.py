@@ -55,7 +55,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.swiglu import ACTIVATIONS
-from .graph import (canon, is_kind, narrower, normalize_dim, number, replace_with_call,
+from .graph import (canon, is_kind, live_canons, narrower, normalize_dim, number, replace_with_call,
                     scaled_operand, strip_casts, tensor_value, used_outside)
 
 NAME = "swiglu"
@@ -86,13 +86,9 @@ class _Site:
 
 
 def run(gm: GraphModule, ctx) -> None:
-    for node in list(gm.graph.nodes):
-        if node._erased:
-            continue
-        mul = is_kind(node, "mul")
-        if mul is None:
-            continue
-        site = _find(mul.node, mul["input"], mul["other"])
+    for mul in live_canons(gm.graph, "mul"):
+        node = mul.node
+        site = _find(node, mul["input"], mul["other"])
         if site is None:
             continue
         site.activation = _identify(site.chain, site.gate) or ""
