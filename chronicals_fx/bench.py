@@ -8,7 +8,7 @@ compare in one run: ``--variants compile chronicals:rmsnorm chronicals:rmsnorm,s
 ``chronicals@swiglu_save_hidden=0`` (after the pass set, if any) with backend options of its
 own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers);
 ``mode=reduce-overhead`` (CUDA graphs) goes to ``torch.compile`` for ``compile@...`` and
-``chronicals@...`` alike.
+``chronicals@...`` alike, and so do Inductor's options (``compile@cpp_wrapper=true``).
 
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
@@ -70,7 +70,7 @@ def run_variant(args) -> dict:
 
         _apply_liger_kernel_to_instance(model=model.get_base_model() if args.lora else model)
     if variant.partition("@")[0] in ("compile", "liger_compile"):
-        model.compile(**variant_options(variant))    # compile@mode=reduce-overhead
+        model.compile(**compile_kwargs(variant_options(variant)))
     report = None
     if variant.startswith("chronicals"):
         options = {} if args.passes is None else {"passes": tuple(args.passes)}
@@ -115,6 +115,16 @@ def variant_options(variant: str) -> dict:
         options[key] = (lowered in ("1", "true") if lowered in ("0", "1", "true", "false")
                         else int(value) if value.isdigit() else value)
     return options
+
+
+def compile_kwargs(options: dict) -> dict:
+    """``torch.compile``'s arguments for a ``compile@...`` variant: ``mode`` as such, the rest as
+    Inductor ``options`` (``compile@cpp_wrapper=true``). torch.compile takes one or the other."""
+    options = dict(options)
+    mode = options.pop("mode", None)
+    if mode and options:
+        raise SystemExit(f"torch.compile takes mode or options, not both: {mode!r}, {options}")
+    return {"mode": mode} if mode else {"options": options} if options else {}
 
 
 def main(argv=None) -> int:

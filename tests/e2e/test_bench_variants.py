@@ -2,7 +2,7 @@
 
 import pytest
 
-from chronicals_fx.bench import variant_options
+from chronicals_fx.bench import compile_kwargs, variant_options
 
 
 def test_variant_names_carry_passes_and_options():
@@ -16,3 +16,13 @@ def test_variant_names_carry_passes_and_options():
     assert variant_options("compile@mode=reduce-overhead") == {"mode": "reduce-overhead"}
     assert variant_options("chronicals@mode=reduce-overhead,swiglu_save_hidden=0") == {
         "mode": "reduce-overhead", "swiglu_save_hidden": False}
+
+
+def test_compile_variant_splits_mode_from_inductor_options():
+    assert compile_kwargs(variant_options("compile")) == {}
+    assert compile_kwargs(variant_options("compile@mode=reduce-overhead")) == {
+        "mode": "reduce-overhead"}
+    assert compile_kwargs(variant_options("compile@cpp_wrapper=true")) == {
+        "options": {"cpp_wrapper": True}}
+    with pytest.raises(SystemExit, match="mode or options"):
+        compile_kwargs(variant_options("compile@mode=reduce-overhead,cpp_wrapper=1"))
