@@ -46,6 +46,9 @@ class Config:
     # of it in backward (H200, Qwen2.5-0.5B B=8 T=1024: peak 10.7 → 9.1 GiB, step 1–2% slower);
     # or keep act(g)·u saved for the down projection's backward, as Inductor does (True).
     swiglu_save_hidden: bool = False
+    # LoRA: adapters whose A products read one input (q/k/v of a layer, gate/up) share one GEMM
+    # over their concatenated A weights (a measurement switch until benchmarks decide).
+    lora_concat_a: bool = False
     # Kernel for causal attention on CUDA: "sdpa" (PyTorch's dispatcher picks cuDNN or flash;
     # measured fastest on an H200), or force "cudnn", "flash", or our "triton" kernel. Packed
     # documents always use the document-masked Triton kernel.

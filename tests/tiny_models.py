@@ -93,3 +93,19 @@ def optimized_matches_eager(module: torch.nn.Module, *args, rtol: float = 1e-5, 
     for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
         torch.testing.assert_close(p_o.grad, p_e.grad, rtol=rtol, atol=atol, msg=name)
     return optimized
+
+
+def keep_rewritten_graphs(monkeypatch) -> list:
+    """A list that collects every graph the backend rewrites from now on (after its passes)."""
+    import chronicals_fx.backend
+
+    graphs = []
+    run_pipeline = chronicals_fx.backend.run_pipeline
+
+    def keep(gm, config):
+        report = run_pipeline(gm, config)
+        graphs.append(gm)
+        return report
+
+    monkeypatch.setattr(chronicals_fx.backend, "run_pipeline", keep)
+    return graphs

@@ -12,7 +12,8 @@ import transformers
 from torch import nn
 
 import chronicals
-from tests.tiny_models import _COMMON, FAMILIES, assert_same_training_signal, batch, twins
+from tests.tiny_models import (_COMMON, FAMILIES, assert_same_training_signal, batch,
+                               keep_rewritten_graphs, twins)
 
 OP = "linear_cross_entropy"
 ONLY = {"passes": (OP,)}
@@ -304,23 +305,8 @@ def _ops_in(gm_list):
              if t is torch.ops.chronicals.linear_cross_entropy_grad_in_forward.default])
 
 
-def _keep_graphs(monkeypatch):
-    import chronicals_fx.backend
-
-    graphs = []
-    run_pipeline = chronicals_fx.backend.run_pipeline
-
-    def keep(gm, config):
-        report = run_pipeline(gm, config)
-        graphs.append(gm)
-        return report
-
-    monkeypatch.setattr(chronicals_fx.backend, "run_pipeline", keep)
-    return graphs
-
-
 def test_training_gets_gradients_in_the_forward_evaluation_the_forward_only(monkeypatch):
-    graphs = _keep_graphs(monkeypatch)
+    graphs = keep_rewritten_graphs(monkeypatch)
     module = Head(_shifted)
     h, y = _inputs()
     optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",

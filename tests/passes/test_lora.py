@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import chronicals
-from tests.tiny_models import batch, loss_and_grads, tiny_causal_lm
+from tests.tiny_models import batch, keep_rewritten_graphs, loss_and_grads, tiny_causal_lm
 
 PASSES = ("lora",)      # the pass alone
 DETAIL = "products in bfloat16 (fp32 weights, fp32 accumulation)"
@@ -66,6 +66,40 @@ def test_peft_bf16_model_fp32_adapters():
     assert all(m.where.startswith("base_model.model.model.layers.0.") for m in matches), matches
     assert all(DETAIL in m.detail and "rank 4" in m.detail and m.detail.endswith(SUM_IN_LOW)
                for m in matches), matches
+
+
+def test_shared_input_adapters_one_gemm(monkeypatch):
+    """lora_concat_a: the A products of q/k/v (one input) and of gate/up (another) run as two
+    GEMMs over concatenated A weights instead of five. Forward values are autocast's (each
+    output column is its own dot product); in backward the adapters' dx contributions are summed
+    inside one GEMM (fp32, rounded once) instead of rounded each and summed in bf16, so gradients
+    upstream of a shared input differ from autocast's by that rounding: as close to float64 as
+    autocast's (within 1.5x its error, each weight), and equal where no such sum enters."""
+    graphs = keep_rewritten_graphs(monkeypatch)
+    eager = _peft()
+    optimized = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES,
+                        lora_concat_a=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss_a, grads_a = loss_and_grads(eager, batch())
+    loss_o, grads_o = loss_and_grads(optimized, batch())
+    loss_64, grads_64 = loss_and_grads(copy.deepcopy(eager).double(), batch())
+    assert torch.equal(loss_o, loss_a)
+    assert grads_o.keys() == grads_a.keys() == grads_64.keys()
+
+    def error(grads, name):
+        return ((grads[name].double() - grads_64[name]).norm() / grads_64[name].norm()).item()
+
+    for name in grads_a:
+        assert grads_o[name].dtype == torch.float32, name
+        assert error(grads_o, name) <= 1.5 * error(grads_a, name), name
+        if ".mlp." in name:     # the last layer's MLP: no shared-input sum lies downstream of it
+            assert torch.equal(grads_o[name], grads_a[name]), name
+    (gm,) = graphs
+    linears = [n for n in gm.graph.nodes if n.op == "call_function"
+               and n.target in (torch.nn.functional.linear, torch._C._nn.linear)]
+    # 7 base linears + 7 A + 7 B + lm_head; concatenated: q/k/v's 3 A's → 1, gate/up's 2 → 1
+    assert len(linears) == 22 - 3
 
 
 def test_peft_dropout_is_kept_in_fp32():
