@@ -32,9 +32,18 @@ When s is a power of two (PEFT's alpha / r usually is) the results are autocast'
 (in fp16, unless s·W_B has entries below fp16's normal range, 6.1e-5, which the fold rounds
 differently); otherwise within one rounding (autocast rounds W_B, the product, b·s and the sum;
 this rounds s·W_B, the product and the sum — or the fp32 sum once). The report's detail says
-which sum a site got. Measured on an H200, LoRA r=32 on every linear of the Qwen2.5-0.5B shape
-(benchmarks/RESULTS.md, session 8): with the pass 1.21x torch.compile (the fp32-sum form of
-9657d4d, 24 layers), and the sum in the low dtype 1.07x the fp32 sum (6 layers, one machine).
+which sum a site got.
+
+Adapters whose A products read one x (q/k/v of a layer; gate/up) then share one GEMM over their
+concatenated A weights (``Config.lora_concat_a``, default on): forward values are unchanged
+(each column is its own dot product), and in backward their dx terms are summed inside one GEMM
+in fp32 and rounded once, where autocast rounds each and sums in D — one rounding less, so the
+gradients upstream differ from autocast's by that much (no less accurate: the tests compare
+both to float64).
+
+Measured on an H200, LoRA r=32 on every linear of the Qwen2.5-0.5B shape, B=8 T=1024
+(benchmarks/RESULTS.md, session 9): the sum in D, 1.29x torch.compile (24 layers, call 1);
+A products concatenated, 1.05x more (6 layers, call 2).
 Not candidates: products already in D (adapters in D, or under
 ``torch.autocast``), a low-rank fp32 branch that is no adapter of a linear of the same input
 (e.g. added to a residual stream), full-rank fp32 layers on a low-precision input (e.g. an fp32
