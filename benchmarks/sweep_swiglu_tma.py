@@ -1,5 +1,5 @@
 """Can a Hopper-style Triton GEMM with the SwiGLU backward in its epilogue beat cuBLAS + the
-SwiGLU pass? (kernels/swiglu_gemm_tma.py: persistent grid, TMA tensor descriptors, tutorial 09.)
+SwiGLU pass? (benchmarks/swiglu_gemm_tma.py: persistent grid, TMA tensor descriptors, tutorial 09.)
 
     python -m benchmarks.sweep_swiglu_tma [--quick] [--shapes qwen|qwen_wt|large|all|a,b]
     python -m benchmarks.sweep_swiglu_tma --check-cpu      # Triton interpreter, tiny shapes
@@ -50,8 +50,8 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from chronicals_fx.kernels import swiglu as S
-from chronicals_fx.kernels import swiglu_gemm_tma as T
-from chronicals_fx.kernels.swiglu_gemm_tma import Tile
+from benchmarks import swiglu_gemm_tma as T
+from benchmarks.swiglu_gemm_tma import Tile
 
 SILU = S.ACTIVATIONS["silu"]
 DEVICE = "cuda"

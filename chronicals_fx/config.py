@@ -47,12 +47,13 @@ class Config:
     # or keep act(g)·u saved for the down projection's backward, as Inductor does (True).
     swiglu_save_hidden: bool = False
     # LoRA: adapters whose A products read one input (q/k/v of a layer, gate/up) share one GEMM
-    # over their concatenated A weights: fewer, larger GEMMs and launches (H200, LoRA r=32, 6
-    # layers of the Qwen2.5-0.5B shape: 1.05x without it). Forward values unchanged; in backward
-    # their dx terms are summed inside one GEMM (one bf16 rounding instead of one per adapter
-    # and per sum), so gradients upstream differ from autocast's by that rounding. False keeps
-    # each adapter's GEMMs apart: autocast's results exactly.
-    lora_concat_a: bool = True
+    # over their concatenated A weights: fewer, larger GEMMs and launches. Measured on an H200,
+    # LoRA r=32, Qwen2.5-0.5B shape (benchmarks/RESULTS.md, session 9): 1.05x at 6 layers, no
+    # gain at 24 (0.97x, inside the host-bound step's spread), so off by default. Forward values
+    # unchanged; in backward their dx terms are summed inside one GEMM (rounded once instead of
+    # once per adapter and per sum), so gradients upstream differ from autocast's by that
+    # rounding. Off: each adapter's GEMMs apart, autocast's results exactly.
+    lora_concat_a: bool = False
     # Kernel for causal attention on CUDA: "sdpa" (PyTorch's dispatcher picks cuDNN or flash;
     # measured fastest on an H200), or force "cudnn", "flash", or our "triton" kernel. Packed
     # documents always use the document-masked Triton kernel.

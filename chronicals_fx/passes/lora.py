@@ -34,16 +34,17 @@ differently); otherwise within one rounding (autocast rounds W_B, the product, b
 this rounds s·W_B, the product and the sum — or the fp32 sum once). The report's detail says
 which sum a site got.
 
-Adapters whose A products read one x (q/k/v of a layer; gate/up) then share one GEMM over their
-concatenated A weights (``Config.lora_concat_a``, default on): forward values are unchanged
-(each column is its own dot product), and in backward their dx terms are summed inside one GEMM
-in fp32 and rounded once, where autocast rounds each and sums in D — one rounding less, so the
-gradients upstream differ from autocast's by that much (no less accurate: the tests compare
-both to float64).
+With ``Config.lora_concat_a`` (off by default), adapters whose A products read one x (q/k/v
+of a layer; gate/up) share one GEMM over their concatenated A weights: forward values are
+unchanged (each column is its own dot product), and in backward their dx terms are summed
+inside one GEMM in fp32 and rounded once, where autocast rounds each and sums in D — one
+rounding less, so the gradients upstream differ from autocast's by that much (no less accurate:
+the tests compare both to float64).
 
 Measured on an H200, LoRA r=32 on every linear of the Qwen2.5-0.5B shape, B=8 T=1024
-(benchmarks/RESULTS.md, session 9): the sum in D, 1.29x torch.compile (24 layers, call 1);
-A products concatenated, 1.05x more (6 layers, call 2).
+(benchmarks/RESULTS.md, session 9): 1.29x torch.compile, 1.59x with CUDA graphs (24 layers,
+call 1). The concatenated A products: 1.05x at 6 layers (call 2), 0.97x at 24 (call 3, inside
+the spread of a host-bound step), hence not the default.
 Not candidates: products already in D (adapters in D, or under
 ``torch.autocast``), a low-rank fp32 branch that is no adapter of a linear of the same input
 (e.g. added to a residual stream), full-rank fp32 layers on a low-precision input (e.g. an fp32

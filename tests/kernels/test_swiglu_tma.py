@@ -1,5 +1,5 @@
-"""The persistent TMA GEMM kernels of kernels/swiglu_gemm_tma.py (plain dh = dy @ W, and with
-the SwiGLU backward in the epilogue) on tiny shapes: under TRITON_INTERPRET=1 on CPU (tensor
+"""The experimental persistent TMA GEMM kernels of benchmarks/swiglu_gemm_tma.py (plain
+dh = dy @ W, and with the SwiGLU backward in the epilogue) on tiny shapes: under TRITON_INTERPRET=1 on CPU (tensor
 descriptors included), natively on a GPU with TMA (compute capability 9.0+).
 
 The check itself is benchmarks/sweep_swiglu_tma.py's ``check_small`` (also its --check-cpu):

@@ -51,12 +51,11 @@ def _assert_autocast_parity(eager, optimized, inputs):
 
 def test_peft_bf16_model_fp32_adapters():
     """PEFT's default on a bf16 model: fp32 adapter weights; all 7 linears of the layer, each
-    adapter on its own (lora_concat_a=False: autocast's results exactly)."""
+    adapter on its own (lora_concat_a off, the default: autocast's results exactly)."""
     eager = _peft()
     assert {p.dtype for n, p in eager.named_parameters() if "lora_" in n} == {torch.float32}
     optimized = copy.deepcopy(eager)
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES,
-                        lora_concat_a=False)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
     loss = _assert_autocast_parity(eager, optimized, batch())
     # against the fp32 adapter products: the loss within bf16 rounding of the model's own
     loss_e, _ = loss_and_grads(eager, batch())
@@ -71,7 +70,7 @@ def test_peft_bf16_model_fp32_adapters():
 
 
 def test_shared_input_adapters_one_gemm(monkeypatch):
-    """lora_concat_a (the default): the A products of q/k/v (one input) and of gate/up (another) run as two
+    """lora_concat_a: the A products of q/k/v (one input) and of gate/up (another) run as two
     GEMMs over concatenated A weights instead of five. Forward values are autocast's (each
     output column is its own dot product); in backward the adapters' dx contributions are summed
     inside one GEMM (fp32, rounded once) instead of rounded each and summed in bf16, so gradients
@@ -80,7 +79,8 @@ def test_shared_input_adapters_one_gemm(monkeypatch):
     graphs = keep_rewritten_graphs(monkeypatch)
     eager = _peft()
     optimized = copy.deepcopy(eager)
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=PASSES,
+                        lora_concat_a=True)
     with torch.autocast("cpu", torch.bfloat16):
         loss_a, grads_a = loss_and_grads(eager, batch())
     loss_o, grads_o = loss_and_grads(optimized, batch())

@@ -58,8 +58,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._triton import ROUND_CODES, round_to
-from .swiglu import _act, _act_and_grad
+from chronicals_fx.kernels._triton import ROUND_CODES, round_to
+from chronicals_fx.kernels.swiglu import _act, _act_and_grad
 
 GROUP_M = 8
 
