@@ -10,8 +10,8 @@ from typing import Any, Mapping
 OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy",
                              "lora")
 # The passes that run unless ``passes`` says otherwise: all of them. ("lora" gives fp32 adapters'
-# products autocast's precision; on an H200, LoRA r=32: 1.21x torch.compile, losses within 0.011
-# of eager's, benchmarks/RESULTS.md session 8, call 1 — measured with its fp32-sum form.)
+# products autocast's precision; on an H200, LoRA r=32: 1.29x torch.compile, losses within 0.012
+# of eager's, benchmarks/RESULTS.md session 9, call 1.)
 DEFAULT_PASSES: tuple[str, ...] = OP_NAMES
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
