@@ -2,6 +2,7 @@
 SwiGLU pass? (benchmarks/swiglu_gemm_tma.py: persistent grid, TMA tensor descriptors, tutorial 09.)
 
     python -m benchmarks.sweep_swiglu_tma [--quick] [--shapes qwen|qwen_wt|large|all|a,b]
+                                          [--gluon | --no-gluon] [--gluon-only]
     python -m benchmarks.sweep_swiglu_tma --check-cpu      # Triton interpreter, tiny shapes
 
 Per shape (bf16; dy [M, K], W = W_down [K, N] as nn.Linear stores it (N contiguous); g, u [M, N]):
@@ -12,6 +13,10 @@ Per shape (bf16; dy [M, K], W = W_down [K, N] as nn.Linear stores it (N contiguo
   (d) the plain persistent TMA GEMM (stores dh): how close Triton's main loop gets to cuBLAS
   (e) the fused kernel: the same main loop; the epilogue reads g, u and writes dg, du, y, so dh
       never reaches memory (5 [M, N] streams instead of cuBLAS's 1 + the pass's 6)
+  (f) (d) and (e) in Gluon (benchmarks/swiglu_gemm_gluon.py, rows tagged "gluon"): explicit
+      TMA + mbarrier pipeline and asynchronous wgmma, the tile's g and u loaded into shared
+      memory before its K loop. ``--gluon`` (default: on where the module imports and the GPU
+      is compute capability 9.x); ``--gluon-only`` skips the Triton (d), (e) configurations.
 
 Every configuration timed is checked first, on its outputs NaN-poisoned beforehand: dh against
 cuBLAS's, dg and du against cuBLAS + pass (max |difference| / max |value|; above 2e-2 it is
@@ -116,10 +121,42 @@ FUSED = [
 ]
 QUICK_PLAIN = [PLAIN[3], PLAIN[10], PLAIN[14]]
 QUICK_FUSED = [FUSED[1], FUSED[2], FUSED[11], FUSED[12], FUSED[17], FUSED[19]]
+# Gluon configurations (GluonTile): their lists live in benchmarks/swiglu_gemm_gluon.py, which
+# is imported only when they run (it needs triton.experimental.gluon; never on the CPU check).
 # tl.range(warp_specialize=True): Triton 3.6 documents it for Blackwell; compiled offline for
 # sm_90a it gave the same PTX as without at 8 warps and failed at 4. Only with --ws.
 WS = [Tile(128, 128, 64, 8, 3, 2, flatten=False, ws=True)]
 TOP_FOR_WT = 4      # qwen_wt re-runs this many of qwen's fastest configurations of each kernel
+                    # (and of each family, Triton and Gluon, apart)
+
+
+def is_gluon(tile) -> bool:
+    return getattr(tile, "gluon", False)
+
+
+def load_gluon():
+    """(the Gluon module, None), or (None, why not)."""
+    try:
+        from benchmarks import swiglu_gemm_gluon as G
+        return G, None
+    except Exception as e:  # noqa: BLE001
+        return None, short_error(e)
+
+
+def plain_launch(dy, w, dh, tile, w_kmajor):
+    """make_plain_launch of the tile's family (Triton Tile or GluonTile)."""
+    if is_gluon(tile):
+        from benchmarks import swiglu_gemm_gluon as G
+        return G.make_plain_gluon_launch(dy, w, dh, tile, w_kmajor)
+    return T.make_plain_launch(dy, w, dh, tile, w_kmajor)
+
+
+def fused_launch(dy, w, g, u, dg, du, y, tile, activation, w_kmajor):
+    """make_fused_launch of the tile's family (Triton Tile or GluonTile)."""
+    if is_gluon(tile):
+        from benchmarks import swiglu_gemm_gluon as G
+        return G.make_fused_gluon_launch(dy, w, g, u, dg, du, y, tile, activation, w_kmajor)
+    return T.make_fused_launch(dy, w, g, u, dg, du, y, tile, activation, w_kmajor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,9 +285,9 @@ def _warm_one(kind: str, tile: Tile, w_kmajor: bool) -> tuple:
         w = torch.empty((n, k) if w_kmajor else (k, n), **bf)
         outs = [torch.empty(m, n, **bf) for _ in range(5)]
         if kind == "plain":
-            T.make_plain_launch(dy, w, outs[0], tile, w_kmajor)(warmup=True)
+            plain_launch(dy, w, outs[0], tile, w_kmajor)(warmup=True)
         else:
-            T.make_fused_launch(dy, w, *outs, tile, SILU, w_kmajor)(warmup=True)
+            fused_launch(dy, w, *outs, tile, SILU, w_kmajor)(warmup=True)
         return kind, tile, w_kmajor, None, time.time() - t0
     except Exception as e:      # noqa: BLE001
         return kind, tile, w_kmajor, short_error(e), time.time() - t0
@@ -383,7 +420,7 @@ def run_shape(name: str, plain: list, fused: list, bench: Bench) -> ShapeResult:
         return err, err <= TOL, ""
 
     for tile in plain:
-        row = measure(f"plain {tile.tag()}", lambda t=tile: T.make_plain_launch(
+        row = measure(f"plain {tile.tag()}", lambda t=tile: plain_launch(
             dy, w_op, dh, t, w_kmajor), (dh,), check_plain, bench, (m, n, k))
         res.plain.append((tile, row))
         log(f"{row.name:<70} {row.us:9.1f} us  {row.tflops:6.0f} TFLOP/s  "
@@ -398,7 +435,7 @@ def run_shape(name: str, plain: list, fused: list, bench: Bench) -> ShapeResult:
         return err, err <= TOL and y_exact, "" if y_exact else "Y DIFFERS"
 
     for tile in fused:
-        row = measure(f"fused {tile.fused_tag()}", lambda t=tile: T.make_fused_launch(
+        row = measure(f"fused {tile.fused_tag()}", lambda t=tile: fused_launch(
             dy, w_op, g, u, dg, du, y, t, SILU, w_kmajor), (dg, du, y), check_fused, bench,
             (m, n, k))
         res.fused.append((tile, row))
@@ -460,6 +497,20 @@ def summary(res: ShapeResult) -> None:
             f"{unf / r.us:.2f}x vs cuBLAS + pass (y), {unf5 / r.us:.2f}x vs (no y)")
     else:
         log("  best fused: none correct")
+    if any(is_gluon(t) for t, _ in res.plain + res.fused):
+        # each family's best apart (the lines above rank both together)
+        for fam, rows, tag in (("Triton plain", res.plain, "tag"), ("Gluon plain", res.plain, "tag"),
+                               ("Triton fused", res.fused, "fused_tag"),
+                               ("Gluon fused", res.fused, "fused_tag")):
+            fb = best([(t, r) for t, r in rows if is_gluon(t) == fam.startswith("Gluon")])
+            if fb:
+                t, r = fb
+                vs = (f"{100 * mm / r.us:.0f}% of cuBLAS's speed" if "plain" in fam else
+                      f"{unf / r.us:.2f}x vs cuBLAS + pass (y)")
+                log(f"  {'  best ' + fam + ': ' + getattr(t, tag)():<74} {r.us:8.1f} us  "
+                    f"{r.tflops:5.0f} TFLOP/s  {vs}")
+            elif any(is_gluon(t) == fam.startswith("Gluon") for t, _ in rows):
+                log(f"    best {fam}: none correct")
     # The epilogue moves 5 of the pass's 6 [M, N] streams: at the pass's bandwidth that is
     # 5/6 of its time; the fused kernel lies between perfect overlap and none.
     epi = pas * 5 / 6
@@ -550,6 +601,11 @@ def main() -> int:
                         help="qwen, qwen_wt, large, all, or a comma-separated list")
     parser.add_argument("--ws", action="store_true",
                         help="also tl.range(warp_specialize=True) configurations")
+    parser.add_argument("--gluon", action=argparse.BooleanOptionalAction, default=None,
+                        help="also the Gluon kernels (default: when importable and the GPU is "
+                             "compute capability 9.x)")
+    parser.add_argument("--gluon-only", action="store_true",
+                        help="of the Triton/Gluon kernels only the Gluon ones (baselines kept)")
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling ahead (0: compile at first launch)")
     parser.add_argument("--rep", type=int, default=20, help="ms of replays per timing")
@@ -581,6 +637,19 @@ def main() -> int:
         f"{'quick' if args.quick else 'full'} sweep; capability {props.major}.{props.minor}")
     if props.major < 9:
         log("# TMA descriptors need compute capability 9.0+: the Triton kernels will fail")
+    use_gluon = args.gluon if args.gluon is not None else (props.major == 9 or args.gluon_only)
+    if args.gluon_only:
+        plain, fused = [], []
+    if use_gluon or args.gluon_only:
+        G, why = load_gluon()
+        if G is None:
+            log(f"# Gluon kernels unavailable: {why}")
+        else:
+            plain = plain + (G.QUICK_PLAIN if args.quick else G.PLAIN_CONFIGS)
+            fused = fused + (G.QUICK_FUSED if args.quick else G.FUSED_CONFIGS)
+            log(f"# Gluon: {len(G.QUICK_PLAIN if args.quick else G.PLAIN_CONFIGS)} plain + "
+                f"{len(G.QUICK_FUSED if args.quick else G.FUSED_CONFIGS)} fused configurations"
+                f"{'' if props.major == 9 else ' (written for Hopper: sm_90)'}")
 
     def lists(name: str, results: dict) -> tuple[list, list]:
         """The configurations run at a shape: qwen_wt re-runs qwen's fastest correct ones."""
@@ -588,9 +657,13 @@ def main() -> int:
             def top(rows):
                 ranked = sorted(((t, r) for t, r in rows if r.ok and r.us == r.us),
                                 key=lambda tr: tr[1].us)
-                return [t for t, _ in ranked[:TOP_FOR_WT]]
-            return (top(results["qwen"].plain) or QUICK_PLAIN,
-                    top(results["qwen"].fused) or QUICK_FUSED)
+                chosen = [t for t, _ in ranked[:TOP_FOR_WT]]
+                for fam in (False, True):       # each family's best few too
+                    chosen += [t for t, _ in ranked if is_gluon(t) == fam][:TOP_FOR_WT // 2]
+                return list(dict.fromkeys(chosen))
+            triton_too = not args.gluon_only
+            return (top(results["qwen"].plain) or (QUICK_PLAIN if triton_too else []),
+                    top(results["qwen"].fused) or (QUICK_FUSED if triton_too else []))
         return plain, fused
 
     def jobs_of(name: str, p: list, f: list) -> list[tuple]:
