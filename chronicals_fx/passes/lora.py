@@ -70,7 +70,7 @@ _LOW = (torch.bfloat16, torch.float16)
 
 
 def run(gm: GraphModule, ctx) -> None:
-    first_products = []
+    a_products = []
     for add in live_canons(gm.graph, "add"):
         node = add.node
         for base, delta in ((add["input"], add["other"]), (add["other"], add["input"])):
@@ -78,13 +78,13 @@ def run(gm: GraphModule, ctx) -> None:
             if site is not None:
                 low = str(site.low).removeprefix("torch.")
                 prod_a, in_low = _rewrite(gm, site)
-                first_products.append(prod_a)
+                a_products.append(prod_a)
                 ctx.matched(node, f"rank {site.rank} adapter: products in {low} (fp32 "
                                   f"weights, fp32 accumulation), "
                                   + (f"sum in {low}" if in_low else "fp32 sum"))
                 break
     if ctx.config.lora_concat_a:
-        for group in _shared_input_groups(gm.graph, first_products):
+        for group in _shared_input_groups(gm.graph, a_products):
             _concatenate(gm.graph, group)
 
 
