@@ -16,8 +16,8 @@ Per output tile (persistent grid, one tile in flight per program, grouped tile o
 3. the K loop: wait stage, asynchronous wgmma, ``warpgroup_mma_wait(1)`` (so the previous
    block's stage is free), refill that stage with the block STAGES-1 ahead;
 4. the epilogue, per column piece: wait ``gu_bar`` (once), read g, u from shared memory in the
-   accumulator piece's register layout, compute dg, du, y (``_swiglu_piece``: the Triton
-   kernel's rounding points), write them into shared staging buffers and issue TMA stores.
+   accumulator piece's register layout, compute dg, du, y (the Triton kernel's own
+   ``_swiglu_bwd_math``: the pass's rounding points), write them into shared staging buffers and issue TMA stores.
    ``tma.store_wait`` before a staging buffer is reused lags by OUT_BUFS-1 pieces, so the
    last piece's stores drain while the next tile's K loop runs.
 
@@ -55,10 +55,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from chronicals_fx.kernels._triton import ROUND_CODES, round_to
-from chronicals_fx.kernels.swiglu import _act, _act_and_grad
+from benchmarks.swiglu_gemm_tma import (GROUP_M, _check, _column_piece, _launcher,
+                                        _swiglu_bwd_math, _tile_coords)
+from chronicals_fx.kernels._triton import ROUND_CODES
 
-GROUP_M = 8
 SMEM_LIMIT = 232448          # bytes of shared memory one program may use on sm_90 (227 KiB)
 
 
@@ -146,17 +146,6 @@ def wgmma_layout(BLOCK_M, BLOCK_N, num_warps):
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: gl.constexpr):
-    """(pid_m, pid_n) of a linear tile id in grouped order (as swiglu_gemm_tma._tile_coords)."""
-    group_id = tile_id // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = gl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (tile_id % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@gluon.jit
 def _issue_ab(a_desc, b_desc, a_bufs, b_bufs, bars, prod, off_m, off_n, k,
               STAGES: gl.constexpr, W_KMAJOR: gl.constexpr):
     """TMA loads of the K block at ``k`` of A and B into ring slot ``prod % STAGES``; its
@@ -212,49 +201,6 @@ def _k_loop(a_desc, b_desc, a_bufs, b_bufs, bars, prod, cons, off_m, off_n, k_ti
                              (ki + (STAGES - 1)) * BLOCK_K, STAGES, W_KMAJOR)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     return acc, prod, cons
-
-
-@gluon.jit
-def _halves(x, BLOCK_M: gl.constexpr, WIDTH: gl.constexpr):
-    """[BLOCK_M, WIDTH] → its left and right column halves (reshape, permute, split: layouts
-    inferred by Gluon from the accumulator's)."""
-    x = gl.reshape(x, [BLOCK_M, 2, WIDTH // 2])
-    x = gl.permute(x, [0, 2, 1])
-    return gl.split(x)
-
-
-@gluon.jit
-def _column_piece(x, j: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-    """Columns [j·BN/SPLIT, (j+1)·BN/SPLIT) of a [BM, BN] register tile (SPLIT 1, 2 or 4)."""
-    if SPLIT == 1:
-        piece = x
-    else:
-        left, right = _halves(x, BLOCK_M, BLOCK_N)
-        half = left if j < SPLIT // 2 else right
-        if SPLIT == 2:
-            piece = half
-        else:
-            q0, q1 = _halves(half, BLOCK_M, BLOCK_N // 2)
-            piece = q0 if j % 2 == 0 else q1
-    return piece
-
-
-@gluon.jit
-def _swiglu_piece(dh, g, u, ACT: gl.constexpr, ROUND: gl.constexpr):
-    """dg, du, y (fp32, each already rounded to the inputs' dtype) of one piece: the math and
-    rounding points of swiglu_gemm_tma._swiglu_bwd_piece (and so of the SwiGLU pass)."""
-    g = g.to(gl.float32)
-    u = u.to(gl.float32)
-    dh = round_to(dh, ROUND)
-    a, d = _act_and_grad(g, ACT)
-    a = round_to(a, ROUND)
-    da = round_to(dh * u, ROUND)
-    dg = round_to(da * d, ROUND)
-    du = round_to(dh * a, ROUND)
-    # bit for bit the forward kernel's y (its _act, not _act_and_grad's g·σ, and roundings)
-    y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
-    return dg, du, y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +289,7 @@ def swiglu_bwd_gemm_gluon_kernel(
             dh = _column_piece(acc, j, SPLIT, BLOCK_M, BLOCK_N)
             g = g_bufs.index(j).load(dh.type.layout)
             u = u_bufs.index(j).load(dh.type.layout)
-            dg, du, y = _swiglu_piece(dh, g, u, ACT, ROUND)
+            dg, du, y = _swiglu_bwd_math(dh, g, u, ACT, ROUND)
             base = (pieces % OUT_BUFS) * NOUT
             # the stores of this set's previous use have read their staging buffers
             tma.store_wait(NOUT * (OUT_BUFS - 1))
@@ -443,20 +389,6 @@ def _desc(t: Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def _check(dy: Tensor, w: Tensor, w_kmajor: bool, *mn: Tensor) -> tuple[int, int, int]:
-    """(M, N, K); TMA needs unit last stride and 16-byte aligned row strides and bases."""
-    m, k = dy.shape
-    n = w.shape[0] if w_kmajor else w.shape[1]
-    assert w.shape == ((n, k) if w_kmajor else (k, n)), (dy.shape, w.shape, w_kmajor)
-    assert dy.dtype in _GL_DTYPES, dy.dtype
-    for t in (dy, w, *mn):
-        assert t.is_contiguous() and t.dtype == dy.dtype, "contiguous, one dtype"
-        assert t.data_ptr() % 16 == 0 and (t.shape[1] * t.element_size()) % 16 == 0
-    for t in mn:
-        assert t.shape == (m, n), (t.shape, m, n)
-    return m, n, k
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -464,6 +396,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _common(dy: Tensor, w: Tensor, tile: GluonTile, w_kmajor: bool, m: int, n: int):
+    assert dy.dtype in _GL_DTYPES, dy.dtype
     assert tile.bn % tile.split == 0 and tile.split in (1, 2, 4)
     a = _desc(dy, [tile.bm, tile.bk])
     b = _desc(w, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
@@ -473,17 +406,6 @@ def _common(dy: Tensor, w: Tensor, tile: GluonTile, w_kmajor: bool, m: int, n: i
     if tile.maxnreg:
         opts["maxnreg"] = tile.maxnreg
     return a, b, progs, programs, opts
-
-
-def _launcher(kernel, programs: int, args: tuple, kwargs: dict):
-    """``launch(warmup=False)`` runs the kernel on ``programs`` programs and returns the
-    compiled kernel; ``warmup=True`` only compiles it (Triton's on-disk cache too)."""
-    def launch(warmup: bool = False):
-        if warmup:
-            return kernel.warmup(*args, grid=(programs, ), **kwargs)
-        return kernel[(programs, )](*args, **kwargs)
-    launch.kernel, launch.args, launch.kwargs = kernel, args, kwargs
-    return launch
 
 
 def make_fused_gluon_launch(dy: Tensor, w: Tensor, g: Tensor, u: Tensor, dg: Tensor, du: Tensor,

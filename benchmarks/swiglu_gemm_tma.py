@@ -250,25 +250,33 @@ def _store_block(X, v, off_m, off_n, M, N, TMA: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _swiglu_bwd_piece(dh, g, u, off_m, off_n, M, N, DG, DU, Y,
-                      ACT: tl.constexpr, ROUND: tl.constexpr, STORE_Y: tl.constexpr,
-                      STORE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """The SwiGLU backward of one [BLOCK_M, WIDTH] piece at (off_m, off_n): dh (the fp32
-    accumulator), g, u in registers; stores dg, du (and y)."""
+def _swiglu_bwd_math(dh, g, u, ACT: tl.constexpr, ROUND: tl.constexpr):
+    """dg, du, y (fp32, each rounded to the inputs' dtype) of one piece: dh (the fp32
+    accumulator), g, u in registers. The pass's math and rounding points (swiglu_bwd_kernel),
+    on dh rounded as cuBLAS stores it. (The Gluon kernel calls this too.)"""
     g = g.to(tl.float32)
     u = u.to(tl.float32)
-    # the pass's math and rounding points (swiglu_bwd_kernel), on dh rounded as cuBLAS stores it
     dh = round_to(dh, ROUND)
     a, d = _act_and_grad(g, ACT)
     a = round_to(a, ROUND)
     da = round_to(dh * u, ROUND)
     dg = round_to(da * d, ROUND)
     du = round_to(dh * a, ROUND)
+    # bit for bit the forward kernel's y (its _act, not _act_and_grad's g·σ, and roundings)
+    y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
+    return dg, du, y
+
+
+@triton.jit
+def _swiglu_bwd_piece(dh, g, u, off_m, off_n, M, N, DG, DU, Y,
+                      ACT: tl.constexpr, ROUND: tl.constexpr, STORE_Y: tl.constexpr,
+                      STORE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """The SwiGLU backward of one [BLOCK_M, WIDTH] piece at (off_m, off_n); stores dg, du (and
+    y; when not stored, the compiler drops its computation)."""
+    dg, du, y = _swiglu_bwd_math(dh, g, u, ACT, ROUND)
     _store_block(DG, dg, off_m, off_n, M, N, STORE_TMA, BLOCK_M, WIDTH)
     _store_block(DU, du, off_m, off_n, M, N, STORE_TMA, BLOCK_M, WIDTH)
     if STORE_Y:
-        # bit for bit the forward kernel's y (its _act, not _act_and_grad's g·σ, and roundings)
-        y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
         _store_block(Y, y, off_m, off_n, M, N, STORE_TMA, BLOCK_M, WIDTH)
 
 
@@ -377,6 +385,7 @@ def _launcher(kernel, programs: int, args: tuple, kwargs: dict):
         if warmup:
             return kernel.warmup(*args, grid=(programs,), **kwargs)
         return kernel[(programs,)](*args, **kwargs)
+    launch.kernel, launch.args, launch.kwargs = kernel, args, kwargs   # for offline compiles
     return launch
 
 
