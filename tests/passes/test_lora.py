@@ -274,6 +274,7 @@ def test_default_and_off():
     assert on.counts["lora"] == 7 and not [d for d in on.declines if d.op == "lora"]
     assert off.graphs == 1 and off.counts["rmsnorm"] > 0      # compiled, with the other passes
     assert off.counts["lora"] == 0 and not [m for m in off.matches if m.op == "lora"]
+    assert not [d for d in off.declines if d.op == "lora"]
 
 
 class BranchAlsoReturned(Adapted):
