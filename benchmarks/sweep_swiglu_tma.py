@@ -606,6 +606,9 @@ def main() -> int:
                              "compute capability 9.x)")
     parser.add_argument("--gluon-only", action="store_true",
                         help="of the Triton/Gluon kernels only the Gluon ones (baselines kept)")
+    parser.add_argument("--gluon-set", choices=("all", "ws"), default="all",
+                        help="ws: the warp-specialized fused configurations, the best "
+                             "earlier Gluon fused one and one plain")
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling ahead (0: compile at first launch)")
     parser.add_argument("--rep", type=int, default=20, help="ms of replays per timing")
@@ -645,10 +648,14 @@ def main() -> int:
         if G is None:
             log(f"# Gluon kernels unavailable: {why}")
         else:
-            plain = plain + (G.QUICK_PLAIN if args.quick else G.PLAIN_CONFIGS)
-            fused = fused + (G.QUICK_FUSED if args.quick else G.FUSED_CONFIGS)
-            log(f"# Gluon: {len(G.QUICK_PLAIN if args.quick else G.PLAIN_CONFIGS)} plain + "
-                f"{len(G.QUICK_FUSED if args.quick else G.FUSED_CONFIGS)} fused configurations"
+            if args.gluon_set == "ws":
+                g_plain, g_fused = G.QUICK_PLAIN, G.WS_CONFIGS + G.FUSED_CONFIGS[3:4] + G.HW_ROUND_FUSED
+            elif args.quick:
+                g_plain, g_fused = G.QUICK_PLAIN, G.QUICK_FUSED + G.WS_CONFIGS[:2]
+            else:
+                g_plain, g_fused = G.PLAIN_CONFIGS, G.FUSED_CONFIGS + G.WS_CONFIGS
+            plain, fused = plain + g_plain, fused + g_fused
+            log(f"# Gluon: {len(g_plain)} plain + {len(g_fused)} fused configurations"
                 f"{'' if props.major == 9 else ' (written for Hopper: sm_90)'}")
 
     def lists(name: str, results: dict) -> tuple[list, list]:

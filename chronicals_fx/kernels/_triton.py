@@ -24,6 +24,8 @@ def round_to(v, CODE: tl.constexpr):
     bf16 rounding is done on the bits (round to nearest, ties to even: add 0x7FFF plus the
     lowest kept bit, clear the low half) because Triton's interpreter truncates on
     ``.to(tl.bfloat16)``; on the GPU both agree, and NaN and inf pass through unchanged.
+    CODE 3 is bf16 through the hardware conversion, for kernels that never run interpreted
+    (four integer instructions a value fewer: it matters where the epilogue is ALU-bound).
     """
     v = v.to(tl.float32)  # Inductor may pass float scalars as fp64, promoting what they touch
     if CODE == 1:
@@ -34,6 +36,11 @@ def round_to(v, CODE: tl.constexpr):
         # through the bits, so the compiler cannot fold the fp32→fp16→fp32 round trip away
         half = v.to(tl.float16).to(tl.uint16, bitcast=True)
         v = half.to(tl.float16, bitcast=True).to(tl.float32)
+    elif CODE == 3:
+        # bf16 by the hardware conversion (round to nearest even, two values an instruction,
+        # then a shift back): compiled kernels only, as the interpreter truncates
+        bits = v.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        v = bits.to(tl.float32, bitcast=True)
     return v
 
 
