@@ -58,8 +58,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from chronicals_fx.kernels._triton import ROUND_CODES, round_to
-from chronicals_fx.kernels.swiglu import _act, _act_and_grad
+from chronicals_fx.kernels._triton import ROUND_CODES, round_to, tile_coords
+from chronicals_fx.kernels.swiglu import swiglu_bwd_math
 
 GROUP_M = 8
 
@@ -105,17 +105,6 @@ def interpreted() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of a linear tile id in grouped order (tutorials 03 and 09)."""
-    group_id = tile_id // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (tile_id % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
 @triton.jit
 def _dh_tile(dy_desc, w_desc, off_m, off_n, k_tiles,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -177,12 +166,12 @@ def matmul_tma_persistent_kernel(
     tile_id_c = start_pid - NUM_PROGS
     for tile_id in tl.range(start_pid, num_tiles, NUM_PROGS, flatten=FLATTEN,
                             warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         acc = _dh_tile(dy_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_tiles,
                        BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, INTERPRETED)
 
         tile_id_c += NUM_PROGS
-        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         if INTERPRETED:
@@ -251,20 +240,10 @@ def _store_block(X, v, off_m, off_n, M, N, TMA: tl.constexpr, BLOCK_M: tl.conste
 
 @triton.jit
 def _swiglu_bwd_math(dh, g, u, ACT: tl.constexpr, ROUND: tl.constexpr):
-    """dg, du, y (fp32, each rounded to the inputs' dtype) of one piece: dh (the fp32
-    accumulator), g, u in registers. The pass's math and rounding points (swiglu_bwd_kernel),
-    on dh rounded as cuBLAS stores it. (The Gluon kernel calls this too.)"""
-    g = g.to(tl.float32)
-    u = u.to(tl.float32)
-    dh = round_to(dh, ROUND)
-    a, d = _act_and_grad(g, ACT)
-    a = round_to(a, ROUND)
-    da = round_to(dh * u, ROUND)
-    dg = round_to(da * d, ROUND)
-    du = round_to(dh * a, ROUND)
-    # bit for bit the forward kernel's y (its _act, not _act_and_grad's g·σ, and roundings)
-    y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
-    return dg, du, y
+    """dg, du, y (fp32, each rounded to the inputs' dtype) of one piece from the fp32
+    accumulator dh, rounded first as cuBLAS stores it: the pass's math (swiglu_bwd_math).
+    (The Gluon kernels call this too.)"""
+    return swiglu_bwd_math(round_to(dh, ROUND), g, u, ACT, ROUND)
 
 
 @triton.jit
@@ -309,7 +288,7 @@ def swiglu_bwd_gemm_tma_kernel(
     tile_id_c = start_pid - NUM_PROGS
     for tile_id in tl.range(start_pid, num_tiles, NUM_PROGS, flatten=FLATTEN,
                             warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         if LOAD == 2:
             # issued now, first used after the K loop: their latency hides behind the GEMM
             g_tile = _load_block(G, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, False,
@@ -320,7 +299,7 @@ def swiglu_bwd_gemm_tma_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, INTERPRETED)
 
         tile_id_c += NUM_PROGS
-        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         for j in tl.static_range(SPLIT):

@@ -46,6 +46,12 @@ class Config:
     # of it in backward (H200, Qwen2.5-0.5B B=8 T=1024: peak 10.7 → 9.1 GiB, step 1–2% slower);
     # or keep act(g)·u saved for the down projection's backward, as Inductor does (True).
     swiglu_save_hidden: bool = False
+    # SwiGLU with the down projection taken in, on Hopper: its backward's dh = dy W_down GEMM
+    # carries the SwiGLU backward in its epilogue (one warp-specialized Gluon kernel; dh never
+    # reaches memory). H200, bf16, Qwen2.5-0.5B's down projection at 8k tokens: 222 µs against
+    # 236 for cuBLAS + the SwiGLU kernel (session 10). Results equal the unfused path's up to
+    # the GEMM's fp32 accumulation order. Off, or off Hopper: cuBLAS + the SwiGLU kernel.
+    swiglu_fused_gemm: bool = True
     # LoRA: adapters whose A products read one input (q/k/v of a layer, gate/up) share one GEMM
     # over their concatenated A weights: fewer, larger GEMMs and launches. Measured on an H200,
     # LoRA r=32, Qwen2.5-0.5B shape (benchmarks/RESULTS.md, session 9): 1.05x at 6 layers, no

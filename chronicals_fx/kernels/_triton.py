@@ -44,6 +44,18 @@ def round_to(v, CODE: tl.constexpr):
     return v
 
 
+@triton.jit
+def tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a linear tile id in grouped order (Triton tutorials 03 and 09): GROUP_M
+    row blocks share each column block of B while it is in L2."""
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
 def launchable(kernel, like: torch.Tensor):
     """``wrap_triton(kernel)`` for CUDA tensors, so Inductor can trace the launch into its
     generated code; the raw kernel otherwise (CPU tensors under ``TRITON_INTERPRET=1``)."""

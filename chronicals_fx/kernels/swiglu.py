@@ -137,6 +137,24 @@ def swiglu_fwd_kernel(
 
 
 @triton.jit
+def swiglu_bwd_math(dy, g, u, ACT: tl.constexpr, ROUND: tl.constexpr):
+    """(dg, du, y) in fp32 from dy, g, u (any float dtype; dy holds values of the inputs' dtype),
+    each rounded as eager rounds it; y = act(g)·u is the forward's output again, bit for bit
+    (the forward kernel's ``_act`` and roundings, so a dW computed from it is the dW of a saved
+    y). Shared by the pass's kernel and the GEMM with this in its epilogue (swiglu_gemm)."""
+    dy = dy.to(tl.float32)
+    g = g.to(tl.float32)
+    u = u.to(tl.float32)
+    a, d = _act_and_grad(g, ACT)
+    a = round_to(a, ROUND)
+    da = round_to(dy * u, ROUND)
+    dg = round_to(da * d, ROUND)
+    du = round_to(dy * a, ROUND)
+    y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
+    return dg, du, y
+
+
+@triton.jit
 def swiglu_bwd_kernel(
     DY, G, U, DG, DU,             # dy, gate, up; dg, du: outputs, which may be G and U themselves
     Y,                            # STORE_Y: y = act(g)·u recomputed (may be DY itself), else unused
@@ -166,20 +184,13 @@ def swiglu_bwd_kernel(
         dg_off = offs
         du_off = offs
         y_off = offs
-    dy = tl.load(DY + dy_off, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + g_off, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + u_off, mask=mask, other=0.0).to(tl.float32)
-    a, d = _act_and_grad(g, ACT)
-    a = round_to(a, ROUND)
-    da = round_to(dy * u, ROUND)
-    dg = round_to(da * d, ROUND)
-    du = round_to(dy * a, ROUND)
+    dy = tl.load(DY + dy_off, mask=mask, other=0.0)
+    g = tl.load(G + g_off, mask=mask, other=0.0)
+    u = tl.load(U + u_off, mask=mask, other=0.0)
+    dg, du, y = swiglu_bwd_math(dy, g, u, ACT, ROUND)
     tl.store(DG + dg_off, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + du_off, du.to(DU.dtype.element_ty), mask=mask)
-    if STORE_Y:
-        # the forward's output again, bit for bit (the forward kernel's act and roundings: the
-        # down projection's dW is then what it would be from a saved y)
-        y = round_to(round_to(_act(g, ACT), ROUND) * u, ROUND)
+    if STORE_Y:  # (unstored, y's computation is dropped by the compiler)
         tl.store(Y + y_off, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -411,11 +422,48 @@ swiglu.register_autograd(_backward, setup_context=_setup_context)
 #     forward    h = act(g)·u;  y = h W_downᵀ + b                 saved: g, u, W_down
 #     backward   dh = dy W_down;  (dg, du, h) = one pass over dh, g, u
 #                dW_down = dyᵀ h;  db = Σ_rows dy
+#
+# On Hopper (``fused_gemm``, the default) dh = dy W_down and the pass are one kernel
+# (kernels/swiglu_gemm.py, Gluon): dh never reaches memory, and the step is shorter
+# (1.06x at Qwen2.5-0.5B's shape, session 10). Elsewhere, or where that kernel can't run, cuBLAS
+# and the pass.
 @triton_op("chronicals::swiglu_linear", mutates_args=())
 def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Tensor | None,
-                  activation: int) -> Tensor:
-    """linear(act(gate) · up, weight, bias), saving only gate, up and weight for backward."""
+                  activation: int, fused_gemm: bool = True) -> Tensor:
+    """linear(act(gate) · up, weight, bias), saving only gate, up and weight for backward;
+    ``fused_gemm``: the backward's dh GEMM and SwiGLU backward as one kernel where it can."""
     return F.linear(_swiglu_value(gate, up, activation), weight, bias)
+
+
+def fused_gemm_unusable(dy: Tensor, weight: Tensor, gate: Tensor) -> str | None:
+    """Why swiglu_linear's backward can't use the fused GEMM here (None: it can)."""
+    if gate.device.type != "cuda":
+        return "CUDA only"
+    try:
+        from . import swiglu_gemm
+    except Exception as e:  # noqa: BLE001 (a Triton without Gluon's Hopper API)
+        return f"triton.experimental.gluon unavailable: {type(e).__name__}: {e}"
+    return swiglu_gemm.unusable(dy, weight, gate)
+
+
+@torch.library.custom_op("chronicals::swiglu_linear_backward_gemm", mutates_args=())
+def swiglu_linear_backward_gemm(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
+                                activation: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(d gate, d up, act(gate)·up) of ``linear(act(gate)·up, weight)`` from its output's
+    gradient ``dy``, by the fused GEMM; cuBLAS and the pass where that kernel declines at run
+    time (alignment, a failed compile). Opaque to Inductor (a Gluon kernel)."""
+    from . import swiglu_gemm
+    g, u = as_rows(gate), as_rows(up)
+    out = swiglu_gemm.swiglu_linear_backward(as_rows(dy), weight, g, u, activation)
+    if out is None:
+        return _backward_into_new(dy @ weight, gate, up, activation, with_y=True)
+    return tuple(t.view(gate.shape) for t in out)
+
+
+@swiglu_linear_backward_gemm.register_fake
+def _(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, activation: int
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(gate, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 @triton_op("chronicals::swiglu_backward_recompute", mutates_args=())
@@ -445,25 +493,30 @@ def _(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple[Tensor, Te
 
 
 def _setup_context_linear(ctx, inputs, output) -> None:
-    gate, up, weight, _bias, activation = inputs
+    gate, up, weight, _bias, activation, *fused_gemm = inputs
     ctx.save_for_backward(gate, up, weight)
     ctx.activation = activation
+    ctx.fused_gemm = fused_gemm[0] if fused_gemm else True
 
 
 def _backward_linear(ctx, dy: Tensor):
     gate, up, weight = ctx.saved_tensors
     need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
     rows = dy.reshape(-1, dy.shape[-1])                       # [N, O]
-    dh = dy @ weight                                          # [..., I]
     d_weight = d_bias = None
     if need_weight:
-        dg, du, h = torch.ops.chronicals.swiglu_backward_recompute(dh, gate, up, ctx.activation)
+        if ctx.fused_gemm and fused_gemm_unusable(dy, weight, gate) is None:
+            dg, du, h = torch.ops.chronicals.swiglu_linear_backward_gemm(dy, weight, gate, up,
+                                                                         ctx.activation)
+        else:
+            dg, du, h = torch.ops.chronicals.swiglu_backward_recompute(dy @ weight, gate, up,
+                                                                       ctx.activation)
         d_weight = rows.t() @ h.reshape(-1, h.shape[-1])     # [O, I]
     else:
-        dg, du = torch.ops.chronicals.swiglu_backward(dh, gate, up, ctx.activation)
+        dg, du = torch.ops.chronicals.swiglu_backward(dy @ weight, gate, up, ctx.activation)
     if need_bias:
         d_bias = rows.sum(0)
-    return (dg if need_gate else None, du if need_up else None, d_weight, d_bias, None)
+    return (dg if need_gate else None, du if need_up else None, d_weight, d_bias, None, None)
 
 
 swiglu_linear.register_autograd(_backward_linear, setup_context=_setup_context_linear)

@@ -35,7 +35,8 @@ with ``inplace_backward``: its backward writes dg, du over g, u (see ``kernels.s
 backend gives Inductor the post-grad pass that keeps that write in place in the compiled backward.
 With ``Config.swiglu_save_hidden=False``, a down projection ``linear(y, W, b)`` that is y's only
 reader goes into the op as well (``chronicals::swiglu_linear``): y is then not saved for the
-down projection's backward; the op's backward writes it again (see ``kernels.swiglu``).
+down projection's backward; the op's backward writes it again (see ``kernels.swiglu``), on
+Hopper in the epilogue of the dh GEMM (``Config.swiglu_fused_gemm``, ``kernels.swiglu_gemm``).
 
 Rounding: the kernel computes act(g) in fp32, rounds it to the inputs' dtype, multiplies and
 rounds again — exactly eager's rounding points for F.silu/F.gelu in bf16/fp16 (which compute
@@ -100,7 +101,8 @@ def run(gm: GraphModule, ctx) -> None:
             continue
         out = _rewrite(gm, site)
         if (not ctx.config.swiglu_save_hidden
-                and _take_in_down_projection(gm, out, site) is not None):
+                and _take_in_down_projection(gm, out, site, ctx.config.swiglu_fused_gemm)
+                is not None):
             ctx.matched(out, _describe(site))     # where the gated product was (the MLP)
             continue
         site.inplace_backward = _overwritable(out, site.gate) and _overwritable(out, site.up)
@@ -411,7 +413,8 @@ def _rewrite(gm: GraphModule, site: _Site) -> Node:
                              erase=site.chain)
 
 
-def _take_in_down_projection(gm: GraphModule, op: Node, site: _Site) -> Node | None:
+def _take_in_down_projection(gm: GraphModule, op: Node, site: _Site, fused_gemm: bool
+                             ) -> Node | None:
     """``linear(swiglu(g, u), W, b)`` → ``swiglu_linear(g, u, W, b)`` where the linear is the
     op's only reader and takes it as is (one dtype, W [O, I]); else None, ``op`` unchanged (a
     LoRA'd down projection, for one, reads the op twice)."""
@@ -430,7 +433,8 @@ def _take_in_down_projection(gm: GraphModule, op: Node, site: _Site) -> Node | N
                               and tensor_value(b).dtype == h.dtype):
         return None
     site.down_projection = True
-    args = (site.gate, site.up, linear["weight"], b, ACTIVATIONS[site.activation])
+    args = (site.gate, site.up, linear["weight"], b, ACTIVATIONS[site.activation],
+            fused_gemm)
     return replace_with_call(gm.graph, linear.node, torch.ops.chronicals.swiglu_linear.default,
                              args, erase=[op])
 

@@ -344,7 +344,7 @@ def test_cuda_path_backward_graph_writes_into_saved_inputs(monkeypatch):
     from torch.library import wrap_triton
 
     # Compiled (not interpreted) kernels, as on a GPU: the kernel and the helpers it calls.
-    for name in ("swiglu_bwd_kernel", "_act_and_grad", "_act", "round_to"):
+    for name in ("swiglu_bwd_kernel", "swiglu_bwd_math", "_act_and_grad", "_act", "round_to"):
         fn = getattr(K, name)
         monkeypatch.setattr(K, name, triton.JITFunction(getattr(fn, "fn", fn)))
     monkeypatch.setattr(K, "_launches_kernels", lambda t: True)

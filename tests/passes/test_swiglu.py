@@ -15,8 +15,8 @@ from transformers.activations import ACT2FN
 
 import chronicals
 from tests.inductor_code import saved_inputs_and_op_line, top_level_args
-from tests.tiny_models import (assert_same_training_signal, batch, optimized_matches_eager,
-                               tiny_causal_lm, twins)
+from tests.tiny_models import (assert_same_training_signal, batch, keep_rewritten_graphs,
+                               optimized_matches_eager, tiny_causal_lm, twins)
 
 
 # Only the passes up to this one: other ops' passes are tested in their own files.
@@ -458,6 +458,19 @@ def test_down_projection_bias_and_frozen_weight(bias, frozen_down):
                                         swiglu_save_hidden=False)
     matches, declines = _swiglu_report(chronicals.report_of(optimized))
     assert len(matches) == 1 and TAKEN_IN in matches[0].detail and not declines, matches
+
+
+@pytest.mark.parametrize("fused_gemm", [True, False])
+def test_down_projection_carries_the_fused_gemm_option(monkeypatch, fused_gemm):
+    """Config.swiglu_fused_gemm reaches the op (its backward picks the Hopper kernel by it);
+    on CPU both settings give eager's results."""
+    graphs = keep_rewritten_graphs(monkeypatch)
+    module = GatedMLP(SPELLINGS["f_silu"][0])
+    optimized_matches_eager(module, torch.randn(2, 3, 24), passes=PASSES,
+                            swiglu_save_hidden=False, swiglu_fused_gemm=fused_gemm)
+    calls = [n for gm in graphs for n in gm.graph.nodes
+             if n.target is torch.ops.chronicals.swiglu_linear.default]
+    assert len(calls) == 1 and calls[0].args[5] is fused_gemm, [c.args for c in calls]
 
 
 def test_down_projection_through_inductor():

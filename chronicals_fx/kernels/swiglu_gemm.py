@@ -1,0 +1,405 @@
+"""The backward of ``swiglu_linear`` (``linear(act(g)·u, W_down)``) as one GEMM with the SwiGLU
+backward in its epilogue: a warp-specialized Hopper kernel in Gluon (sm_90: TMA, mbarriers,
+asynchronous wgmma). Where it can't run, the op takes cuBLAS and the SwiGLU pass instead.
+
+    dh = dy @ W_down                      (dy [M, K] with K = O; W_down [O, I] = [K, N], as
+                                           nn.Linear stores it, N contiguous)
+    (dg, du, y) = swiglu_bwd_math(dh, g, u)   per tile of dh, with dh rounded to the dtype as
+                                           cuBLAS's output is; y = act(g)·u again, bit for bit
+                                           the forward's, for dW_down = dyᵀ y
+
+Unfused, cuBLAS writes dh and the pass reads it back: [M, N] streams 1 + 6 (dh, g, u in; dg, du,
+y out). Here dh stays on chip: 5 streams, and no [M, N] buffer for dh.
+
+Three partitions share each SM (``gl.warp_specialize``):
+
+    loader    1 warp         TMA loads of A = dy and B = W_down blocks into a STAGES-deep ring
+                             (ab_ready: landed; ab_empty: the wgmma that read the slot is done)
+    mma       the default    the K loop on asynchronous wgmma (two warpgroups of 64 rows), then
+              partition      the accumulator, rounded to the dtype, into one of DH_BUFS shared
+                             tiles (dh_ready / dh_empty)
+    epilogue  EPI_WARPS      per tile, in SPLIT column pieces: g, u loaded from memory into
+                             registers (the next piece's loads issued before this one is
+                             computed), dh read from shared memory, the math, dg, du, y stored
+
+so tile t's epilogue runs while tile t+1's wgmma does. The epilogue is ALU-bound (two
+sigmoids, seven roundings a value: bf16 rounding uses the cvt instruction, round_to CODE 3),
+which is why one instruction stream (benchmarks/swiglu_gemm_gluon.py's first kernel) ran at
+0.80x of cuBLAS + the pass: its epilogue could not issue while wgmma ran. Registers are
+reallocated per partition (setmaxnreg): 24 for the loader, EPI_REGS for the epilogue, the rest
+(of 64K) for the wgmma partition.
+
+Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md, session 10): M=8192 K=896
+N=4864 222 µs against 236 for cuBLAS + the pass (1.06x); M=16384 K=4096 N=14336 1.03x. dg, du,
+y bit for bit the unfused path's on every shape checked (``--gpu-check``); only dh's fp32
+accumulation order may differ from cuBLAS's.
+
+Grouped persistent tile order (tutorial 09): one program per SM walks tiles start_pid,
+start_pid + #SMs, ...; every partition walks the same sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._triton import ROUND_CODES, tile_coords
+from .swiglu import swiglu_bwd_math
+
+GROUP_M = 8
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """One launch configuration (compile-time constants)."""
+    bm: int = 128
+    bn: int = 128
+    bk: int = 64
+    stages: int = 4           # depth of the A/B ring
+    split: int = 4            # epilogue column pieces of [BM, BN / split]
+    dh_bufs: int = 2          # dh tiles in shared memory (the epilogue may lag a tile)
+    mma_warps: int = 8        # the default partition: two warpgroups of 64 rows
+    epi_warps: int = 8
+    epi_regs: int = 128
+    load_regs: int = 24
+    maxnreg: int = 96         # before reallocation: 64K registers / (20 warps x 32)
+    hw_round: bool = True     # bf16 rounding by cvt (round_to CODE 3) instead of on the bits
+
+    def tag(self) -> str:
+        return (f"gluon-ws {self.bm}x{self.bn}x{self.bk} s{self.stages} split{self.split} "
+                f"dh{self.dh_bufs} mma{self.mma_warps}w epi{self.epi_warps}w/{self.epi_regs}r"
+                f"{'' if self.hw_round else ' bitround'}")
+
+    def smem_bytes(self) -> int:
+        ring = self.stages * (self.bm * self.bk + self.bk * self.bn) * 2
+        return ring + self.dh_bufs * self.bm * self.bn * 2 + 8 * 2 * (self.stages + self.dh_bufs)
+
+
+# The fastest of session 10's sweep at both shapes measured (benchmarks/sweep_swiglu_tma.py
+# --gluon-set ws): 8 epilogue warps of 128 registers, 16 values a thread a piece, no spills.
+DEFAULT_TILE = GemmTile()
+
+
+@gluon.constexpr_function
+def wgmma_layout(BLOCK_M, BLOCK_N, num_warps):
+    """The wgmma accumulator layout (Gluon tutorial 05's pick_wgmma_layout, bf16: k = 16):
+    warps stacked along M while each still gets 16 rows, instruction N as wide as fits."""
+    warps = [4, 1]
+    while warps[0] * warps[1] != num_warps:
+        if BLOCK_M > 16 * warps[0]:
+            warps[0] *= 2
+        else:
+            warps[1] *= 2
+    m_reps = triton.cdiv(BLOCK_M, 16)
+    n_reps = triton.cdiv(num_warps, m_reps)
+    max_n = max(BLOCK_N // n_reps, 8)
+    n = 256
+    while n > max_n or BLOCK_N % n != 0:
+        n -= 8
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                    W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    if W_KMAJOR:
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    else:
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
+    STAGES: gl.constexpr = a_bufs.shape[0]
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    num_pid_in_group = GROUP_M * num_pid_n
+    prod = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        for ki in range(k_tiles):
+            s = prod % STAGES
+            # a fresh barrier counts as having completed the phase before 0: the first round
+            # of slots is free at once
+            mbarrier.wait(ab_empty.index(s), ((prod // STAGES) & 1) ^ 1)
+            bar = ab_ready.index(s)
+            mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar,
+                                            a_bufs.index(s))
+            if W_KMAJOR:
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, ki * BLOCK_K], bar,
+                                                b_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(b_desc, [ki * BLOCK_K, pid_n * BLOCK_N], bar,
+                                                b_bufs.index(s))
+            prod += 1
+
+
+@gluon.jit
+def _mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                   M, N, K, BLOCK_K: gl.constexpr, W_KMAJOR: gl.constexpr,
+                   GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    STAGES: gl.constexpr = a_bufs.shape[0]
+    DH_BUFS: gl.constexpr = dh_bufs.shape[0]
+    BLOCK_M: gl.constexpr = dh_bufs.shape[1]
+    BLOCK_N: gl.constexpr = dh_bufs.shape[2]
+    acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, gl.num_warps())
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    cons = 0
+    tiles = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+        for ki in range(k_tiles):
+            s = cons % STAGES
+            mbarrier.wait(ab_ready.index(s), (cons // STAGES) & 1)
+            if W_KMAJOR:
+                b = b_bufs.index(s).permute((1, 0))
+            else:
+                b = b_bufs.index(s)
+            acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+            # one wgmma left in flight: the previous block's has read its slot, in both
+            # warpgroups once every warp is past the wait
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            gl.thread_barrier()
+            mbarrier.arrive(ab_empty.index((cons + STAGES - 1) % STAGES), count=1, pred=ki > 0)
+            cons += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(ab_empty.index((cons + STAGES - 1) % STAGES), count=1)
+
+        d = tiles % DH_BUFS
+        mbarrier.wait(dh_empty.index(d), ((tiles // DH_BUFS) & 1) ^ 1)
+        dh_bufs.index(d).store(acc.to(dh_bufs.dtype))      # rounded as cuBLAS stores dh
+        gl.thread_barrier()
+        mbarrier.arrive(dh_ready.index(d), count=1)
+        tiles += 1
+
+
+@gluon.jit
+def _load_piece(G, U, base, offs, rows_left, EVEN_M: gl.constexpr, layout: gl.constexpr):
+    """g, u of the piece whose first value is at ``base``; with a ragged last row block, only
+    the piece's first ``rows_left`` rows (N is a multiple of the tile: columns never are)."""
+    if EVEN_M:
+        g = gl.load(G + base + offs)
+        u = gl.load(U + base + offs)
+    else:
+        mask = _row_mask(rows_left, offs, layout)
+        g = gl.load(G + base + offs, mask=mask, other=0.0)
+        u = gl.load(U + base + offs, mask=mask, other=0.0)
+    return g, u
+
+
+@gluon.jit
+def _store_piece(X, x, base, offs, rows_left, EVEN_M: gl.constexpr, layout: gl.constexpr):
+    if EVEN_M:
+        gl.store(X + base + offs, x.to(X.dtype.element_ty))
+    else:
+        gl.store(X + base + offs, x.to(X.dtype.element_ty),
+                 mask=_row_mask(rows_left, offs, layout))
+
+
+@gluon.jit
+def _row_mask(rows_left, offs, layout: gl.constexpr):
+    """[BLOCK_M, 1] row predicate, broadcast along the piece's columns by the load/store."""
+    rows = gl.arange(0, offs.shape[0], layout=gl.SliceLayout(1, layout))
+    return gl.expand_dims(rows < rows_left, 1)
+
+
+@gluon.jit
+def _epilogue_partition(dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N,
+                        ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr,
+                        SPLIT: gl.constexpr, EVEN_M: gl.constexpr, GROUP_M: gl.constexpr,
+                        NUM_PROGS: gl.constexpr):
+    DH_BUFS: gl.constexpr = dh_bufs.shape[0]
+    BLOCK_M: gl.constexpr = dh_bufs.shape[1]
+    BLOCK_N: gl.constexpr = dh_bufs.shape[2]
+    WIDTH: gl.constexpr = BLOCK_N // SPLIT
+    # 16-byte accesses along a row: WIDTH / 8 threads across, the rest of the warp down
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8],
+                                            [gl.num_warps(), 1], [1, 0])
+    # a piece's offsets from its first value, the same for every piece (int32: the base,
+    # int64, carries the tile's position)
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows * N, 1) + gl.expand_dims(cols, 0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    tiles = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        base = off_m.to(gl.int64) * N + off_n
+        # the first piece's g, u are in flight while the tile's wgmma finishes
+        rows_left = M - off_m
+        g, u = _load_piece(G, U, base, offs, rows_left, EVEN_M, layout)
+        d = tiles % DH_BUFS
+        mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
+        for j in gl.static_range(SPLIT):
+            if j + 1 < SPLIT:
+                g_next, u_next = _load_piece(G, U, base + (j + 1) * WIDTH, offs, rows_left,
+                                             EVEN_M, layout)
+            dh = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
+            if j + 1 == SPLIT:
+                # every warp has read the tile: the buffer may take the next one
+                gl.thread_barrier()
+                mbarrier.arrive(dh_empty.index(d), count=1)
+            dg, du, y = swiglu_bwd_math(dh, g, u, ACT, ROUND)
+            at = base + j * WIDTH
+            _store_piece(DG, dg, at, offs, rows_left, EVEN_M, layout)
+            _store_piece(DU, du, at, offs, rows_left, EVEN_M, layout)
+            if STORE_Y:
+                _store_piece(Y, y, at, offs, rows_left, EVEN_M, layout)
+            if j + 1 < SPLIT:
+                g, u = g_next, u_next
+        tiles += 1
+
+
+@gluon.jit
+def swiglu_bwd_gemm_kernel(
+    a_desc, b_desc,               # dy [M, K] in [BM, BK] blocks; W [K, N] in [BK, BN] (or Wᵀ)
+    G, U, DG, DU, Y,              # [M, N] contiguous: gate, up in; d gate, d up, y out
+    M, N, K,
+    ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr, SPLIT: gl.constexpr,
+    EVEN_M: gl.constexpr,         # M a multiple of BLOCK_M: no masks (N always is one)
+    STAGES: gl.constexpr, DH_BUFS: gl.constexpr, W_KMAJOR: gl.constexpr,
+    GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
+    EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    if W_KMAJOR:
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    else:
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
+    dtype: gl.constexpr = a_desc.dtype
+    gl.static_assert(STAGES >= 2, "at least two stages")
+
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
+    ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
+    dh_empty = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ab_ready.index(i), count=1)
+        mbarrier.init(ab_empty.index(i), count=1)
+    for i in gl.static_range(DH_BUFS):
+        mbarrier.init(dh_ready.index(i), count=1)
+        mbarrier.init(dh_empty.index(i), count=1)
+
+    gl.warp_specialize([
+        (_mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                          M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
+        (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                           W_KMAJOR, GROUP_M, NUM_PROGS)),
+        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N, ACT,
+                               ROUND, STORE_Y, SPLIT, EVEN_M, GROUP_M, NUM_PROGS)),
+    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+_failed: list[str] = []      # the first launch's error, if any: the kernel is not tried again
+
+
+def _desc(t: Tensor, block: list[int]) -> TensorDescriptor:
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132      # compiled offline (benchmarks/swiglu_gemm_gluon.py): an H100/H200's count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def unusable(dy: Tensor, weight: Tensor, gate: Tensor) -> str | None:
+    """Why the kernel can't take this call (None: it can). Static facts only (device, dtype,
+    widths), so the answer is the same when traced on fake tensors; alignment is checked again
+    at the launch."""
+    if _failed:
+        return f"the kernel failed before: {_failed[0]}"
+    if gate.device.type != "cuda" or torch.cuda.get_device_capability(gate.device)[0] != 9:
+        return "needs a CUDA device of compute capability 9.x (Hopper)"
+    if not (dy.dtype == weight.dtype == gate.dtype) or gate.dtype not in _GL_DTYPES:
+        return "bf16 or fp16, one dtype"
+    if weight.dim() != 2 or weight.shape[0] % 8:
+        return "TMA needs rows of a multiple of 16 bytes"
+    if weight.shape[1] % DEFAULT_TILE.bn:
+        return f"the intermediate size must be a multiple of {DEFAULT_TILE.bn}"
+    return None
+
+
+def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor, du: Tensor,
+                y: Tensor | None, activation: int, tile: GemmTile = DEFAULT_TILE,
+                w_kmajor: bool = False):
+    """A callable running the kernel on [M, K] dy, W [K, N] (``w_kmajor``: Wᵀ [N, K]) and
+    [M, N] gate, up, dg, du (and y, when given); all contiguous, one dtype, 16-byte aligned."""
+    m, k = dy.shape
+    n = weight.shape[0] if w_kmajor else weight.shape[1]
+    for t in (dy, weight, gate, up, dg, du, *([y] if y is not None else [])):
+        assert t.is_contiguous() and t.dtype == dy.dtype and t.data_ptr() % 16 == 0
+    assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
+    assert n % tile.bn == 0, "only the last row block may be partial"
+    a = _desc(dy, [tile.bm, tile.bk])
+    b = _desc(weight, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
+    progs = _num_sms(dy.device)
+    programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
+    rounding = 3 if tile.hw_round and gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
+    args = (a, b, gate, up, dg, du, y if y is not None else dg, m, n, k)
+    kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None, SPLIT=tile.split,
+                  EVEN_M=m % tile.bm == 0, STAGES=tile.stages,
+                  DH_BUFS=tile.dh_bufs, W_KMAJOR=w_kmajor, GROUP_M=GROUP_M, NUM_PROGS=progs,
+                  EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs, LOAD_REGS=tile.load_regs,
+                  num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
+
+    def launch(warmup: bool = False):
+        if warmup:
+            return swiglu_bwd_gemm_kernel.warmup(*args, grid=(programs,), **kwargs)
+        return swiglu_bwd_gemm_kernel[(programs,)](*args, **kwargs)
+    launch.kernel, launch.args, launch.kwargs = swiglu_bwd_gemm_kernel, args, kwargs
+    return launch
+
+
+def swiglu_linear_backward(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
+                           activation: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(d gate, d up, act(gate)·up) as [M, N] from dy [M, O], W_down [O, N], gate and up
+    [M, N], by the fused kernel; None where it can't run (the caller takes cuBLAS + the pass).
+    A failure to compile or launch is warned about once, and the kernel is not tried again."""
+    dy = dy.contiguous()
+    weight = weight.contiguous()
+    if any(t.data_ptr() % 16 for t in (dy, weight, gate, up)) or not (
+            gate.is_contiguous() and up.is_contiguous()):
+        return None
+    dg, du, y = (torch.empty_like(gate) for _ in range(3))
+    try:
+        make_launch(dy, weight, gate, up, dg, du, y, activation)()
+    except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
+        _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        warnings.warn(f"chronicals: the fused SwiGLU-backward GEMM failed ({_failed[0]}); "
+                      "using cuBLAS and the SwiGLU kernel from now on", stacklevel=2)
+        return None
+    return dg, du, y
