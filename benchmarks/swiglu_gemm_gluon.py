@@ -58,7 +58,7 @@ from benchmarks.swiglu_gemm_tma import (GROUP_M, _check, _column_piece, _launche
                                         _swiglu_bwd_math)
 from chronicals_fx.kernels import swiglu_gemm
 from chronicals_fx.kernels._triton import ROUND_CODES, tile_coords
-from chronicals_fx.kernels.swiglu_gemm import _desc, wgmma_layout
+from chronicals_fx.kernels._gluon import GL_DTYPES, num_sms, tma_descriptor, wgmma_layout
 
 SMEM_LIMIT = 232448          # bytes of shared memory one program may use on sm_90 (227 KiB)
 
@@ -390,23 +390,17 @@ WS_CONFIGS = [
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132          # offline compilation: an H100/H200's count (the grid is not launched)
-
-
 def _round_code(dtype: torch.dtype, hw_round: bool) -> int:
     """round_to's code for ``dtype``; 3 (bf16 by the cvt instruction) where asked."""
     return 3 if hw_round and dtype == torch.bfloat16 else ROUND_CODES[dtype]
 
 
 def _common(dy: Tensor, w: Tensor, tile: GluonTile, w_kmajor: bool, m: int, n: int):
-    assert dy.dtype in swiglu_gemm._GL_DTYPES, dy.dtype
+    assert dy.dtype in GL_DTYPES, dy.dtype
     assert tile.bn % tile.split == 0 and tile.split in (1, 2, 4)
-    a = _desc(dy, [tile.bm, tile.bk])
-    b = _desc(w, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
-    progs = tile.ctas * _num_sms(dy.device)
+    a = tma_descriptor(dy, [tile.bm, tile.bk])
+    b = tma_descriptor(w, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
+    progs = tile.ctas * num_sms(dy.device)
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
     opts = {"num_warps": tile.warps}
     if tile.maxnreg:
@@ -425,8 +419,8 @@ def make_fused_gluon_launch(dy: Tensor, w: Tensor, g: Tensor, u: Tensor, dg: Ten
     m, n, k = _check(dy, w, w_kmajor, g, u, dg, du, *([y] if y is not None else []))
     a, b, progs, programs, opts = _common(dy, w, tile, w_kmajor, m, n)
     piece = [tile.bm, tile.bn // tile.split]
-    gd, ud, dgd, dud = (_desc(t, piece) for t in (g, u, dg, du))
-    yd = _desc(y if y is not None else dg, piece)
+    gd, ud, dgd, dud = (tma_descriptor(t, piece) for t in (g, u, dg, du))
+    yd = tma_descriptor(y if y is not None else dg, piece)
     return _launcher(swiglu_bwd_gemm_gluon_kernel, programs,
                      (a, b, gd, ud, dgd, dud, yd, m, n, k), dict(
                          ACT=activation, ROUND=_round_code(g.dtype, tile.hw_round),
@@ -441,7 +435,7 @@ def make_plain_gluon_launch(dy: Tensor, w: Tensor, dh: Tensor, tile: GluonTile,
     """A callable launching dh = dy @ W (see _launcher)."""
     m, n, k = _check(dy, w, w_kmajor, dh)
     a, b, progs, programs, opts = _common(dy, w, tile, w_kmajor, m, n)
-    c = _desc(dh, [tile.bm, tile.bn // tile.split])
+    c = tma_descriptor(dh, [tile.bm, tile.bn // tile.split])
     return _launcher(matmul_gluon_kernel, programs, (a, b, c, m, n, k), dict(
         SPLIT=tile.split, STAGES=tile.stages, OUT_BUFS=tile.out_bufs, PEEL=tile.peel,
         W_KMAJOR=w_kmajor, GROUP_M=GROUP_M, NUM_PROGS=progs, **opts))

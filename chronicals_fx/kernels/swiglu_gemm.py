@@ -40,7 +40,6 @@ start_pid + #SMs, ...; every partition walks the same sequence.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
@@ -51,8 +50,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ._gluon import hopper_unusable, num_sms, tma_descriptor, wgmma_layout
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
 
@@ -88,25 +87,6 @@ class GemmTile:
 # The fastest of session 10's sweep at both shapes measured (benchmarks/sweep_swiglu_tma.py
 # --gluon-set ws): 8 epilogue warps of 128 registers, 16 values a thread a piece, no spills.
 DEFAULT_TILE = GemmTile()
-
-
-@gluon.constexpr_function
-def wgmma_layout(BLOCK_M, BLOCK_N, num_warps):
-    """The wgmma accumulator layout (Gluon tutorial 05's pick_wgmma_layout, bf16: k = 16):
-    warps stacked along M while each still gets 16 rows, instruction N as wide as fits."""
-    warps = [4, 1]
-    while warps[0] * warps[1] != num_warps:
-        if BLOCK_M > 16 * warps[0]:
-            warps[0] *= 2
-        else:
-            warps[1] *= 2
-    m_reps = triton.cdiv(BLOCK_M, 16)
-    n_reps = triton.cdiv(num_warps, m_reps)
-    max_n = max(BLOCK_N // n_reps, 8)
-    n = 256
-    while n > max_n or BLOCK_N % n != 0:
-        n -= 8
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, n, 16])
 
 
 @gluon.jit
@@ -316,24 +296,7 @@ def swiglu_bwd_gemm_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _failed: list[str] = []      # the first launch's error, if any: the kernel is not tried again
-
-
-def _desc(t: Tensor, block: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
-    return TensorDescriptor.from_tensor(t, block, layout)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132      # compiled offline (benchmarks/swiglu_gemm_gluon.py): an H100/H200's count
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def unusable(dy: Tensor, weight: Tensor, gate: Tensor) -> str | None:
@@ -342,10 +305,9 @@ def unusable(dy: Tensor, weight: Tensor, gate: Tensor) -> str | None:
     at the launch."""
     if _failed:
         return f"the kernel failed before: {_failed[0]}"
-    if gate.device.type != "cuda" or torch.cuda.get_device_capability(gate.device)[0] != 9:
-        return "needs a CUDA device of compute capability 9.x (Hopper)"
-    if not (dy.dtype == weight.dtype == gate.dtype) or gate.dtype not in _GL_DTYPES:
-        return "bf16 or fp16, one dtype"
+    reason = hopper_unusable(gate, dy, weight)
+    if reason:
+        return reason
     if weight.dim() != 2 or weight.shape[0] % 8:
         return "TMA needs rows of a multiple of 16 bytes"
     if weight.shape[1] % DEFAULT_TILE.bn:
@@ -364,9 +326,9 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
         assert t.is_contiguous() and t.dtype == dy.dtype and t.data_ptr() % 16 == 0
     assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
     assert n % tile.bn == 0, "only the last row block may be partial"
-    a = _desc(dy, [tile.bm, tile.bk])
-    b = _desc(weight, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
-    progs = _num_sms(dy.device)
+    a = tma_descriptor(dy, [tile.bm, tile.bk])
+    b = tma_descriptor(weight, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
+    progs = num_sms(dy.device)
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
     rounding = 3 if tile.hw_round and gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
     args = (a, b, gate, up, dg, du, y if y is not None else dg, m, n, k)
