@@ -73,8 +73,9 @@ def main() -> int:
     for k, m, n in TIMED:
         a, b, c = _inputs(k, m, n)
         flop = 2 * k * m * n
-        timed = {"cuBLAS addmm (beta = 1)": lambda: c.addmm_(a.t(), b),
-                 "cuBLAS mm (beta = 0, C not read)": lambda: torch.mm(a.t(), b, out=c)}
+        timed = {"cuBLAS addmm (beta = 1)": lambda a=a, b=b, c=c: c.addmm_(a.t(), b),
+                 "cuBLAS mm (beta = 0, C not read)":
+                     lambda a=a, b=b, c=c: torch.mm(a.t(), b, out=c)}
         for tile in good:
             timed[f"gluon {tile.tag()}"] = G.make_launch(c, a, b, tile)
         base = None
@@ -84,7 +85,7 @@ def main() -> int:
             rows.append((f"K={k} M={m} N={n}", name, f"{t:.1f}", f"{flop / t / 1e6:.0f}",
                          f"{base / t:.3f}x"))
             print(*rows[-1], flush=True)
-        del a, b, c
+        del timed, a, b, c
         torch.cuda.empty_cache()
     print(tabulate(rows, headers=("shape", "variant", "µs", "TFLOP/s", "vs addmm")))
     print(f"# {time.time() - start:.0f} s")
