@@ -6,14 +6,10 @@ every variant so the TFLOP/s column compares speed. "chronicals" is what the pas
 training: the gradients computed in the forward, 6NHV, row chunks (docs/linear_ce.md);
 "chronicals_recompute" the forward-only op with its recomputing backward (8NHV: the backward
 computes the logits again), which the pass uses only when no gradient is needed at compile time.
-"chronicals_cublas_dw" is "chronicals" with dW accumulated by cuBLAS's addmm (beta = 1) instead
-of the Gluon GEMM that reads dW during its main loop (kernels/gemm_accumulate.py, Hopper).
 Liger computes 6NHV, Cut Cross-Entropy 8NHV.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +28,6 @@ def chronicals(h, w, labels):
     from chronicals_fx.kernels.linear_ce import linear_cross_entropy_loss
 
     return linear_cross_entropy_loss(h, w, labels, grad_in_forward=True)
-
-
-def chronicals_cublas_dw(h, w, labels):
-    os.environ["CHRONICALS_GEMM_ACCUMULATE"] = "0"       # read at each launch (and capture)
-    try:
-        return chronicals(h, w, labels)
-    finally:
-        del os.environ["CHRONICALS_GEMM_ACCUMULATE"]
 
 
 def chronicals_recompute(h, w, labels):
@@ -90,7 +78,6 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     from chronicals_fx.kernels import linear_ce as kernel
 
     variants = {"eager": eager, "inductor": torch.compile(eager, dynamic=False), "chronicals": chronicals,
-                "chronicals_cublas_dw": chronicals_cublas_dw,
                 "chronicals_recompute": chronicals_recompute,
                 **_liger(), **_cut_ce()}
     out = []

@@ -32,10 +32,9 @@ the [C, V] buffer ≤ 256 MiB). Per chunk: x_c = H_c @ Wᵀ (+ b) (cuBLAS into o
 buffer, input dtype); a Triton pass over whole rows gives lse_i (online max / sum over column
 slices, then a combine), and a second Triton pass overwrites the buffer IN PLACE with d for an
 upstream gradient of 1; then dH_c = d_c @ W is written into dH's rows (one GEMM over all of V:
-rounded once, as eager), dW += d_cᵀ @ H_c accumulates in a dW of the weight's dtype (fp32
-inside each GEMM, one rounding per chunk — ⌈N / C⌉ roundings in all, against eager's one: on
-Hopper a Gluon GEMM that loads dW's tiles during its main loop, kernels/gemm_accumulate.py,
-elsewhere cuBLAS's addmm with beta = 1; beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, an fp32 [V, H] sum instead),
+rounded once, as eager), dW += d_cᵀ @ H_c accumulates in a dW of the weight's dtype (cuBLAS
+addmm with beta = 1: fp32 inside each GEMM, one rounding per chunk — ⌈N / C⌉ roundings in all,
+against eager's one; beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, an fp32 [V, H] sum instead),
 db += Σ_rows d_c in fp32. n_valid (for "mean") is a device tensor computed before the first
 chunk. The op returns the loss and dH, dW, db; its backward multiplies them by g (the upstream
 gradient) IN PLACE — a Triton kernel that reads g on the device and does nothing when g == 1
@@ -587,16 +586,6 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc += (a @ b).to(acc.dtype)
 
 
-def _accumulate_dw(dw: Tensor, d: Tensor, h: Tensor) -> None:
-    """dw += dᵀ @ h in dw's dtype: on Hopper by the Gluon GEMM that reads dw during its main
-    loop (kernels/gemm_accumulate.py; cuBLAS's beta = 1 waits for it after), else cuBLAS."""
-    if d.is_cuda:
-        from .gemm_accumulate import accumulate_at_b
-        accumulate_at_b(dw, d, h)
-    else:
-        dw.addmm_(d.t(), h)
-
-
 def lce_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                  lse: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
                  scale: float, softcap: float, z_loss: float, need_h: bool, need_w: bool,
@@ -646,8 +635,8 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
     Token chunks of C whole rows [C, V] (one buffer, reused): each row's lse is known inside
     its chunk, so d is formed at once, in place of the logits. dH_c = d_c @ W is one GEMM over V
     (rounded once, into dH's rows); dW accumulates over the chunks in the weight's dtype
-    (the first chunk by cuBLAS with beta = 0, the others by :func:`_accumulate_dw`; fp32
-    inside each GEMM, one rounding per chunk) — or, beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, in an fp32
+    (cuBLAS: the first chunk with beta = 0, the others addmm with beta = 1; fp32 inside each
+    GEMM, one rounding per chunk) — or, beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, in an fp32
     [V, H] buffer; db in fp32. Grads not asked for are None and not computed.
     """
     n, vocab = h.shape[0], weight.shape[0]
@@ -680,7 +669,7 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
             if r0 == 0:
                 torch.mm(x.t(), hc, out=dw)
             else:
-                _accumulate_dw(dw, x, hc)
+                dw.addmm_(x.t(), hc)
         if need_b:
             db += x.sum(0, dtype=torch.float32)
     del buf
