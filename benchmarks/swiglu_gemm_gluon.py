@@ -58,7 +58,7 @@ from benchmarks.swiglu_gemm_tma import (GROUP_M, _check, _column_piece, _launche
                                         _swiglu_bwd_math)
 from chronicals_fx.kernels import swiglu_gemm
 from chronicals_fx.kernels._triton import ROUND_CODES, tile_coords
-from chronicals_fx.kernels._gluon import GL_DTYPES, num_sms, tma_descriptor, wgmma_layout
+from chronicals_fx.kernels._gluon import GL_DTYPES, GemmTile, num_sms, tma_descriptor, wgmma_layout
 
 SMEM_LIMIT = 232448          # bytes of shared memory one program may use on sm_90 (227 KiB)
 
@@ -367,7 +367,7 @@ def matmul_gluon_kernel(
 # is ALU-bound and one instruction stream cannot issue it while wgmma runs; the product's
 # kernel gives the epilogue warps of its own. Its configurations swept here:
 @dataclass(frozen=True)
-class WsTile(swiglu_gemm.GemmTile):
+class WsTile(GemmTile):
     gluon: ClassVar[bool] = True          # how the sweep tells these from Triton tiles
     ctas: ClassVar[int] = 1
 

@@ -6,10 +6,15 @@ every variant so the TFLOP/s column compares speed. "chronicals" is what the pas
 training: the gradients computed in the forward, 6NHV, row chunks (docs/linear_ce.md);
 "chronicals_recompute" the forward-only op with its recomputing backward (8NHV: the backward
 computes the logits again), which the pass uses only when no gradient is needed at compile time.
+"chronicals_cublas_logits" is "chronicals" with cuBLAS computing the logits and the first row
+pass reading them, instead of the Gluon GEMM with the row statistics in its epilogue
+(kernels/linear_ce_gemm.py, Hopper).
 Liger computes 6NHV, Cut Cross-Entropy 8NHV.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,14 @@ def chronicals(h, w, labels):
     from chronicals_fx.kernels.linear_ce import linear_cross_entropy_loss
 
     return linear_cross_entropy_loss(h, w, labels, grad_in_forward=True)
+
+
+def chronicals_cublas_logits(h, w, labels):
+    os.environ["CHRONICALS_LCE_GEMM"] = "0"       # read at each call (and CUDA-graph capture)
+    try:
+        return chronicals(h, w, labels)
+    finally:
+        del os.environ["CHRONICALS_LCE_GEMM"]
 
 
 def chronicals_recompute(h, w, labels):
@@ -78,6 +91,7 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     from chronicals_fx.kernels import linear_ce as kernel
 
     variants = {"eager": eager, "inductor": torch.compile(eager, dynamic=False), "chronicals": chronicals,
+                "chronicals_cublas_logits": chronicals_cublas_logits,
                 "chronicals_recompute": chronicals_recompute,
                 **_liger(), **_cut_ce()}
     out = []

@@ -391,9 +391,10 @@ def _write_d(base, cols, mask, lse, p_scale, w, target, scale, softcap, target_w
 def lce_row_grad_kernel(
     X, stride_x,                # logits [C, V], whole rows; overwritten with d (same dtype)
     LABELS, ROW_W,              # int64 [C]; fp32 [C] (0 on ignored rows: d = 0, nothing read)
-    PM, PS, PZT, PZSUM,         # fp32 [C, SPLIT] from lce_row_stats_kernel
+    PM, PS, PZT, PZSUM,         # fp32 [C, N_STATS] from lce_row_stats_kernel (N_STATS = SPLIT)
+                                # or combine_tile_stats_kernel (N_STATS = 1)
     LSE, ZT, ZSUM,              # fp32 [C] out: the rows' statistics for the loss (0 if ignored)
-    V, SPLIT, COLS, n_programs,
+    V, SPLIT, COLS, n_programs, N_STATS,
     scale, softcap,
     target_weight,              # 1 − ε
     uniform_weight,             # ε / V
@@ -414,9 +415,9 @@ def lce_row_grad_kernel(
     base = X + row.to(tl.int64) * stride_x
     if w != 0.0:
         k = tl.arange(0, BLOCK_S)
-        k_mask = k < SPLIT
-        pm = tl.load(PM + row * SPLIT + k, mask=k_mask, other=float("-inf"))
-        ps = tl.load(PS + row * SPLIT + k, mask=k_mask, other=0.0)
+        k_mask = k < N_STATS
+        pm = tl.load(PM + row * N_STATS + k, mask=k_mask, other=float("-inf"))
+        ps = tl.load(PS + row * N_STATS + k, mask=k_mask, other=0.0)
         m = tl.max(pm, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         lse = m_safe + tl.log(tl.sum(ps * tl.exp(pm - m_safe), axis=0))
@@ -428,10 +429,11 @@ def lce_row_grad_kernel(
                      target_weight, uniform_weight, HAS_SOFTCAP)
         if part == 0:
             tl.store(LSE + row, lse)
-            tl.store(ZT + row, tl.sum(tl.load(PZT + row * SPLIT + k, mask=k_mask, other=0.0), axis=0))
+            tl.store(ZT + row, tl.sum(tl.load(PZT + row * N_STATS + k, mask=k_mask, other=0.0),
+                                      axis=0))
             if HAS_SMOOTHING:
                 tl.store(ZSUM + row,
-                         tl.sum(tl.load(PZSUM + row * SPLIT + k, mask=k_mask, other=0.0), axis=0))
+                         tl.sum(tl.load(PZSUM + row * N_STATS + k, mask=k_mask, other=0.0), axis=0))
     else:
         _zero_row(base, LSE, ZT, ZSUM, row, c_begin, c_end, part == 0, HAS_SMOOTHING, BLOCK_V)
 
@@ -468,27 +470,42 @@ def _row_variant() -> str:
 
 def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, zsum: Tensor,
              scale: float, softcap: float, label_smoothing: float, z_loss: float,
-             cols: int | None = None, block_v: int | None = None, warps: int | None = None
-             ) -> None:
+             cols: int | None = None, block_v: int | None = None, warps: int | None = None,
+             tile_stats: tuple[Tensor, Tensor, Tensor | None] | None = None) -> None:
     """The two row passes on a [C, V] chunk of whole rows: lse, zt, zsum [C] out, x → d in place
     (d for the row weights ``row_w``), pass 1 with the statistics ROW_STATS selects (the same
-    outputs). Plain tensors: also CPU under ``TRITON_INTERPRET=1``."""
+    outputs). With ``tile_stats`` (per column tile, from the fused logits GEMM,
+    kernels/linear_ce_gemm.py) pass 1 is a combine of those instead of a read of x. Plain
+    tensors: also CPU under ``TRITON_INTERPRET=1``."""
     n, vocab = x.shape
     if n == 0:
         return
     cols, block_v, warps = _row_tiles(vocab, cols, block_v, warps)
-    stats = _row_variant()
     flags = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=bool(label_smoothing), BLOCK_V=block_v,
                  num_warps=warps)
     split = triton.cdiv(vocab, cols)
-    pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
-    grid = (n * split,)
-    lce_row_stats_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split,
-                               cols, scale, softcap or 1.0, LANES=stats == "lanes", **flags)
-    lce_row_grad_kernel[grid](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse, zt, zsum,
-                              vocab, split, cols, n * split, scale, softcap or 1.0,
-                              1.0 - label_smoothing, label_smoothing / vocab, z_loss,
-                              BLOCK_S=triton.next_power_of_2(split), **flags)
+    if tile_stats is None:
+        n_stats = split
+        pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
+        lce_row_stats_kernel[(n * split,)](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum,
+                                           vocab, split, cols, scale, softcap or 1.0,
+                                           LANES=_row_variant() == "lanes", **flags)
+    else:
+        from .linear_ce_gemm import combine_tile_stats_kernel
+        n_stats = 1
+        pm, ps, pzt, pzsum = torch.empty((4, n), dtype=torch.float32, device=x.device)
+        tm, ts, tz = (t[:n] if t is not None else None for t in tile_stats)
+        combine_tile_stats_kernel[(n,)](x, x.stride(0), labels, row_w, tm, ts,
+                                        tz if tz is not None else tm, tm.shape[1],
+                                        pm, ps, pzt, pzsum, vocab, scale, softcap or 1.0,
+                                        HAS_SOFTCAP=softcap > 0,
+                                        HAS_SMOOTHING=bool(label_smoothing), BLOCK_T=1024,
+                                        num_warps=4)
+    lce_row_grad_kernel[(n * split,)](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse,
+                                      zt, zsum, vocab, split, cols, n * split, n_stats, scale,
+                                      softcap or 1.0, 1.0 - label_smoothing,
+                                      label_smoothing / vocab, z_loss,
+                                      BLOCK_S=triton.next_power_of_2(n_stats), **flags)
 
 
 def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
@@ -612,6 +629,24 @@ def lce_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, l
             db.to(bias.dtype) if need_b else None)
 
 
+def _tile_stats_buffers(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int,
+                        label_smoothing: float) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """Per-tile statistics buffers for the fused logits GEMM (Hopper), or None where it can't
+    run: then cuBLAS computes the logits and pass 1 reads them."""
+    if not h.is_cuda or rows == 0:
+        return None
+    from . import linear_ce_gemm
+    if linear_ce_gemm.unusable(h, weight, bias):
+        return None
+    return linear_ce_gemm.tile_stats_buffers(rows, weight.shape[0], bool(label_smoothing),
+                                             h.device)
+
+
+def _logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap) -> bool:
+    from .linear_ce_gemm import logits_with_tile_stats
+    return logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap)
+
+
 def row_chunk(n_rows: int, vocab: int, itemsize: int) -> int:
     """Rows C per token chunk of the gradients-in-the-forward mode: the [C, V] buffer of whole
     rows ≤ ROW_CHUNK_BYTES, C a multiple of 128 (at least 128), at most N; or ROW_CHUNK_ROWS /
@@ -652,15 +687,20 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
     dw = torch.empty_like(weight) if need_w and dw_acc is None else None
     lse, zt, zsum = torch.empty((3, n), **f32)
     buf = torch.empty((min(rows, n), vocab), dtype=h.dtype, device=h.device) if n else None
+    tile_stats = _tile_stats_buffers(h, weight, bias, min(rows, n), label_smoothing)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         hc, x = h[r0:r1], buf[:r1 - r0]
-        if bias is None:
-            torch.mm(hc, weight.t(), out=x)                               # [C, V] logits
-        else:
+        # [C, V] logits (and their tiles' statistics, fused)
+        fused = tile_stats is not None and _logits_with_tile_stats(hc, weight, x, tile_stats,
+                                                                   scale, softcap)
+        if not fused and bias is None:
+            torch.mm(hc, weight.t(), out=x)
+        elif not fused:
             torch.addmm(bias, hc, weight.t(), out=x)
         lce_rows(x, labels[r0:r1], row_w[r0:r1], lse[r0:r1], zt[r0:r1], zsum[r0:r1], scale,
-                 softcap, label_smoothing, z_loss, cols, block_v, warps)  # x is d now
+                 softcap, label_smoothing, z_loss, cols, block_v, warps,
+                 tile_stats if fused else None)                           # x is d now
         if need_h:
             torch.mm(x, weight, out=dh[r0:r1])
         if dw_acc is not None:

@@ -11,13 +11,9 @@ asynchronous wgmma). Where it can't run, the op takes cuBLAS and the SwiGLU pass
 Unfused, cuBLAS writes dh and the pass reads it back: [M, N] streams 1 + 6 (dh, g, u in; dg, du,
 y out). Here dh stays on chip: 5 streams, and no [M, N] buffer for dh.
 
-Three partitions share each SM (``gl.warp_specialize``):
+Three partitions share each SM (``gl.warp_specialize``): the loader and mma partitions of
+kernels/_gluon.py (A = dy, B = W_down; dh tiles into shared memory), and
 
-    loader    1 warp         TMA loads of A = dy and B = W_down blocks into a STAGES-deep ring
-                             (ab_ready: landed; ab_empty: the wgmma that read the slot is done)
-    mma       the default    the K loop on asynchronous wgmma (two warpgroups of 64 rows), then
-              partition      the accumulator, rounded to the dtype, into one of DH_BUFS shared
-                             tiles (dh_ready / dh_empty)
     epilogue  EPI_WARPS      per tile, in SPLIT column pieces: g, u loaded from memory into
                              registers (the next piece's loads issued before this one is
                              computed), dh read from shared memory, the math, dg, du, y stored
@@ -33,137 +29,27 @@ Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md, session 10): M=
 N=4864 222 µs against 236 for cuBLAS + the pass (1.06x); M=16384 K=4096 N=14336 1.03x. dg, du,
 y bit for bit the unfused path's on every shape checked (``--gpu-check``); only dh's fp32
 accumulation order may differ from cuBLAS's.
-
-Grouped persistent tile order (tutorial 09): one program per SM walks tiles start_pid,
-start_pid + #SMs, ...; every partition walks the same sequence.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
-                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ._gluon import hopper_unusable, num_sms, tma_descriptor, wgmma_layout
+from ._gluon import (GROUP_M, GemmTile, hopper_unusable, load_partition, mma_partition,
+                     num_sms, tma_descriptor)
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
-
-GROUP_M = 8
-
-
-@dataclass(frozen=True)
-class GemmTile:
-    """One launch configuration (compile-time constants)."""
-    bm: int = 128
-    bn: int = 128
-    bk: int = 64
-    stages: int = 4           # depth of the A/B ring
-    split: int = 4            # epilogue column pieces of [BM, BN / split]
-    dh_bufs: int = 2          # dh tiles in shared memory (the epilogue may lag a tile)
-    mma_warps: int = 8        # the default partition: two warpgroups of 64 rows
-    epi_warps: int = 8
-    epi_regs: int = 128
-    load_regs: int = 24
-    maxnreg: int = 96         # before reallocation: 64K registers / (20 warps x 32)
-    hw_round: bool = True     # bf16 rounding by cvt (round_to CODE 3) instead of on the bits
-
-    def tag(self) -> str:
-        return (f"gluon-ws {self.bm}x{self.bn}x{self.bk} s{self.stages} split{self.split} "
-                f"dh{self.dh_bufs} mma{self.mma_warps}w epi{self.epi_warps}w/{self.epi_regs}r"
-                f"{'' if self.hw_round else ' bitround'}")
-
-    def smem_bytes(self) -> int:
-        ring = self.stages * (self.bm * self.bk + self.bk * self.bn) * 2
-        return ring + self.dh_bufs * self.bm * self.bn * 2 + 8 * 2 * (self.stages + self.dh_bufs)
-
 
 # The fastest of session 10's sweep at both shapes measured (benchmarks/sweep_swiglu_tma.py
 # --gluon-set ws): 8 epilogue warps of 128 registers, 16 values a thread a piece, no spills.
 DEFAULT_TILE = GemmTile()
-
-
-@gluon.jit
-def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                    W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    if W_KMAJOR:
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    else:
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
-    STAGES: gl.constexpr = a_bufs.shape[0]
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_n
-    prod = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
-        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
-        for ki in range(k_tiles):
-            s = prod % STAGES
-            # a fresh barrier counts as having completed the phase before 0: the first round
-            # of slots is free at once
-            mbarrier.wait(ab_empty.index(s), ((prod // STAGES) & 1) ^ 1)
-            bar = ab_ready.index(s)
-            mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar,
-                                            a_bufs.index(s))
-            if W_KMAJOR:
-                tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, ki * BLOCK_K], bar,
-                                                b_bufs.index(s))
-            else:
-                tma.async_copy_global_to_shared(b_desc, [ki * BLOCK_K, pid_n * BLOCK_N], bar,
-                                                b_bufs.index(s))
-            prod += 1
-
-
-@gluon.jit
-def _mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
-                   M, N, K, BLOCK_K: gl.constexpr, W_KMAJOR: gl.constexpr,
-                   GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
-    STAGES: gl.constexpr = a_bufs.shape[0]
-    DH_BUFS: gl.constexpr = dh_bufs.shape[0]
-    BLOCK_M: gl.constexpr = dh_bufs.shape[1]
-    BLOCK_N: gl.constexpr = dh_bufs.shape[2]
-    acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, gl.num_warps())
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    cons = 0
-    tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
-        for ki in range(k_tiles):
-            s = cons % STAGES
-            mbarrier.wait(ab_ready.index(s), (cons // STAGES) & 1)
-            if W_KMAJOR:
-                b = b_bufs.index(s).permute((1, 0))
-            else:
-                b = b_bufs.index(s)
-            acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
-            # one wgmma left in flight: the previous block's has read its slot, in both
-            # warpgroups once every warp is past the wait
-            acc = warpgroup_mma_wait(1, deps=(acc, ))
-            gl.thread_barrier()
-            mbarrier.arrive(ab_empty.index((cons + STAGES - 1) % STAGES), count=1, pred=ki > 0)
-            cons += 1
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()
-        mbarrier.arrive(ab_empty.index((cons + STAGES - 1) % STAGES), count=1)
-
-        d = tiles % DH_BUFS
-        mbarrier.wait(dh_empty.index(d), ((tiles // DH_BUFS) & 1) ^ 1)
-        dh_bufs.index(d).store(acc.to(dh_bufs.dtype))      # rounded as cuBLAS stores dh
-        gl.thread_barrier()
-        mbarrier.arrive(dh_ready.index(d), count=1)
-        tiles += 1
 
 
 @gluon.jit
@@ -283,9 +169,9 @@ def swiglu_bwd_gemm_kernel(
         mbarrier.init(dh_empty.index(i), count=1)
 
     gl.warp_specialize([
-        (_mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
                           M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
-        (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                            W_KMAJOR, GROUP_M, NUM_PROGS)),
         (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N, ACT,
                                ROUND, STORE_Y, SPLIT, EVEN_M, GROUP_M, NUM_PROGS)),

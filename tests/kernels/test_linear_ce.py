@@ -275,6 +275,26 @@ def test_row_passes_large_logits_equal_float64(variant, cfg, monkeypatch):
     in the partial last tile, an ignored row, against float64 from the same logits. V = 150:
     several slices and tiles, the last ones partial."""
     _row_variant(monkeypatch, variant)
+    x, labels, row_w = _large_logits()
+    _check_rows(x, labels, row_w, cfg)
+
+
+@pytest.mark.parametrize("cfg", [dict(label_smoothing=0.1, z_loss=1e-3), dict(softcap=30.0)],
+                         ids=["smoothing_z_loss", "softcap"])
+def test_row_passes_from_tile_stats_equal_float64(cfg):
+    """The same rows with pass 1 replaced by the combine of per-tile statistics, as the fused
+    logits GEMM stores them (kernels/linear_ce_gemm.py; here from its plain-torch reference,
+    tiles of 64 columns: the last one partial)."""
+    from chronicals_fx.kernels import linear_ce_gemm
+    x, labels, row_w = _large_logits()
+    kw = dict(scale=1.0, softcap=0.0, label_smoothing=0.0) | cfg
+    tiles = linear_ce_gemm.tile_stats_reference(x, 64, kw["scale"], kw["softcap"],
+                                                bool(kw["label_smoothing"]))
+    _check_rows(x, labels, row_w, cfg,
+                tuple(t.to(DEVICE) if t is not None else None for t in tiles))
+
+
+def _large_logits():
     g = torch.Generator().manual_seed(11)
     c, vocab = 7, 150
     x = torch.randn(c, vocab, generator=g) * 3
@@ -290,12 +310,17 @@ def test_row_passes_large_logits_equal_float64(variant, cfg, monkeypatch):
     labels[0], labels[3], labels[4] = 64, vocab - 1, -100    # a slice's first column; the last
     row_w = torch.rand(c, generator=g) + 0.5
     row_w[4] = 0.0
+    return x, labels, row_w
+
+
+def _check_rows(x, labels, row_w, cfg, tile_stats=None):
+    c, vocab = x.shape
     kw = dict(scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0) | cfg
     d_want, *stats_want = _rows_float64(x, labels, row_w, **kw)
     d = x.clone().to(DEVICE)
     stats = torch.full((3, c), 7.0, device=DEVICE)     # lse, zt, zsum: every entry written
     K.lce_rows(d, labels.to(DEVICE), row_w.to(DEVICE), *stats, kw["scale"], kw["softcap"],
-               kw["label_smoothing"], kw["z_loss"], cols=64, block_v=32)
+               kw["label_smoothing"], kw["z_loss"], cols=64, block_v=32, tile_stats=tile_stats)
     assert torch.isfinite(d).all() and torch.equal(d[4].cpu(), torch.zeros(vocab))
     assert rel(d, d_want) < 1e-5
     for got, want in zip(stats[:3 if kw["label_smoothing"] else 2], stats_want):

@@ -1,0 +1,273 @@
+"""The fused loss's logits GEMM with the rows' softmax statistics in its epilogue: a
+warp-specialized Hopper kernel in Gluon. Where it can't run, cuBLAS writes the logits and the
+first row pass (kernels/linear_ce.py) reads them back for the statistics.
+
+    x = H_c @ Wᵀ                  H_c [C, H] (a token chunk), W [V, H] as nn.Linear stores it;
+                                  x [C, V] stored in the dtype, as cuBLAS would store it
+    per row i and column tile t of BN columns, from the stored (rounded) x:
+        m_it = max_j z_ij,   s_it = Σ_j exp(z_ij − m_it),   Σ_j z_ij (label smoothing only)
+    with z = softcap·tanh(scale·x / softcap) or scale·x (the loss's logit transform)
+
+:func:`combine_tile_stats` folds a row's tiles into its (max, Σ exp) and target logit; the second
+row pass then turns x into d in place as before. Unfused, the statistics pass reads the whole
+[C, V] chunk once more: here that read is gone (a third of the row passes' traffic), and the
+statistics cost epilogue warps that run while the next tile's wgmma does.
+
+Partitions (``gl.warp_specialize``): the loader and mma partitions of kernels/_gluon.py (A = H_c,
+B = W read K-major), and
+
+    epilogue  EPI_WARPS      per tile, in SPLIT column pieces: the rounded x read from shared
+                             memory, stored to the chunk (16-byte stores), folded into each
+                             row's online (max, Σ exp); the tile's statistics stored per row
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from ._gluon import (GROUP_M, GemmTile, hopper_unusable, load_partition, mma_partition,
+                     num_sms, tma_descriptor)
+from ._triton import tile_coords
+from .linear_ce import _M_FLOOR, _transform
+
+DEFAULT_TILE = GemmTile()        # session 10's tile for the SwiGLU epilogue; see benchmarks/linear_ce_gemm.py
+
+
+@gluon.jit
+def _stats_epilogue(dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, N, T,
+                    scale, softcap, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
+                    SPLIT: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    DH_BUFS: gl.constexpr = dh_bufs.shape[0]
+    BLOCK_M: gl.constexpr = dh_bufs.shape[1]
+    BLOCK_N: gl.constexpr = dh_bufs.shape[2]
+    WIDTH: gl.constexpr = BLOCK_N // SPLIT
+    # 16-byte accesses along a row: WIDTH / 8 threads across, the rest of the warp down
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8],
+                                            [gl.num_warps(), 1], [1, 0])
+    row_layout: gl.constexpr = gl.SliceLayout(1, layout)
+    rows = gl.arange(0, BLOCK_M, layout=row_layout)
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows * stride_x, 1) + gl.expand_dims(cols, 0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    tiles = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        base = off_m.to(gl.int64) * stride_x + off_n
+        row_ok = gl.expand_dims(off_m + rows < M, 1)
+        m = gl.full([BLOCK_M], _M_FLOOR, gl.float32, row_layout)
+        s = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        zsum = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        d = tiles % DH_BUFS
+        mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
+        for j in gl.static_range(SPLIT):
+            x = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
+            if j + 1 == SPLIT:
+                # every warp has read the tile: the buffer may take the next one
+                gl.thread_barrier()
+                mbarrier.arrive(dh_empty.index(d), count=1)
+            col_ok = gl.expand_dims(off_n + j * WIDTH + cols < N, 0)
+            gl.store(X + base + j * WIDTH + offs, x, mask=row_ok & col_ok)
+            z, _ = _transform(x.to(gl.float32), scale, softcap, HAS_SOFTCAP)
+            z = gl.where(col_ok, z, float("-inf"))
+            # the piece's (max, Σ exp) per row, folded into the tile's: one exponential of
+            # the piece's values, one rescale per row
+            m_piece = gl.max(z, axis=1)
+            m_new = gl.maximum(m, m_piece)
+            s = s * gl.exp(m - m_new) + gl.sum(gl.exp(z - gl.expand_dims(m_new, 1)), axis=1)
+            m = m_new
+            if HAS_SMOOTHING:
+                zsum += gl.sum(gl.where(col_ok, z, 0.0), axis=1)
+        at = (off_m + rows).to(gl.int64) * T + pid_n
+        ok = off_m + rows < M
+        gl.store(PM + at, m, mask=ok)
+        gl.store(PS + at, s, mask=ok)
+        if HAS_SMOOTHING:
+            gl.store(PZSUM + at, zsum, mask=ok)
+        tiles += 1
+
+
+@gluon.jit
+def logits_stats_kernel(
+    a_desc, b_desc,               # H_c [M, K] in [BM, BK] blocks; W [N, K] in [BN, BK] blocks
+    X, stride_x,                  # logits chunk [M, N] out (row stride; columns contiguous)
+    PM, PS, PZSUM,                # fp32 [M, T] out: per (row, column tile) max, Σ exp, Σ z
+    M, N, K, T,
+    scale, softcap,
+    HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr, SPLIT: gl.constexpr,
+    STAGES: gl.constexpr, DH_BUFS: gl.constexpr, GROUP_M: gl.constexpr,
+    NUM_PROGS: gl.constexpr, EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr,
+    LOAD_REGS: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    dtype: gl.constexpr = a_desc.dtype
+    gl.static_assert(STAGES >= 2, "at least two stages")
+
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
+    ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
+    dh_empty = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ab_ready.index(i), count=1)
+        mbarrier.init(ab_empty.index(i), count=1)
+    for i in gl.static_range(DH_BUFS):
+        mbarrier.init(dh_ready.index(i), count=1)
+        mbarrier.init(dh_empty.index(i), count=1)
+
+    gl.warp_specialize([
+        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                         M, N, K, BLOCK_K, True, GROUP_M, NUM_PROGS)),
+        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                          True, GROUP_M, NUM_PROGS)),
+        (_stats_epilogue, (dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, N, T,
+                           scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING, SPLIT, GROUP_M,
+                           NUM_PROGS)),
+    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
+
+
+@triton.jit
+def combine_tile_stats_kernel(
+    X, stride_x,                # logits chunk [C, V] (for the target logit)
+    LABELS, ROW_W,              # int64 [C]; fp32 [C] (0: ignored row, skipped)
+    PM, PS, PZSUM, T,           # fp32 [C, T] from logits_stats_kernel
+    OUT_M, OUT_S, OUT_ZT, OUT_ZSUM,   # fp32 [C]: the row's max, Σ exp(z − max), target z, Σ z
+    V, scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One row's column tiles combined (lane-wise, then across lanes), as pass 1 would give."""
+    row = tl.program_id(0)
+    if tl.load(ROW_W + row) != 0.0:
+        m = tl.full([BLOCK_T], _M_FLOOR, tl.float32)
+        s = tl.zeros([BLOCK_T], dtype=tl.float32)
+        zsum = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = t < T
+            pm = tl.load(PM + row * T + t, mask=mask, other=float("-inf"))
+            ps = tl.load(PS + row * T + t, mask=mask, other=0.0)
+            m_new = tl.maximum(m, pm)
+            s = s * tl.exp(m - m_new) + ps * tl.exp(pm - m_new)
+            m = m_new
+            if HAS_SMOOTHING:
+                zsum += tl.load(PZSUM + row * T + t, mask=mask, other=0.0)
+        m_row = tl.max(m, axis=0)
+        tl.store(OUT_M + row, m_row)
+        tl.store(OUT_S + row, tl.sum(s * tl.exp(m - m_row), axis=0))
+        target = tl.load(LABELS + row)
+        hit = (target >= 0) & (target < V)
+        xt = tl.load(X + row.to(tl.int64) * stride_x + target, mask=hit, other=0.0)
+        zt, _ = _transform(xt.to(tl.float32), scale, softcap, HAS_SOFTCAP)
+        tl.store(OUT_ZT + row, tl.where(hit, zt, 0.0))
+        if HAS_SMOOTHING:
+            tl.store(OUT_ZSUM + row, tl.sum(zsum, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+_failed: list[str] = []      # the first launch's error, if any: the kernel is not tried again
+
+
+def unusable(h: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    """Why the kernel can't compute this chunk's logits (None: it can)."""
+    if os.environ.get("CHRONICALS_LCE_GEMM", "1") == "0":
+        return "turned off by CHRONICALS_LCE_GEMM=0"
+    if _failed:
+        return f"the kernel failed before: {_failed[0]}"
+    if bias is not None:
+        return "a bias (cuBLAS's addmm takes it)"
+    reason = hopper_unusable(h, weight)
+    if reason:
+        return reason
+    if h.shape[1] % 8 or weight.shape[0] % 8:
+        return "TMA needs rows of a multiple of 16 bytes: hidden and vocabulary sizes of 8k"
+    return None
+
+
+def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
+                pzsum: Tensor | None, scale: float, softcap: float,
+                tile: GemmTile = DEFAULT_TILE):
+    """A callable computing x = h @ weightᵀ (h [M, K], weight [N, K], x [M, N] with unit column
+    stride) and the per-tile statistics pm, ps (and pzsum) [M, T], T = ⌈N / tile.bn⌉."""
+    m, k = h.shape
+    n = weight.shape[0]
+    t = triton.cdiv(n, tile.bn)
+    assert pm.shape == ps.shape == (m, t) and x.shape == (m, n) and x.stride(1) == 1
+    assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
+    a = tma_descriptor(h, [tile.bm, tile.bk])
+    b = tma_descriptor(weight, [tile.bn, tile.bk])
+    progs = min(num_sms(h.device), triton.cdiv(m, tile.bm) * t)
+    args = (a, b, x, x.stride(0), pm, ps, pzsum if pzsum is not None else pm, m, n, k, t,
+            scale, softcap if softcap > 0 else 1.0)
+    kwargs = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=pzsum is not None, SPLIT=tile.split,
+                  STAGES=tile.stages, DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M, NUM_PROGS=progs,
+                  EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs, LOAD_REGS=tile.load_regs,
+                  num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
+
+    def launch(warmup: bool = False):
+        if warmup:
+            return logits_stats_kernel.warmup(*args, grid=(progs,), **kwargs)
+        return logits_stats_kernel[(progs,)](*args, **kwargs)
+    launch.kernel, launch.args, launch.kwargs = logits_stats_kernel, args, kwargs
+    return launch
+
+
+def tile_stats_buffers(rows: int, vocab: int, smoothing: bool, device: torch.device,
+                       tile: GemmTile = DEFAULT_TILE) -> tuple[Tensor, Tensor, Tensor | None]:
+    """pm, ps (and pzsum, with label smoothing) [rows, ⌈V / BN⌉] fp32, for one chunk size."""
+    t = triton.cdiv(vocab, tile.bn)
+    bufs = torch.empty((3 if smoothing else 2, rows, t), dtype=torch.float32, device=device)
+    return bufs[0], bufs[1], bufs[2] if smoothing else None
+
+
+def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
+                           stats: tuple[Tensor, Tensor, Tensor | None], scale: float,
+                           softcap: float) -> bool:
+    """x = h @ weightᵀ and the per-tile statistics into ``stats`` (rows [:len(h)]) by the fused
+    kernel; False where it did not run (the caller takes cuBLAS and both row passes). A failure
+    to compile or launch is warned about once, and the kernel is not tried again."""
+    if unusable(h, weight, None) or any(t.data_ptr() % 16 for t in (h, weight, x)):
+        return False
+    pm, ps, pzsum = (t[:h.shape[0]] if t is not None else None for t in stats)
+    try:
+        make_launch(h, weight, x, pm, ps, pzsum, scale, softcap)()
+    except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
+        _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        warnings.warn(f"chronicals: the fused logits GEMM failed ({_failed[0]}); using cuBLAS "
+                      "and the statistics pass from now on", stacklevel=2)
+        return False
+    return True
+
+
+def tile_stats_reference(x: Tensor, bn: int, scale: float, softcap: float, smoothing: bool
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What the kernel's epilogue stores, in plain torch (fp32): per row and column tile of
+    ``bn`` columns of the logits x [C, V], (max z, Σ exp(z − max), Σ z). Tests hold the combine
+    and the second row pass to it on the CPU, and the kernel's own statistics to it on the GPU."""
+    from .linear_ce import _transform_torch
+    c, vocab = x.shape
+    t = triton.cdiv(vocab, bn)
+    z, _ = _transform_torch(x.float(), scale, softcap)
+    z = torch.nn.functional.pad(z, (0, t * bn - vocab), value=float("-inf")).view(c, t, bn)
+    m = z.amax(2)
+    s = torch.exp(z - m[..., None]).sum(2)
+    zsum = torch.where(torch.isinf(z), 0.0, z).sum(2) if smoothing else None
+    return m, s, zsum
