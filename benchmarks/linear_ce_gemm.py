@@ -28,8 +28,16 @@ from triton.testing import do_bench_cudagraph
 from chronicals_fx.kernels import linear_ce as K
 from chronicals_fx.kernels import linear_ce_gemm as L
 
-TILES = [L.DEFAULT_TILE, replace(L.DEFAULT_TILE, epi_warps=4, epi_regs=192),
-         replace(L.DEFAULT_TILE, stages=3, dh_bufs=3)]
+# Session 11 call 2: 128x128 tiles with 8 epilogue warps / 128 registers (the SwiGLU kernel's),
+# with 4 / 192, and 3 stages with 3 result buffers: the second fastest (400.5 and 1687.6 µs
+# against cuBLAS's 343.4 and 1642.5: the wgmma main loop of 128x128 tiles is the slow part).
+# 128x256 tiles: one result buffer, 3 stages (208 KiB); their 128-register accumulators need
+# maxnreg ≥ 154 before reallocation, which leaves room for 2-4 epilogue warps.
+_WIDE = replace(L.DEFAULT_TILE, bn=256, split=8, dh_bufs=1, stages=3)
+TILES = [replace(L.DEFAULT_TILE, epi_warps=4, epi_regs=192),
+         replace(_WIDE, epi_warps=4, epi_regs=96, maxnreg=160),
+         replace(_WIDE, epi_warps=2, epi_regs=128, maxnreg=184, split=16),
+         replace(_WIDE, epi_warps=2, epi_regs=160, maxnreg=184)]
 # (rows C of a chunk, H, V): issue 5's shapes at their default chunk (row_chunk)
 TIMED = ((768, 896, 151936), (1024, 4096, 128256))
 CHECKED = ((300, 256, 5000), (128, 64, 1000)) + TIMED
