@@ -38,6 +38,9 @@ _WIDE = replace(L.DEFAULT_TILE, bn=256, dh_bufs=1, stages=3, epi_warps=2, maxnre
 TILES = [replace(L.DEFAULT_TILE, epi_warps=4, epi_regs=192),
          replace(_WIDE, split=16, epi_regs=128),          # no spills
          replace(_WIDE, split=8, epi_regs=160)]           # 20 bytes of spills
+# (rows C of a chunk, H, V): issue 5's shapes at their default chunk (row_chunk)
+TIMED = ((768, 896, 151936), (1024, 4096, 128256))
+CHECKED = ((300, 256, 5000), (128, 64, 1000)) + TIMED
 
 
 def _inputs(c, hidden, vocab, seed=0):
