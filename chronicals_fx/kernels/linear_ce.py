@@ -638,8 +638,8 @@ def _tile_stats_buffers(h: Tensor, weight: Tensor, bias: Tensor | None, rows: in
     from . import linear_ce_gemm
     if linear_ce_gemm.unusable(h, weight, bias):
         return None
-    return linear_ce_gemm.tile_stats_buffers(rows, weight.shape[0], bool(label_smoothing),
-                                             h.device)
+    return linear_ce_gemm.tile_stats_buffers(rows, h.shape[1], weight.shape[0],
+                                             bool(label_smoothing), h.device)
 
 
 def _logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap) -> bool:

@@ -39,7 +39,22 @@ from ._gluon import (GROUP_M, GemmTile, hopper_unusable, load_partition, mma_par
 from ._triton import tile_coords
 from .linear_ce import _M_FLOOR, _transform
 
-DEFAULT_TILE = GemmTile()        # session 10's tile for the SwiGLU epilogue; see benchmarks/linear_ce_gemm.py
+# The fastest of benchmarks/linear_ce_gemm.py's sweep (H200, session 11 calls 2 and 4), per
+# hidden size, logits + both row passes of one chunk against cuBLAS + the unfused passes:
+#   H=896  (C=768,  V=151936): 128x128, 4 epilogue warps of 192 registers   534.6 vs 552.9 µs
+#   H=4096 (C=1024, V=128256): 128x256, 2 epilogue warps of 160 registers  1778.7 vs 1900.7 µs
+# With few K blocks a tile (small H) the epilogue must keep pace with a short main loop: more
+# epilogue warps, narrower tiles. 128x256's accumulator needs ≥ 154 registers in the wgmma
+# partition, and Gluon pads the warps to a multiple of 4: 12 warps (8 wgmma, 2 epilogue, the
+# loader, one idle) at 168 registers is the most that fits 64K.
+NARROW_TILE = GemmTile(epi_warps=4, epi_regs=192)
+WIDE_TILE = GemmTile(bn=256, split=8, dh_bufs=1, stages=3, epi_warps=2, epi_regs=160,
+                     maxnreg=168)
+WIDE_FROM_HIDDEN = 2048
+
+
+def tile_for(hidden: int) -> GemmTile:
+    return WIDE_TILE if hidden >= WIDE_FROM_HIDDEN else NARROW_TILE
 
 
 @gluon.jit
@@ -204,11 +219,12 @@ def unusable(h: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
 
 def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
                 pzsum: Tensor | None, scale: float, softcap: float,
-                tile: GemmTile = DEFAULT_TILE):
+                tile: GemmTile | None = None):
     """A callable computing x = h @ weightᵀ (h [M, K], weight [N, K], x [M, N] with unit column
     stride) and the per-tile statistics pm, ps (and pzsum) [M, T], T = ⌈N / tile.bn⌉."""
     m, k = h.shape
     n = weight.shape[0]
+    tile = tile or tile_for(k)
     t = triton.cdiv(n, tile.bn)
     assert pm.shape == ps.shape == (m, t) and x.shape == (m, n) and x.stride(1) == 1
     assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
@@ -230,10 +246,11 @@ def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
     return launch
 
 
-def tile_stats_buffers(rows: int, vocab: int, smoothing: bool, device: torch.device,
-                       tile: GemmTile = DEFAULT_TILE) -> tuple[Tensor, Tensor, Tensor | None]:
+def tile_stats_buffers(rows: int, hidden: int, vocab: int, smoothing: bool,
+                       device: torch.device, tile: GemmTile | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
     """pm, ps (and pzsum, with label smoothing) [rows, ⌈V / BN⌉] fp32, for one chunk size."""
-    t = triton.cdiv(vocab, tile.bn)
+    t = triton.cdiv(vocab, (tile or tile_for(hidden)).bn)
     bufs = torch.empty((3 if smoothing else 2, rows, t), dtype=torch.float32, device=device)
     return bufs[0], bufs[1], bufs[2] if smoothing else None
 

@@ -35,17 +35,19 @@ def _inputs(c, hidden, vocab):
 
 
 @needs_hopper
+@pytest.mark.parametrize("tile", [L.NARROW_TILE, L.WIDE_TILE], ids=["narrow", "wide"])
 @pytest.mark.parametrize("softcap,smoothing", [(0.0, False), (30.0, True)])
 @pytest.mark.parametrize("c,hidden,vocab", [(300, 256, 5000), (768, 896, 151936)])
-def test_logits_and_tile_stats(c, hidden, vocab, softcap, smoothing):
-    """Ragged rows and columns, and issue 5's H=896 chunk: the logits within a bf16 step of
-    cuBLAS's (fp32 accumulation order only), the statistics those logits give."""
+def test_logits_and_tile_stats(c, hidden, vocab, softcap, smoothing, tile):
+    """Both tiles the product picks from, on ragged rows and columns and issue 5's H=896 chunk:
+    the logits within a bf16 step of cuBLAS's (fp32 accumulation order only), the statistics
+    those logits give."""
     h, w, _ = _inputs(c, hidden, vocab)
     x = torch.full((c, vocab), float("nan"), device="cuda", dtype=torch.bfloat16)
-    stats = L.tile_stats_buffers(c, vocab, smoothing, h.device)
-    L.make_launch(h, w, x, *stats, 1.0, softcap)()
+    stats = L.tile_stats_buffers(c, hidden, vocab, smoothing, h.device, tile)
+    L.make_launch(h, w, x, *stats, 1.0, softcap, tile)()
     assert _rel(x, torch.mm(h, w.t())) <= 2 ** -7
-    want = L.tile_stats_reference(x, L.DEFAULT_TILE.bn, 1.0, softcap, smoothing)
+    want = L.tile_stats_reference(x, tile.bn, 1.0, softcap, smoothing)
     for got, ref in zip(stats, want):
         if ref is not None:
             assert _rel(got, ref) <= 1e-5
