@@ -32,7 +32,8 @@ KINDS = (  # first match wins; patterns on the kernel name
     ("nccl", re.compile(r"nccl", re.I)),   # collectives (multi_gpu --profile), own streams
     ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|cublas|splitK", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|cudnn", re.I)),
-    ("chronicals", re.compile(r"^(rms|swiglu|rope|lce|scale_inplace|_?doc|geglu)", re.I)),
+    ("chronicals", re.compile(r"^(rms|swiglu|rope|lce|scale_inplace|_?doc|geglu|logits_stats|combine_tile)",
+                              re.I)),
     ("inductor", re.compile(r"^triton_", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
 )
