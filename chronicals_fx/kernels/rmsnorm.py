@@ -121,6 +121,23 @@ def rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * H + cols, dw, mask=col_mask)
 
 
+@triton.jit
+def rms_norm_dw_kernel(DW_PARTIAL, DW, P, H, DW_ROUND: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
+    """dW = Σ_p partial[p, :] over the backward programs' fp32 partial sums [P, H], rounded once
+    to DW's dtype: one launch where the traced ``sum(0).to(dtype)`` took two of Inductor's (a
+    launch less per norm: the step is partly host-bound, RESULTS.md session 11 call 8)."""
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < H
+    acc = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.load(DW_PARTIAL + rows[:, None] * H + cols[None, :], mask=mask, other=0.0)
+    dw = round_to(tl.sum(acc, axis=0), DW_ROUND)         # to nearest even, interpreted too
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
+
+
 def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
            ) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_H, num_warps): whole rows; 4k elements per program (8k for rows of 4k
@@ -132,6 +149,11 @@ def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
     block_m = block_m or max(1, elements // block_h)
     num_warps = num_warps or min(16, max(2, block_m * block_h // 1024))
     return block_m, block_h, num_warps
+
+
+# dW's reduction: programs of BLOCK_H columns, each summing the [P, BLOCK_H] partials in blocks
+# of BLOCK_P rows (P ≈ 264–528 backward programs on 132 SMs: 14 programs at H=896, 64 at 4096).
+DW_BLOCK_P, DW_BLOCK_H = 64, 64
 
 
 def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
@@ -168,8 +190,10 @@ def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, of
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, eps: float,
                       offset: float, norm_dtype: torch.dtype, weight_dtype: torch.dtype,
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
-                      programs_per_sm: int | None = None, dh: Tensor | None = None) -> Tensor | None:
-    """Launch the backward; returns dw in fp32 (or None when not asked for).
+                      programs_per_sm: int | None = None, dh: Tensor | None = None,
+                      dw_dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
+    when not asked for).
 
     With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh.
     """
@@ -189,7 +213,13 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )
-    return dw_partial.sum(0) if compute_dw else None
+    if not compute_dw:
+        return None
+    dw = torch.empty(H, dtype=dw_dtype, device=x.device)
+    launchable(rms_norm_dw_kernel, x)[(triton.cdiv(H, DW_BLOCK_H),)](
+        dw_partial, dw, programs, H, DW_ROUND=ROUND_CODES[dw_dtype], BLOCK_P=DW_BLOCK_P,
+        BLOCK_H=DW_BLOCK_H, num_warps=4)
+    return dw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +299,8 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offse
         dh_rows = None if dh is None else dh.reshape(-1, hidden).contiguous()
         dx = torch.empty_like(rows)
         dw = rms_norm_backward(dy_rows, rows, weight, dx, eps, offset, norm_dtype, weight_dtype,
-                               compute_dw, dh=dh_rows)
+                               compute_dw, dh=dh_rows,
+                               dw_dtype=weight.dtype if weight is not None else torch.float32)
         dx = dx.view(x.shape)
     if dw is None:
         return dx, x.new_empty(0)

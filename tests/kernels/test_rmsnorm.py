@@ -134,3 +134,21 @@ def test_add_rms_norm_op_gradients_match_unfused():
     (h2.sin().sum() + (y2 * y2).sum()).backward()
     for got, t in zip(grads, (a, b, w)):
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_reduction_sums_every_partial_row_and_column_rounded_once(dtype):
+    """The weight-gradient reduction over the backward programs' fp32 partials: more rows than
+    one block of BLOCK_P (the loop), a ragged last column block, one rounding to the dtype."""
+    g = torch.Generator().manual_seed(3)
+    p, h = 2 * K.DW_BLOCK_P + 22, K.DW_BLOCK_H + 73
+    partial = torch.randn(p, h, generator=g).to(DEVICE)
+    dw = torch.full((h,), float("nan"), dtype=dtype, device=DEVICE)
+    K.rms_norm_dw_kernel[(-(-h // K.DW_BLOCK_H),)](partial, dw, p, h, K.ROUND_CODES[dtype],
+                                                   BLOCK_P=K.DW_BLOCK_P, BLOCK_H=K.DW_BLOCK_H)
+    want = partial.double().sum(0)
+    assert torch.isfinite(dw).all()
+    # one rounding to bf16 (half a step, relative) on top of fp32's summation error (~1e-5 of
+    # the terms' scale here)
+    err = ((dw.double() - want).abs() / want.abs().clamp_min(1.0)).max().item()
+    assert err <= (0.5 * torch.finfo(dtype).eps if dtype == torch.bfloat16 else 0.0) + 1e-5
