@@ -181,3 +181,32 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
         gl.thread_barrier()
         mbarrier.arrive(dh_ready.index(d), count=1)
         tiles += 1
+
+
+@gluon.jit
+def ws_gemm_buffers(a_desc, b_desc, STAGES: gl.constexpr, DH_BUFS: gl.constexpr,
+                    W_KMAJOR: gl.constexpr):
+    """Shared memory and barriers of the warp-specialized GEMM: the STAGES-deep A/B ring, DH_BUFS
+    result tiles [BM, BN] in the dtype, and their ready/empty mbarriers, initialized."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    if W_KMAJOR:
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    else:
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
+    dtype: gl.constexpr = a_desc.dtype
+    gl.static_assert(STAGES >= 2, "at least two stages")
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
+    ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
+    dh_empty = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ab_ready.index(i), count=1)
+        mbarrier.init(ab_empty.index(i), count=1)
+    for i in gl.static_range(DH_BUFS):
+        mbarrier.init(dh_ready.index(i), count=1)
+        mbarrier.init(dh_empty.index(i), count=1)
+    return a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty

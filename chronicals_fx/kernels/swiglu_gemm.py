@@ -43,7 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ._gluon import (GROUP_M, GemmTile, hopper_unusable, load_partition, mma_partition,
-                     num_sms, tma_descriptor)
+                     num_sms, tma_descriptor, ws_gemm_buffers)
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
 
@@ -144,29 +144,9 @@ def swiglu_bwd_gemm_kernel(
     GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
     EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
 ):
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    if W_KMAJOR:
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    else:
-        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
-    dtype: gl.constexpr = a_desc.dtype
-    gl.static_assert(STAGES >= 2, "at least two stages")
-
-    a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
-    ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
-    dh_empty = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ab_ready.index(i), count=1)
-        mbarrier.init(ab_empty.index(i), count=1)
-    for i in gl.static_range(DH_BUFS):
-        mbarrier.init(dh_ready.index(i), count=1)
-        mbarrier.init(dh_empty.index(i), count=1)
+    a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty = ws_gemm_buffers(
+        a_desc, b_desc, STAGES, DH_BUFS, W_KMAJOR)
 
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
