@@ -10,6 +10,12 @@ own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers
 ``mode=reduce-overhead`` (CUDA graphs) goes to ``torch.compile`` for ``compile@...`` and
 ``chronicals@...`` alike, and so do Inductor's options (``compile@cpp_wrapper=true``).
 
+``--interleave R`` runs every variant in one process instead: all models are built and warmed
+up, then the timed steps alternate between the variants over R rounds (the order reversed every
+round), so a slow drift of the card or the host falls on all of them alike — for differences
+of a percent or less. Peak memory is then the process's, not a variant's (shown as nan): take
+memory from a run without it.
+
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
 first→last, min grad norm, the largest per-step loss gap to eager, and the ratio to
@@ -45,44 +51,92 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=0,
                    help="decoder layers (0: the model's own count; fewer compile faster)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="all variants in one process, their timed steps alternated over this "
+                        "many rounds (0: each variant in its own process)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
     p.add_argument("--variant", help=argparse.SUPPRESS)
     return p
 
 
-def run_variant(args) -> dict:
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_variant(args, variant: str):
+    """The variant's model, made as it trains: built, LoRA-wrapped, patched or compiled."""
     import torch
 
     import chronicals
-    from chronicals_fx.workload import build_model, byte_batches, train
+    from chronicals_fx.workload import build_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     # bf16 on the GPU, as trained; fp32 on a CPU (a smoke run: the fused kernels are GPU-only)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     model = build_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                         device=device, **overrides)
     if args.lora:
         model = with_lora(model, args.lora)
-    variant = args.variant
     if variant.startswith("liger"):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model.get_base_model() if args.lora else model)
     if variant.partition("@")[0] in ("compile", "liger_compile"):
         model.compile(**compile_kwargs(variant_options(variant)))
-    report = None
     if variant.startswith("chronicals"):
         options = {} if args.passes is None else {"passes": tuple(args.passes)}
         options.update(variant_options(variant))
         chronicals.optimize(model, **options)
-    stats = train(model, byte_batches(args.batch, args.seq, device=device), args.steps,
-                  lr=args.lr, warmup_steps=args.warmup)
-    if variant.startswith("chronicals"):
-        report = chronicals.report_of(model)
+    return model
+
+
+def _result(variant: str, model, stats) -> dict:
+    import chronicals
+
+    report = chronicals.report_of(model) if variant.startswith("chronicals") else None
     return {"variant": variant, **stats.to_dict(), "problems": stats.proof_of_training(),
             "counts": report.counts if report else None,
             "declined": report.declined_counts if report else None}
+
+
+def run_variant(args) -> dict:
+    from chronicals_fx.workload import byte_batches, train
+
+    model = build_variant(args, args.variant)
+    stats = train(model, byte_batches(args.batch, args.seq, device=_device()), args.steps,
+                  lr=args.lr, warmup_steps=args.warmup)
+    return _result(args.variant, model, stats)
+
+
+def run_interleaved(args) -> list[dict]:
+    """Every variant in this process: built and warmed up one after another, then their timed
+    steps alternated over ``args.interleave`` rounds, the order reversed every round. Each
+    variant reads the same batches in the same order as a run of its own."""
+    from chronicals_fx.workload import Trainer, byte_batches
+
+    runs = []
+    for variant in args.variants:
+        model = build_variant(args, variant)
+        runs.append((variant, model, Trainer(model, lr=args.lr),
+                     byte_batches(args.batch, args.seq, device=_device())))
+    for _variant, _model, trainer, batches in runs:     # warm-up: compilation, autotuning
+        for _ in range(min(args.warmup, args.steps)):
+            trainer.step(next(batches))
+    timed = max(0, args.steps - args.warmup)
+    rounds = max(1, args.interleave)
+    for r in range(rounds):
+        for _variant, _model, trainer, batches in (runs if r % 2 == 0 else runs[::-1]):
+            for _ in range(timed // rounds + (r < timed % rounds)):
+                trainer.step(next(batches))
+    results = []
+    for variant, model, trainer, _batches in runs:
+        stats = trainer.stats(args.warmup)
+        stats.peak_gib = float("nan")          # the process's peak, not this variant's
+        results.append(_result(variant, model, stats))
+    return results
 
 
 def with_lora(model, rank: int):
@@ -131,7 +185,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
         with open(args.worker, "w") as f:
-            json.dump(run_variant(args), f)
+            json.dump(run_interleaved(args) if args.interleave else run_variant(args), f)
         return 0
 
     import torch
@@ -140,18 +194,22 @@ def main(argv=None) -> int:
             else "CPU (smoke run: no speed claims, the fused kernels run on GPUs only)")
     header = (f"# {card}  torch {torch.__version__}  model {args.model}"
               f"{f' ({args.layers} layers)' if args.layers else ''}  B={args.batch} T={args.seq}  steps {args.steps} (warm-up {args.warmup})"
-              f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}")
+              f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}"
+              f"{f'  interleaved in one process over {args.interleave} rounds' if args.interleave else ''}")
     print(header, flush=True)
     results = []
-    for variant in args.variants:
+    for variant in [None] if args.interleave else args.variants:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
-        cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path, "--variant", variant,
+        cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path,
                "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
                "--lora", str(args.lora), "--layers", str(args.layers)]
+        cmd += (["--interleave", str(args.interleave), "--variants", *args.variants]
+                if variant is None else ["--variant", variant])
         if args.passes is not None:
             cmd += ["--passes", *args.passes]
+        variant = variant or "interleaved: " + " ".join(args.variants)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log = os.path.join(os.path.dirname(args.json or path), f"train_{file_safe(variant)}.log")
@@ -164,12 +222,13 @@ def main(argv=None) -> int:
             _save(args, header, results)
             continue
         with open(path) as f:
-            results.append(json.load(f))
+            got = json.load(f)
         os.unlink(path)
-        r = results[-1]
-        print(f"{variant}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, loss "
-              f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, min grad norm "
-              f"{min(r['grad_norms']):.3f}, counts {r['counts']}", flush=True)
+        for r in got if isinstance(got, list) else [got]:
+            results.append(r)
+            print(f"{r['variant']}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, "
+                  f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, min grad norm "
+                  f"{min(r['grad_norms']):.3f}, counts {r['counts']}", flush=True)
         _save(args, header, results)
 
     print(summary_table(results))

@@ -145,47 +145,70 @@ class TrainStats:
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
+class Trainer:
+    """The training loop one step at a time (what :func:`train` runs): AdamW (fused on CUDA),
+    grad clipping; per-step time, loss and grad norm.
+
+    Device values are collected without syncing inside the step and read once in
+    :meth:`stats`, so the loop adds no host synchronization of its own beyond the per-step
+    timer. Steps of several trainers may be interleaved (``chronicals bench --interleave``).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 3e-4, max_grad_norm: float = 1.0,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=lr,
+                                                        fused=self.device.type == "cuda")
+        self.max_grad_norm = max_grad_norm
+        self.step_ms: list[float] = []
+        self.tokens_per_step = 0
+        self._losses: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
+        model.train()
+
+    def step(self, batch: dict) -> None:
+        _sync(self.device)
+        start = time.perf_counter()
+        loss = self.model(**batch).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the ranks' partial norms
+            norm = norm.full_tensor()
+        self._norms.append(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._losses.append(loss.detach())
+        _sync(self.device)
+        self.step_ms.append((time.perf_counter() - start) * 1000)
+        self.tokens_per_step = _real_tokens(batch)
+
+    def stats(self, warmup_steps: int) -> TrainStats:
+        """The steps so far, the first ``warmup_steps`` untimed; peak memory is the device's
+        (the process's, where several trainers share it)."""
+        stats = TrainStats(step_ms=list(self.step_ms), tokens_per_step=self.tokens_per_step,
+                           warmup_steps=warmup_steps)
+        stats.losses = [float(x) for x in torch.stack(self._losses).float().cpu()]
+        stats.grad_norms = [float(x) for x in torch.stack(self._norms).float().cpu()]
+        if self.device.type == "cuda":
+            stats.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return stats
+
+
 def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-4,
           warmup_steps: int = 2, max_grad_norm: float = 1.0, progress: str | None = None,
           optimizer: torch.optim.Optimizer | None = None) -> TrainStats:
-    """AdamW steps (fused on CUDA) with grad clipping; per-step time, loss and grad norm.
-
-    Device values are collected without syncing inside the step and read once at the end, so
-    the loop adds no host synchronization of its own beyond the per-step timer.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
-    model.train()
-    stats = TrainStats(warmup_steps=warmup_steps)
-    losses, norms = [], []
+    """``steps`` steps of a :class:`Trainer` on ``batches``; the first ``warmup_steps`` untimed."""
+    trainer = Trainer(model, lr=lr, max_grad_norm=max_grad_norm, optimizer=optimizer)
     iterator = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=progress, unit="step", leave=False)
     for _ in iterator:
-        batch = next(batches)
-        _sync(device)
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the ranks' partial norms
-            norm = norm.full_tensor()
-        norms.append(norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        _sync(device)
-        stats.step_ms.append((time.perf_counter() - start) * 1000)
-        stats.tokens_per_step = _real_tokens(batch)
-    stats.losses = [float(x) for x in torch.stack(losses).float().cpu()]
-    stats.grad_norms = [float(x) for x in torch.stack(norms).float().cpu()]
-    if device.type == "cuda":
-        stats.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    return stats
+        trainer.step(next(batches))
+    return trainer.stats(warmup_steps)
 
 
 def _real_tokens(batch: dict) -> int:
