@@ -11,6 +11,10 @@ and without soft-capping and label smoothing. Then one chunk is timed at issue 5
 (``do_bench_cudagraph`` medians): the logits alone (cuBLAS / fused), and the logits plus both
 row passes (the chunk's whole forward part; x becomes d). A configuration that fails its check
 is not timed.
+
+Then the dH GEMM of a chunk, dH_c = d_c @ W (opt-in in the product: CHRONICALS_LCE_DH_GEMM=1):
+the same main loop with a plain store epilogue, checked against cuBLAS (a bf16 step) and timed
+against it at both shapes.
 """
 
 from __future__ import annotations
@@ -108,6 +112,31 @@ def time_chunk(c, hidden, vocab, tiles) -> list[tuple]:
     return table
 
 
+def time_dh(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
+    """dH_c = d_c @ W: each tile checked against cuBLAS, then timed with it."""
+    g = torch.Generator(device="cuda").manual_seed(c)
+    d = (torch.randn(c, vocab, device="cuda", generator=g) * 1e-3).bfloat16()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) * hidden ** -0.5).bfloat16()
+    out = torch.empty(c, hidden, device="cuda", dtype=torch.bfloat16)
+    want = torch.mm(d, w)
+    bad, timed = [], {"cuBLAS dH": lambda: torch.mm(d, w, out=out)}
+    for tile in tiles:
+        out.fill_(float("nan"))
+        L.make_dh_launch(d, w, out, tile)()
+        torch.cuda.synchronize()
+        if not torch.isfinite(out).all() or _rel(out, want) > 2 ** -7:
+            bad.append(f"dH C={c} H={hidden} {tile.tag()}: {_rel(out, want):.1e} from cuBLAS")
+            continue
+        timed[f"gluon dH ({tile.tag()})"] = L.make_dh_launch(d, w, out, tile)
+    flop = 2 * c * hidden * vocab
+    table = []
+    for name, fn in timed.items():
+        t = do_bench_cudagraph(fn, rep=100) * 1e3
+        table.append((f"C={c} H={hidden} V={vocab}", name, f"{t:.1f}", f"{flop / t / 1e6:.0f}"))
+        print(*table[-1], flush=True)
+    return table, bad
+
+
 def main() -> int:
     start = time.time()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -123,9 +152,17 @@ def main() -> int:
     for shape in TIMED:
         table += time_chunk(*shape, good)
         torch.cuda.empty_cache()
+    dh_failures = []
+    for shape in TIMED:
+        rows, bad = time_dh(*shape, [L.WIDE_TILE, L.NARROW_TILE])
+        table += rows
+        dh_failures += bad
+        torch.cuda.empty_cache()
+    for b in dh_failures:
+        print("FAIL", b, flush=True)
     print(tabulate(table, headers=("chunk", "variant", "µs", "GEMM TFLOP/s")))
     print(f"# {time.time() - start:.0f} s")
-    return 0 if len(good) == len(TILES) else 1
+    return 0 if len(good) == len(TILES) and not dh_failures else 1
 
 
 if __name__ == "__main__":

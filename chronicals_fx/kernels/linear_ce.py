@@ -647,6 +647,11 @@ def _logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap) -> bool:
     return logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap)
 
 
+def _dh_with_gemm(d, weight, out) -> bool:
+    from .linear_ce_gemm import dh_with_gemm
+    return dh_with_gemm(d, weight, out)
+
+
 def row_chunk(n_rows: int, vocab: int, itemsize: int) -> int:
     """Rows C per token chunk of the gradients-in-the-forward mode: the [C, V] buffer of whole
     rows ≤ ROW_CHUNK_BYTES, C a multiple of 128 (at least 128), at most N; or ROW_CHUNK_ROWS /
@@ -701,7 +706,7 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
         lce_rows(x, labels[r0:r1], row_w[r0:r1], lse[r0:r1], zt[r0:r1], zsum[r0:r1], scale,
                  softcap, label_smoothing, z_loss, cols, block_v, warps,
                  tile_stats if fused else None)                           # x is d now
-        if need_h:
+        if need_h and not (x.is_cuda and _dh_with_gemm(x, weight, dh[r0:r1])):
             torch.mm(x, weight, out=dh[r0:r1])
         if dw_acc is not None:
             _accumulate_mm(dw_acc, x.t(), hc)

@@ -141,6 +141,67 @@ def logits_stats_kernel(
     ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
 
 
+@gluon.jit
+def _store_epilogue(dh_bufs, dh_ready, dh_empty, C, stride_c, M, N, SPLIT: gl.constexpr,
+                    GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """Each result tile from shared memory to C [M, N] (row stride ``stride_c``), in SPLIT
+    column pieces of 16-byte stores."""
+    DH_BUFS: gl.constexpr = dh_bufs.shape[0]
+    BLOCK_M: gl.constexpr = dh_bufs.shape[1]
+    BLOCK_N: gl.constexpr = dh_bufs.shape[2]
+    WIDTH: gl.constexpr = BLOCK_N // SPLIT
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8],
+                                            [gl.num_warps(), 1], [1, 0])
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows * stride_c, 1) + gl.expand_dims(cols, 0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    tiles = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        base = off_m.to(gl.int64) * stride_c + off_n
+        row_ok = gl.expand_dims(off_m + rows < M, 1)
+        d = tiles % DH_BUFS
+        mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
+        for j in gl.static_range(SPLIT):
+            x = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
+            if j + 1 == SPLIT:
+                gl.thread_barrier()
+                mbarrier.arrive(dh_empty.index(d), count=1)
+            col_ok = gl.expand_dims(off_n + j * WIDTH + cols < N, 0)
+            gl.store(C + base + j * WIDTH + offs, x, mask=row_ok & col_ok)
+        tiles += 1
+
+
+@gluon.jit
+def gemm_kernel(
+    a_desc, b_desc,               # A [M, K] in [BM, BK] blocks; B [K, N] in [BK, BN] blocks
+    C, stride_c,                  # C = A @ B [M, N] out, in A's dtype
+    M, N, K,
+    SPLIT: gl.constexpr, STAGES: gl.constexpr, DH_BUFS: gl.constexpr, GROUP_M: gl.constexpr,
+    NUM_PROGS: gl.constexpr, EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr,
+    LOAD_REGS: gl.constexpr,
+):
+    """The fused loss's dH_c = d_c @ W (few output tiles, a long K loop over the vocabulary):
+    the same warp-specialized main loop, a plain store epilogue."""
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty = ws_gemm_buffers(
+        a_desc, b_desc, STAGES, DH_BUFS, False)
+
+    gl.warp_specialize([
+        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                         M, N, K, BLOCK_K, False, GROUP_M, NUM_PROGS)),
+        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                          False, GROUP_M, NUM_PROGS)),
+        (_store_epilogue, (dh_bufs, dh_ready, dh_empty, C, stride_c, M, N, SPLIT, GROUP_M,
+                           NUM_PROGS)),
+    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
+
+
 @triton.jit
 def combine_tile_stats_kernel(
     X, stride_x,                # logits chunk [C, V] (for the target logit)
@@ -253,6 +314,63 @@ def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
         _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
         warnings.warn(f"chronicals: the fused logits GEMM failed ({_failed[0]}); using cuBLAS "
                       "and the statistics pass from now on", stacklevel=2)
+        return False
+    return True
+
+
+def dh_gemm_unusable(d: Tensor, weight: Tensor) -> str | None:
+    """Why :func:`dh_with_gemm` won't take dH_c = d_c @ W (None: it will). Opt-in until measured
+    on a GPU: ``CHRONICALS_LCE_DH_GEMM=1`` (written in session 11 after its device time ran out;
+    cuBLAS ran this GEMM at 586 TFLOP/s at H=4096, the wide tile's main loop 650 on the logits)."""
+    if os.environ.get("CHRONICALS_LCE_DH_GEMM", "0") != "1":
+        return "opt-in (CHRONICALS_LCE_DH_GEMM=1): not yet measured on a GPU"
+    if _failed:
+        return f"the kernel failed before: {_failed[0]}"
+    reason = hopper_unusable(d, weight)
+    if reason:
+        return reason
+    c, hidden = d.shape[0], weight.shape[1]
+    tiles = triton.cdiv(c, WIDE_TILE.bm) * triton.cdiv(hidden, WIDE_TILE.bn)
+    if tiles < 0.9 * num_sms(d.device):
+        return f"{tiles} output tiles: too few to fill the GPU without splitting K (cuBLAS does)"
+    if weight.shape[1] % 8 or d.shape[1] % 8:
+        return "TMA needs rows of a multiple of 16 bytes"
+    return None
+
+
+def make_dh_launch(d: Tensor, weight: Tensor, out: Tensor, tile: GemmTile = WIDE_TILE):
+    """A callable computing out = d @ weight (d [M, K], weight [K, N], out [M, N] with unit
+    column stride, one dtype)."""
+    m, k = d.shape
+    n = weight.shape[1]
+    assert out.shape == (m, n) and out.stride(1) == 1 and weight.shape[0] == k
+    a = tma_descriptor(d, [tile.bm, tile.bk])
+    b = tma_descriptor(weight, [tile.bk, tile.bn])
+    progs = min(num_sms(d.device), triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
+    args = (a, b, out, out.stride(0), m, n, k)
+    kwargs = dict(SPLIT=tile.split, STAGES=tile.stages, DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M,
+                  NUM_PROGS=progs, EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs,
+                  LOAD_REGS=tile.load_regs, num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
+
+    def launch(warmup: bool = False):
+        if warmup:
+            return gemm_kernel.warmup(*args, grid=(progs,), **kwargs)
+        return gemm_kernel[(progs,)](*args, **kwargs)
+    launch.kernel, launch.args, launch.kwargs = gemm_kernel, args, kwargs
+    return launch
+
+
+def dh_with_gemm(d: Tensor, weight: Tensor, out: Tensor) -> bool:
+    """out = d @ weight by the Gluon GEMM; False where it did not run (the caller takes
+    cuBLAS). A failure to compile or launch is warned about once, and not tried again."""
+    if dh_gemm_unusable(d, weight) or any(t.data_ptr() % 16 for t in (d, weight, out)):
+        return False
+    try:
+        make_dh_launch(d, weight, out)()
+    except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
+        _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        warnings.warn(f"chronicals: the fused loss's Gluon GEMM failed ({_failed[0]}); using "
+                      "cuBLAS from now on", stacklevel=2)
         return False
     return True
 

@@ -74,3 +74,18 @@ def test_the_fused_loss_uses_it_and_equals_the_cublas_path(monkeypatch):
     assert len(launches) == 3
     assert _rel(got[0], want[0]) <= 1e-5
     assert _rel(got[1], want[1]) <= 1e-2 and _rel(got[2], want[2]) <= 1e-2
+
+
+@needs_hopper
+@pytest.mark.parametrize("tile", [L.NARROW_TILE, L.WIDE_TILE], ids=["narrow", "wide"])
+@pytest.mark.parametrize("c,vocab,hidden", [(300, 5000, 520), (1024, 128256, 4096)])
+def test_dh_gemm_equals_cublas(c, vocab, hidden, tile):
+    """dH_c = d_c @ W by the Gluon GEMM (opt-in in the op): ragged tiles and issue 5's H=4096
+    chunk, within a bf16 step of cuBLAS's (fp32 accumulation order only)."""
+    g = torch.Generator(device="cuda").manual_seed(c)
+    d = (torch.randn(c, vocab, device="cuda", generator=g) * 1e-3).bfloat16()
+    w = torch.randn(vocab, hidden, device="cuda", generator=g).bfloat16()
+    out = torch.full((c, hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
+    L.make_dh_launch(d, w, out, tile)()
+    assert torch.isfinite(out).all() and _rel(out, torch.mm(d, w)) <= 2 ** -7
+
