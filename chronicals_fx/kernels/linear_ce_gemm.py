@@ -8,10 +8,15 @@ first row pass (kernels/linear_ce.py) reads them back for the statistics.
         m_it = max_j z_ij,   s_it = Σ_j exp(z_ij − m_it),   Σ_j z_ij (label smoothing only)
     with z = softcap·tanh(scale·x / softcap) or scale·x (the loss's logit transform)
 
-:func:`combine_tile_stats` folds a row's tiles into its (max, Σ exp) and target logit; the second
-row pass then turns x into d in place as before. Unfused, the statistics pass reads the whole
-[C, V] chunk once more: here that read is gone (a third of the row passes' traffic), and the
-statistics cost epilogue warps that run while the next tile's wgmma does.
+:func:`combine_tile_stats_kernel` folds a row's tiles into its (max, Σ exp) and target logit;
+the second row pass then turns x into d in place as before. Unfused, the statistics pass reads
+the whole [C, V] chunk once more: here that read is gone (a third of the row passes' traffic),
+and the statistics cost epilogue warps that run while the next tile's wgmma does. Measured
+(H200, benchmarks/RESULTS.md, session 11): the op at N=8192 12.88 ms against 13.17 with cuBLAS
+logits at H=896, 39.45 against 40.46 at H=4096.
+
+The same main loop with a plain store epilogue (:func:`gemm_kernel`) can take the chunk's
+dH_c = d_c @ W off cuBLAS: opt-in (``CHRONICALS_LCE_DH_GEMM=1``), not yet measured.
 
 Partitions (``gl.warp_specialize``): the loader and mma partitions of kernels/_gluon.py (A = H_c,
 B = W read K-major), and
