@@ -30,9 +30,12 @@ Training, "gradients in the forward" (op ``chronicals::linear_cross_entropy_grad
 6NHV FLOPs, as eager/Inductor): the tokens are cut into chunks of C rows (:func:`row_chunk`,
 the [C, V] buffer ≤ 256 MiB). Per chunk: x_c = H_c @ Wᵀ (+ b) (cuBLAS into one reused [C, V]
 buffer, input dtype); a Triton pass over whole rows gives lse_i (online max / sum over column
-slices, then a combine), and a second Triton pass overwrites the buffer IN PLACE with d for an
-upstream gradient of 1; then dH_c = d_c @ W is written into dH's rows (one GEMM over all of V:
-rounded once, as eager), dW += d_cᵀ @ H_c accumulates in a dW of the weight's dtype (cuBLAS
+slices, then a combine) — on Hopper (no bias, bf16/fp16) the logits come instead from a Gluon
+GEMM whose epilogue also gives each row's (max, Σ exp) per column tile, and that pass becomes a
+small combine (kernels/linear_ce_gemm.py; ``CHRONICALS_LCE_GEMM=0`` turns it off) —, and a
+second Triton pass overwrites the buffer IN PLACE with d for an upstream gradient of 1; then
+dH_c = d_c @ W is written into dH's rows (one GEMM over all of V: rounded once, as eager;
+cuBLAS, or opt-in the same Gluon main loop: ``CHRONICALS_LCE_DH_GEMM=1``), dW += d_cᵀ @ H_c accumulates in a dW of the weight's dtype (cuBLAS
 addmm with beta = 1: fp32 inside each GEMM, one rounding per chunk — ⌈N / C⌉ roundings in all,
 against eager's one; beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, an fp32 [V, H] sum instead),
 db += Σ_rows d_c in fp32. n_valid (for "mean") is a device tensor computed before the first
@@ -63,6 +66,7 @@ bounds to a few roundings: see docs/linear_ce.md).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -90,6 +94,8 @@ ROW_CHUNK_ROWS: int | None = None
 # chunks (large N) dW is summed in an fp32 [V, H] buffer instead (4·V·H more bytes).
 DW_LOW_PRECISION_MAX_CHUNKS = 32
 # Triton passes over a [C, V] chunk: one program per (row, slice of this many columns) ...
+# (on Hopper pass 1 is the combine of the fused logits GEMM's tile statistics: ROW_STATS and
+# the tilings below then shape pass 2 only; CHRONICALS_LCE_GEMM=0 brings pass 1 back)
 ROW_SPLIT_COLS = 16384
 # ... walking its slice in tiles of this many columns, with this many warps (None: 4, or 8 for
 # tiles wider than 2048).
@@ -633,23 +639,37 @@ def _tile_stats_buffers(h: Tensor, weight: Tensor, bias: Tensor | None, rows: in
                         label_smoothing: float) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Per-tile statistics buffers for the fused logits GEMM (Hopper), or None where it can't
     run: then cuBLAS computes the logits and pass 1 reads them."""
-    if not h.is_cuda or rows == 0:
+    gemm = _gluon_gemms() if h.is_cuda and rows else None
+    if gemm is None or gemm.unusable(h, weight, bias):
         return None
-    from . import linear_ce_gemm
-    if linear_ce_gemm.unusable(h, weight, bias):
-        return None
-    return linear_ce_gemm.tile_stats_buffers(rows, h.shape[1], weight.shape[0],
-                                             bool(label_smoothing), h.device)
+    return gemm.tile_stats_buffers(rows, h.shape[1], weight.shape[0], bool(label_smoothing),
+                                   h.device)
 
 
 def _logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap) -> bool:
-    from .linear_ce_gemm import logits_with_tile_stats
-    return logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap)
+    return _gluon_gemms().logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap)
 
 
 def _dh_with_gemm(d, weight, out) -> bool:
-    from .linear_ce_gemm import dh_with_gemm
-    return dh_with_gemm(d, weight, out)
+    gemm = _gluon_gemms()
+    return gemm is not None and gemm.dh_with_gemm(d, weight, out)
+
+
+_GLUON_IMPORT: list = []      # [module or None]: imported once
+
+
+def _gluon_gemms():
+    """kernels/linear_ce_gemm, or None where this Triton's Gluon API can't be imported (warned
+    once; cuBLAS and both row passes then)."""
+    if not _GLUON_IMPORT:
+        try:
+            from . import linear_ce_gemm
+            _GLUON_IMPORT.append(linear_ce_gemm)
+        except Exception as e:  # noqa: BLE001 (ImportError, AttributeError: another Gluon API)
+            warnings.warn(f"chronicals: the fused loss's Gluon GEMMs are unavailable "
+                          f"({type(e).__name__}: {e}); using cuBLAS", stacklevel=3)
+            _GLUON_IMPORT.append(None)
+    return _GLUON_IMPORT[0]
 
 
 def row_chunk(n_rows: int, vocab: int, itemsize: int) -> int:

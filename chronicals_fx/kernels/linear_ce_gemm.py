@@ -247,7 +247,9 @@ def combine_tile_stats_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-_failed: list[str] = []      # the first launch's error, if any: the kernel is not tried again
+# The first launch error of each kernel, if any: that kernel is not tried again (the other is).
+_failed: list[str] = []      # the logits + statistics kernel
+_dh_failed: list[str] = []   # the opt-in dH GEMM
 
 
 def unusable(h: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
@@ -263,6 +265,8 @@ def unusable(h: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
         return reason
     if h.shape[1] % 8 or weight.shape[0] % 8:
         return "TMA needs rows of a multiple of 16 bytes: hidden and vocabulary sizes of 8k"
+    if not (h.is_contiguous() and weight.is_contiguous()):
+        return "TMA descriptors here need contiguous hidden states and weight"
     return None
 
 
@@ -279,7 +283,10 @@ def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
     assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
     a = tma_descriptor(h, [tile.bm, tile.bk])
     b = tma_descriptor(weight, [tile.bn, tile.bk])
-    progs = min(num_sms(h.device), triton.cdiv(m, tile.bm) * t)
+    # NUM_PROGS (the tile stride, a compile-time constant) is the SM count whatever the chunk;
+    # the grid stops at the tile count
+    progs = num_sms(h.device)
+    grid = (min(progs, triton.cdiv(m, tile.bm) * t),)
     args = (a, b, x, x.stride(0), pm, ps, pzsum if pzsum is not None else pm, m, n, k, t,
             scale, softcap if softcap > 0 else 1.0)
     kwargs = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=pzsum is not None, SPLIT=tile.split,
@@ -289,8 +296,8 @@ def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
 
     def launch(warmup: bool = False):
         if warmup:
-            return logits_stats_kernel.warmup(*args, grid=(progs,), **kwargs)
-        return logits_stats_kernel[(progs,)](*args, **kwargs)
+            return logits_stats_kernel.warmup(*args, grid=grid, **kwargs)
+        return logits_stats_kernel[grid](*args, **kwargs)
     launch.kernel, launch.args, launch.kwargs = logits_stats_kernel, args, kwargs
     return launch
 
@@ -310,7 +317,8 @@ def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
     """x = h @ weightᵀ and the per-tile statistics into ``stats`` (rows [:len(h)]) by the fused
     kernel; False where it did not run (the caller takes cuBLAS and both row passes). A failure
     to compile or launch is warned about once, and the kernel is not tried again."""
-    if unusable(h, weight, None) or any(t.data_ptr() % 16 for t in (h, weight, x)):
+    if (unusable(h, weight, None) or any(t.data_ptr() % 16 for t in (h, weight, x))
+            or x.stride(1) != 1 or x.stride(0) % 8):
         return False
     pm, ps, pzsum = (t[:h.shape[0]] if t is not None else None for t in stats)
     try:
@@ -329,8 +337,8 @@ def dh_gemm_unusable(d: Tensor, weight: Tensor) -> str | None:
     cuBLAS ran this GEMM at 586 TFLOP/s at H=4096, the wide tile's main loop 650 on the logits)."""
     if os.environ.get("CHRONICALS_LCE_DH_GEMM", "0") != "1":
         return "opt-in (CHRONICALS_LCE_DH_GEMM=1): not yet measured on a GPU"
-    if _failed:
-        return f"the kernel failed before: {_failed[0]}"
+    if _dh_failed:
+        return f"the kernel failed before: {_dh_failed[0]}"
     reason = hopper_unusable(d, weight)
     if reason:
         return reason
@@ -340,6 +348,8 @@ def dh_gemm_unusable(d: Tensor, weight: Tensor) -> str | None:
         return f"{tiles} output tiles: too few to fill the GPU without splitting K (cuBLAS does)"
     if weight.shape[1] % 8 or d.shape[1] % 8:
         return "TMA needs rows of a multiple of 16 bytes"
+    if not (d.is_contiguous() and weight.is_contiguous()):
+        return "TMA descriptors here need contiguous d and weight"
     return None
 
 
@@ -351,7 +361,8 @@ def make_dh_launch(d: Tensor, weight: Tensor, out: Tensor, tile: GemmTile = WIDE
     assert out.shape == (m, n) and out.stride(1) == 1 and weight.shape[0] == k
     a = tma_descriptor(d, [tile.bm, tile.bk])
     b = tma_descriptor(weight, [tile.bk, tile.bn])
-    progs = min(num_sms(d.device), triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
+    progs = num_sms(d.device)               # the tile stride, as in make_launch
+    grid = (min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)),)
     args = (a, b, out, out.stride(0), m, n, k)
     kwargs = dict(SPLIT=tile.split, STAGES=tile.stages, DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M,
                   NUM_PROGS=progs, EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs,
@@ -359,8 +370,8 @@ def make_dh_launch(d: Tensor, weight: Tensor, out: Tensor, tile: GemmTile = WIDE
 
     def launch(warmup: bool = False):
         if warmup:
-            return gemm_kernel.warmup(*args, grid=(progs,), **kwargs)
-        return gemm_kernel[(progs,)](*args, **kwargs)
+            return gemm_kernel.warmup(*args, grid=grid, **kwargs)
+        return gemm_kernel[grid](*args, **kwargs)
     launch.kernel, launch.args, launch.kwargs = gemm_kernel, args, kwargs
     return launch
 
@@ -368,14 +379,15 @@ def make_dh_launch(d: Tensor, weight: Tensor, out: Tensor, tile: GemmTile = WIDE
 def dh_with_gemm(d: Tensor, weight: Tensor, out: Tensor) -> bool:
     """out = d @ weight by the Gluon GEMM; False where it did not run (the caller takes
     cuBLAS). A failure to compile or launch is warned about once, and not tried again."""
-    if dh_gemm_unusable(d, weight) or any(t.data_ptr() % 16 for t in (d, weight, out)):
+    if (dh_gemm_unusable(d, weight) or any(t.data_ptr() % 16 for t in (d, weight, out))
+            or out.stride(1) != 1 or out.stride(0) % 8):
         return False
     try:
         make_dh_launch(d, weight, out)()
     except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
-        _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-        warnings.warn(f"chronicals: the fused loss's Gluon GEMM failed ({_failed[0]}); using "
-                      "cuBLAS from now on", stacklevel=2)
+        _dh_failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        warnings.warn(f"chronicals: the fused loss's Gluon dH GEMM failed ({_dh_failed[0]}); "
+                      "using cuBLAS for dH from now on", stacklevel=2)
         return False
     return True
 

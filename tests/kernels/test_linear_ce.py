@@ -279,16 +279,18 @@ def test_row_passes_large_logits_equal_float64(variant, cfg, monkeypatch):
     _check_rows(x, labels, row_w, cfg)
 
 
-@pytest.mark.parametrize("cfg", [dict(label_smoothing=0.1, z_loss=1e-3), dict(softcap=30.0)],
-                         ids=["smoothing_z_loss", "softcap"])
-def test_row_passes_from_tile_stats_equal_float64(cfg):
+@pytest.mark.parametrize("tile", [16, 128])
+@pytest.mark.parametrize("cfg", [dict(), dict(label_smoothing=0.1, z_loss=1e-3),
+                                 dict(softcap=30.0)], ids=["plain", "smoothing_z_loss", "softcap"])
+def test_row_passes_from_tile_stats_equal_float64(cfg, tile):
     """The same rows with pass 1 replaced by the combine of per-tile statistics, as the fused
-    logits GEMM stores them (kernels/linear_ce_gemm.py; here from its plain-torch reference,
-    tiles of 64 columns: the last one partial)."""
+    logits GEMM stores them (kernels/linear_ce_gemm.py; here from its plain-torch reference).
+    Tiles of 16 and 128 columns: 10 and 2 tiles a row (the last partial) against pass 2's 3
+    slices of 64, so a tile count taken for the slice count (or back) shows."""
     from chronicals_fx.kernels import linear_ce_gemm
     x, labels, row_w = _large_logits()
     kw = dict(scale=1.0, softcap=0.0, label_smoothing=0.0) | cfg
-    tiles = linear_ce_gemm.tile_stats_reference(x, 64, kw["scale"], kw["softcap"],
+    tiles = linear_ce_gemm.tile_stats_reference(x, tile, kw["scale"], kw["softcap"],
                                                 bool(kw["label_smoothing"]))
     _check_rows(x, labels, row_w, cfg,
                 tuple(t.to(DEVICE) if t is not None else None for t in tiles))

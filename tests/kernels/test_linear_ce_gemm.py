@@ -14,6 +14,13 @@ from chronicals_fx.kernels import linear_ce_gemm as L
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _fresh_failure_lists(monkeypatch):
+    """A kernel failure recorded by one test must not switch the kernels off for the next."""
+    monkeypatch.setattr(L, "_failed", [])
+    monkeypatch.setattr(L, "_dh_failed", [])
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -88,4 +95,28 @@ def test_dh_gemm_equals_cublas(c, vocab, hidden, tile):
     out = torch.full((c, hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
     L.make_dh_launch(d, w, out, tile)()
     assert torch.isfinite(out).all() and _rel(out, torch.mm(d, w)) <= 2 ** -7
+
+
+@needs_hopper
+def test_the_fused_loss_takes_dh_from_it_when_asked(monkeypatch):
+    """CHRONICALS_LCE_DH_GEMM=1 through the op: 1024-row chunks at H=4096 (128 output tiles, as
+    at issue 5's shape): the Gluon dH GEMM ran for both chunks, and dH equals the cuBLAS path's
+    to bf16 rounding (d is the same: the loss and dW are unchanged)."""
+    h, w, y = _inputs(2048, 4096, 2048)
+    launches = []
+    original = L.make_dh_launch
+
+    def spy(*a, **kw):
+        launches.append(a[0].shape[0])
+        return original(*a, **kw)
+
+    monkeypatch.setattr(L, "make_dh_launch", spy)
+    args = (h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
+    want = K.lce_forward_with_grads(*args, rows=1024)
+    assert launches == []
+    monkeypatch.setenv("CHRONICALS_LCE_DH_GEMM", "1")
+    got = K.lce_forward_with_grads(*args, rows=1024)
+    assert launches == [1024, 1024] and not L._dh_failed
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert _rel(got[1], want[1]) <= 2 ** -7
 
