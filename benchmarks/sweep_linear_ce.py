@@ -13,7 +13,9 @@ What is swept (the module's hooks, see chronicals_fx/kernels/linear_ce.py): C, t
 token chunk (ROW_CHUNK_ROWS; None = the default policy, a [C, V] buffer ≤ 256 MiB), then at
 the default C the Triton row passes' (columns per program, BLOCK_V, warps), each with pass 1's
 two statistics variants: ROW_STATS = "lanes" (lane-wise, the default) and "tile". ``--quick``:
-the default configuration and the previous one (PREVIOUS).
+the default configuration and the previous one (PREVIOUS). On Hopper the fused logits GEMM
+(kernels/linear_ce_gemm.py) replaces pass 1, so there the statistics variants and pass 1's
+tilings differ only in a run with ``CHRONICALS_LCE_GEMM=0``.
 """
 
 from __future__ import annotations
