@@ -103,13 +103,7 @@ def time_chunk(c, hidden, vocab, tiles) -> list[tuple]:
         timed[f"fused logits ({tile.tag()})"] = launch
         timed[f"fused logits + combine + pass 2 ({tile.tag()})"] = (
             lambda launch=launch, stats=stats: (launch(), rows(stats)))
-    flop = 2 * c * hidden * vocab
-    table = []
-    for name, fn in timed.items():
-        t = do_bench_cudagraph(fn, rep=200) * 1e3
-        table.append((f"C={c} H={hidden} V={vocab}", name, f"{t:.1f}", f"{flop / t / 1e6:.0f}"))
-        print(*table[-1], flush=True)
-    return table
+    return _timed_rows(timed, c, hidden, vocab, rep=200)
 
 
 def time_dh(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
@@ -128,13 +122,19 @@ def time_dh(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
             bad.append(f"dH C={c} H={hidden} {tile.tag()}: {_rel(out, want):.1e} from cuBLAS")
             continue
         timed[f"gluon dH ({tile.tag()})"] = L.make_dh_launch(d, w, out, tile)
+    return _timed_rows(timed, c, hidden, vocab, rep=100), bad
+
+
+def _timed_rows(timed: dict, c, hidden, vocab, rep: int) -> list[tuple]:
+    """Each callable's CUDA-graph median, a table row each (printed as it comes), with the
+    rate of one [C, H] × [H, V] GEMM's 2·C·H·V FLOPs."""
     flop = 2 * c * hidden * vocab
     table = []
     for name, fn in timed.items():
-        t = do_bench_cudagraph(fn, rep=100) * 1e3
+        t = do_bench_cudagraph(fn, rep=rep) * 1e3
         table.append((f"C={c} H={hidden} V={vocab}", name, f"{t:.1f}", f"{flop / t / 1e6:.0f}"))
         print(*table[-1], flush=True)
-    return table, bad
+    return table
 
 
 def main() -> int:

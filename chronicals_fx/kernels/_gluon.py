@@ -15,6 +15,7 @@ tiles start_pid, start_pid + #SMs, ...
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,27 @@ def hopper_unusable(*tensors: Tensor) -> str | None:
     if any(x.dtype != t.dtype for x in tensors) or t.dtype not in GL_DTYPES:
         return "bf16 or fp16, one dtype"
     return None
+
+
+def launch_or_disable(launch, failures: list[str], what: str, fallback: str) -> bool:
+    """Run ``launch()`` (building the descriptors too); True if it ran. Its first failure (a
+    Triton without this Gluon API, a driver error) goes into ``failures``, which the kernel's ``unusable`` reads so it is not
+    tried again, and is warned about once."""
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        warnings.warn(f"chronicals: {what} failed ({failures[0]}); {fallback} from now on",
+                      stacklevel=3)
+        return False
+    return True
+
+
+@gluon.constexpr_function
+def piece_layout(WIDTH, num_warps):
+    """An epilogue piece [BM, WIDTH] in registers: 16-byte accesses along a row, WIDTH / 8
+    threads across, the rest of the warp down."""
+    return gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8], [num_warps, 1], [1, 0])
 
 
 @gluon.constexpr_function

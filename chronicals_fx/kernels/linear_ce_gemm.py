@@ -29,7 +29,6 @@ B = W read K-major), and
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import triton
@@ -39,8 +38,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ._gluon import (GROUP_M, GemmTile, hopper_unusable, load_partition, mma_partition,
-                     num_sms, tma_descriptor, ws_gemm_buffers)
+from ._gluon import (GROUP_M, GemmTile, hopper_unusable, launch_or_disable, load_partition,
+                     mma_partition, num_sms, piece_layout, tma_descriptor, ws_gemm_buffers)
 from ._triton import tile_coords
 from .linear_ce import _M_FLOOR, _transform
 
@@ -63,20 +62,21 @@ def tile_for(hidden: int) -> GemmTile:
 
 
 @gluon.jit
-def _stats_epilogue(dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, N, T,
-                    scale, softcap, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
-                    SPLIT: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+def _epilogue(dh_bufs, dh_ready, dh_empty, C, stride_c, PM, PS, PZSUM, M, N, T, scale, softcap,
+              STATS: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
+              SPLIT: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """Each result tile from shared memory to C [M, N] (row stride ``stride_c``) in SPLIT column
+    pieces; with STATS, each piece also folded into its rows' online (max, Σ exp) (and Σ z),
+    stored per (row, column tile) into PM, PS (PZSUM) [M, T]."""
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
     WIDTH: gl.constexpr = BLOCK_N // SPLIT
-    # 16-byte accesses along a row: WIDTH / 8 threads across, the rest of the warp down
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8],
-                                            [gl.num_warps(), 1], [1, 0])
+    layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
     row_layout: gl.constexpr = gl.SliceLayout(1, layout)
     rows = gl.arange(0, BLOCK_M, layout=row_layout)
     cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-    offs = gl.expand_dims(rows * stride_x, 1) + gl.expand_dims(cols, 0)
+    offs = gl.expand_dims(rows * stride_c, 1) + gl.expand_dims(cols, 0)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -85,11 +85,12 @@ def _stats_epilogue(dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, 
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        base = off_m.to(gl.int64) * stride_x + off_n
+        base = off_m.to(gl.int64) * stride_c + off_n
         row_ok = gl.expand_dims(off_m + rows < M, 1)
-        m = gl.full([BLOCK_M], _M_FLOOR, gl.float32, row_layout)
-        s = gl.zeros([BLOCK_M], gl.float32, row_layout)
-        zsum = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        if STATS:
+            m = gl.full([BLOCK_M], _M_FLOOR, gl.float32, row_layout)
+            s = gl.zeros([BLOCK_M], gl.float32, row_layout)
+            zsum = gl.zeros([BLOCK_M], gl.float32, row_layout)
         d = tiles % DH_BUFS
         mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
         for j in gl.static_range(SPLIT):
@@ -99,23 +100,25 @@ def _stats_epilogue(dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, 
                 gl.thread_barrier()
                 mbarrier.arrive(dh_empty.index(d), count=1)
             col_ok = gl.expand_dims(off_n + j * WIDTH + cols < N, 0)
-            gl.store(X + base + j * WIDTH + offs, x, mask=row_ok & col_ok)
-            z, _ = _transform(x.to(gl.float32), scale, softcap, HAS_SOFTCAP)
-            z = gl.where(col_ok, z, float("-inf"))
-            # the piece's (max, Σ exp) per row, folded into the tile's: one exponential of
-            # the piece's values, one rescale per row
-            m_piece = gl.max(z, axis=1)
-            m_new = gl.maximum(m, m_piece)
-            s = s * gl.exp(m - m_new) + gl.sum(gl.exp(z - gl.expand_dims(m_new, 1)), axis=1)
-            m = m_new
+            gl.store(C + base + j * WIDTH + offs, x, mask=row_ok & col_ok)
+            if STATS:
+                z, _ = _transform(x.to(gl.float32), scale, softcap, HAS_SOFTCAP)
+                z = gl.where(col_ok, z, float("-inf"))
+                # the piece's (max, Σ exp) per row, folded into the tile's: one exponential
+                # of the piece's values, one rescale per row
+                m_piece = gl.max(z, axis=1)
+                m_new = gl.maximum(m, m_piece)
+                s = s * gl.exp(m - m_new) + gl.sum(gl.exp(z - gl.expand_dims(m_new, 1)), axis=1)
+                m = m_new
+                if HAS_SMOOTHING:
+                    zsum += gl.sum(gl.where(col_ok, z, 0.0), axis=1)
+        if STATS:
+            at = (off_m + rows).to(gl.int64) * T + pid_n
+            ok = off_m + rows < M
+            gl.store(PM + at, m, mask=ok)
+            gl.store(PS + at, s, mask=ok)
             if HAS_SMOOTHING:
-                zsum += gl.sum(gl.where(col_ok, z, 0.0), axis=1)
-        at = (off_m + rows).to(gl.int64) * T + pid_n
-        ok = off_m + rows < M
-        gl.store(PM + at, m, mask=ok)
-        gl.store(PS + at, s, mask=ok)
-        if HAS_SMOOTHING:
-            gl.store(PZSUM + at, zsum, mask=ok)
+                gl.store(PZSUM + at, zsum, mask=ok)
         tiles += 1
 
 
@@ -140,46 +143,9 @@ def logits_stats_kernel(
                          M, N, K, BLOCK_K, True, GROUP_M, NUM_PROGS)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                           True, GROUP_M, NUM_PROGS)),
-        (_stats_epilogue, (dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, N, T,
-                           scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING, SPLIT, GROUP_M,
-                           NUM_PROGS)),
+        (_epilogue, (dh_bufs, dh_ready, dh_empty, X, stride_x, PM, PS, PZSUM, M, N, T, scale,
+                     softcap, True, HAS_SOFTCAP, HAS_SMOOTHING, SPLIT, GROUP_M, NUM_PROGS)),
     ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
-
-
-@gluon.jit
-def _store_epilogue(dh_bufs, dh_ready, dh_empty, C, stride_c, M, N, SPLIT: gl.constexpr,
-                    GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
-    """Each result tile from shared memory to C [M, N] (row stride ``stride_c``), in SPLIT
-    column pieces of 16-byte stores."""
-    DH_BUFS: gl.constexpr = dh_bufs.shape[0]
-    BLOCK_M: gl.constexpr = dh_bufs.shape[1]
-    BLOCK_N: gl.constexpr = dh_bufs.shape[2]
-    WIDTH: gl.constexpr = BLOCK_N // SPLIT
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8],
-                                            [gl.num_warps(), 1], [1, 0])
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-    offs = gl.expand_dims(rows * stride_c, 1) + gl.expand_dims(cols, 0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
-        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        base = off_m.to(gl.int64) * stride_c + off_n
-        row_ok = gl.expand_dims(off_m + rows < M, 1)
-        d = tiles % DH_BUFS
-        mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
-        for j in gl.static_range(SPLIT):
-            x = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
-            if j + 1 == SPLIT:
-                gl.thread_barrier()
-                mbarrier.arrive(dh_empty.index(d), count=1)
-            col_ok = gl.expand_dims(off_n + j * WIDTH + cols < N, 0)
-            gl.store(C + base + j * WIDTH + offs, x, mask=row_ok & col_ok)
-        tiles += 1
 
 
 @gluon.jit
@@ -192,7 +158,7 @@ def gemm_kernel(
     LOAD_REGS: gl.constexpr,
 ):
     """The fused loss's dH_c = d_c @ W (few output tiles, a long K loop over the vocabulary):
-    the same warp-specialized main loop, a plain store epilogue."""
+    the same warp-specialized main loop, the epilogue storing only."""
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty = ws_gemm_buffers(
         a_desc, b_desc, STAGES, DH_BUFS, False)
@@ -202,8 +168,8 @@ def gemm_kernel(
                          M, N, K, BLOCK_K, False, GROUP_M, NUM_PROGS)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                           False, GROUP_M, NUM_PROGS)),
-        (_store_epilogue, (dh_bufs, dh_ready, dh_empty, C, stride_c, M, N, SPLIT, GROUP_M,
-                           NUM_PROGS)),
+        (_epilogue, (dh_bufs, dh_ready, dh_empty, C, stride_c, C, C, C, M, N, 0, 1.0, 1.0,
+                     False, False, False, SPLIT, GROUP_M, NUM_PROGS)),
     ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
 
 
@@ -321,14 +287,9 @@ def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
             or x.stride(1) != 1 or x.stride(0) % 8):
         return False
     pm, ps, pzsum = (t[:h.shape[0]] if t is not None else None for t in stats)
-    try:
-        make_launch(h, weight, x, pm, ps, pzsum, scale, softcap)()
-    except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
-        _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-        warnings.warn(f"chronicals: the fused logits GEMM failed ({_failed[0]}); using cuBLAS "
-                      "and the statistics pass from now on", stacklevel=2)
-        return False
-    return True
+    return launch_or_disable(lambda: make_launch(h, weight, x, pm, ps, pzsum, scale, softcap)(),
+                             _failed, "the fused logits GEMM",
+                             "using cuBLAS and the statistics pass")
 
 
 def dh_gemm_unusable(d: Tensor, weight: Tensor) -> str | None:
@@ -382,14 +343,8 @@ def dh_with_gemm(d: Tensor, weight: Tensor, out: Tensor) -> bool:
     if (dh_gemm_unusable(d, weight) or any(t.data_ptr() % 16 for t in (d, weight, out))
             or out.stride(1) != 1 or out.stride(0) % 8):
         return False
-    try:
-        make_dh_launch(d, weight, out)()
-    except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
-        _dh_failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-        warnings.warn(f"chronicals: the fused loss's Gluon dH GEMM failed ({_dh_failed[0]}); "
-                      "using cuBLAS for dH from now on", stacklevel=2)
-        return False
-    return True
+    return launch_or_disable(lambda: make_dh_launch(d, weight, out)(), _dh_failed,
+                             "the fused loss's Gluon dH GEMM", "using cuBLAS for dH")
 
 
 def tile_stats_reference(x: Tensor, bn: int, scale: float, softcap: float, smoothing: bool

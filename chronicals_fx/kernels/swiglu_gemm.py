@@ -33,8 +33,6 @@ accumulation order may differ from cuBLAS's.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 from torch import Tensor
@@ -42,8 +40,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ._gluon import (GROUP_M, GemmTile, hopper_unusable, load_partition, mma_partition,
-                     num_sms, tma_descriptor, ws_gemm_buffers)
+from ._gluon import (GROUP_M, GemmTile, hopper_unusable, launch_or_disable, load_partition,
+                     mma_partition, num_sms, piece_layout, tma_descriptor, ws_gemm_buffers)
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
 
@@ -91,9 +89,7 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N,
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
     WIDTH: gl.constexpr = BLOCK_N // SPLIT
-    # 16-byte accesses along a row: WIDTH / 8 threads across, the rest of the warp down
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (WIDTH // 8), WIDTH // 8],
-                                            [gl.num_warps(), 1], [1, 0])
+    layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
     # a piece's offsets from its first value, the same for every piece (int32: the base,
     # int64, carries the tile's position)
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
@@ -223,11 +219,8 @@ def swiglu_linear_backward(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
             gate.is_contiguous() and up.is_contiguous()):
         return None
     dg, du, y = (torch.empty_like(gate) for _ in range(3))
-    try:
-        make_launch(dy, weight, gate, up, dg, du, y, activation)()
-    except Exception as e:  # noqa: BLE001 (a Triton without this Gluon API, a driver error)
-        _failed.append(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-        warnings.warn(f"chronicals: the fused SwiGLU-backward GEMM failed ({_failed[0]}); "
-                      "using cuBLAS and the SwiGLU kernel from now on", stacklevel=2)
+    if not launch_or_disable(lambda: make_launch(dy, weight, gate, up, dg, du, y, activation)(),
+                             _failed, "the fused SwiGLU-backward GEMM",
+                             "using cuBLAS and the SwiGLU kernel"):
         return None
     return dg, du, y
