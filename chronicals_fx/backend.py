@@ -50,12 +50,16 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    from .kernels.swiglu import inductor_options
+    from .kernels import rmsnorm, swiglu
 
-    # Every graph gets SwiGLU's post-grad pass (it keeps the in-place backward in place, and
-    # leaves graphs without that op alone): a piece of a graph rewritten before DDP's split
-    # has no pass run of its own to ask for it.
-    patches = inductor_options(inductor_settings(mode, config))
+    # Every graph gets our post-grad passes (SwiGLU's keeps the in-place backward in place,
+    # RMSNorm's hands its backward the unsummed gradients; both leave graphs without their op
+    # alone): a piece of a graph rewritten before DDP's split has no pass run of its own to
+    # ask for them.
+    patches = inductor_settings(mode, config)
+    if config.rmsnorm_grad_sum:
+        patches = rmsnorm.inductor_options(patches)
+    patches = swiglu.inductor_options(patches)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     return owning_small_outputs(compiled) if patches.get("triton.cudagraphs") else compiled
 

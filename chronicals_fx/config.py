@@ -40,6 +40,11 @@ class Config:
     # linear + cross-entropy: keep the [N, V] logits alive for the model's output even when
     # the loss is computed in the same graph (costs the memory the fused op saves).
     keep_logits: bool = False
+    # RMSNorm: where the normalized output feeds several projections (q, k, v; gate, up), their
+    # input gradients go into our backward kernel unsummed, and it adds them (in fp32) as it
+    # reads the rows — Inductor's post-grad graph, as its own norm backward does; False leaves
+    # the sum to an Inductor kernel before ours (a launch and an [N, H] round trip a norm).
+    rmsnorm_grad_sum: bool = True
     # SwiGLU: take a down projection that reads nothing else into the op (False, default):
     # only g and u are saved, and the SwiGLU backward pass writes act(g)·u again for the down
     # projection's dW — one [N, I] tensor less a layer at the peak of memory, one more write

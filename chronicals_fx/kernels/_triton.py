@@ -56,6 +56,19 @@ def tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+def launch_of(node: torch.fx.Node, kernel) -> bool:
+    """Whether ``node`` (in an Inductor post-grad graph) is the functionalized launch of
+    ``kernel``, a ``@triton.jit`` function of ours."""
+    if node.target is not torch.ops.higher_order.triton_kernel_wrapper_functional:
+        return False
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    launched = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    while launched is not kernel and hasattr(launched, "fn"):
+        launched = launched.fn        # launch options (num_warps) wrap it in an Autotuner
+    return launched is kernel or launched is getattr(kernel, "fn", None)
+
+
 def launchable(kernel, like: torch.Tensor):
     """``wrap_triton(kernel)`` for CUDA tensors, so Inductor can trace the launch into its
     generated code; the raw kernel otherwise (CPU tensors under ``TRITON_INTERPRET=1``)."""

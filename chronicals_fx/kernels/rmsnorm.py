@@ -33,11 +33,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, launchable, program_count, round_to
+from ._triton import ROUND_CODES, launch_of, launchable, program_count, round_to
 
 MAX_HIDDEN = 65536  # one row must fit one program's registers
+MAX_DY_TERMS = 4    # gradients of y the backward kernel sums itself (q, k, v: 3; gate, up: 2)
 
 
 @triton.jit
@@ -78,11 +80,13 @@ def rms_norm_fwd_kernel(
 def rms_norm_bwd_kernel(
     DY, X, W, DX, DW_PARTIAL,   # dy, x, dx [M, H]; weight [H]; dw partial sums [programs, H]
     DH,                         # with HAS_DH: a gradient of x from elsewhere, added into dx
-    stride_dy, stride_x, stride_dx, stride_dh,
+    DY1, DY2, DY3,              # with N_DY > 1: dy = DY + DY1 (+ DY2 (+ DY3)), summed in fp32
+    stride_dy, stride_x, stride_dx, stride_dh, stride_dy1, stride_dy2, stride_dy3,
     M, H,
     eps, offset,
     rows_per_program,           # each program owns a contiguous band of rows
     HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, HAS_DH: tl.constexpr,
+    N_DY: tl.constexpr,         # 1–4 terms of dy (the gradients from y's consumers, unsummed)
     NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, DX_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -102,6 +106,12 @@ def rms_norm_bwd_kernel(
         rows = rows.to(tl.int64)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if N_DY > 1:
+            dy += tl.load(DY1 + rows[:, None] * stride_dy1 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if N_DY > 2:
+            dy += tl.load(DY2 + rows[:, None] * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if N_DY > 3:
+            dy += tl.load(DY3 + rows[:, None] * stride_dy3 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))
         x_hat = x * r[:, None]
         if HAS_WEIGHT:
@@ -191,12 +201,18 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       offset: float, norm_dtype: torch.dtype, weight_dtype: torch.dtype,
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
-                      dw_dtype: torch.dtype = torch.float32) -> Tensor | None:
+                      dw_dtype: torch.dtype = torch.float32,
+                      dy_terms: tuple[Tensor, ...] = ()) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
-    With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh.
+    With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh. With
+    ``dy_terms`` (up to 3 more [M, H] tensors), the gradient of y is dy + Σ dy_terms, summed in
+    fp32 as the rows are read (:class:`SumGradientsIntoBackward` hands them over in Inductor's
+    graphs, so the sum is not a kernel of its own).
     """
+    if len(dy_terms) > MAX_DY_TERMS - 1:
+        raise ValueError(f"at most {MAX_DY_TERMS} terms of dy, got {1 + len(dy_terms)}")
     M, H = x.shape
     block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
     programs_per_sm = programs_per_sm or _backward_programs_per_sm(block_m, block_h)
@@ -205,11 +221,13 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
     programs = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((programs, H) if compute_dw else (1,), dtype=torch.float32,
                              device=x.device)
+    terms = (*dy_terms, *(dy,) * (MAX_DY_TERMS - 1 - len(dy_terms)))  # unused slots: any tensor
     launchable(rms_norm_bwd_kernel, x)[(programs,)](
         dy, x, x if weight is None else weight, dx, dw_partial, dx if dh is None else dh,
-        dy.stride(0), x.stride(0), dx.stride(0), dx.stride(0) if dh is None else dh.stride(0),
-        M, H, eps, offset, rows_per_program,
+        *terms, dy.stride(0), x.stride(0), dx.stride(0), dx.stride(0) if dh is None else dh.stride(0),
+        *(t.stride(0) for t in terms), M, H, eps, offset, rows_per_program,
         HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, HAS_DH=dh is not None,
+        N_DY=1 + len(dy_terms),
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )
@@ -265,6 +283,12 @@ def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor | None, ep
     return dx.to(x.dtype), dw
 
 
+def _launches_kernels(t: Tensor) -> bool:
+    """CUDA tensors go to the Triton kernels, others to the plain-torch reference (a function,
+    so that a CPU test can trace the CUDA path's graph without launching anything)."""
+    return t.device.type == "cuda"
+
+
 # ---------------------------------------------------------------------------------------------
 # The registered ops. triton_op (not custom_op): Inductor traces into the body and emits the
 # kernel launch in its own generated code, with no dispatcher call per use.
@@ -273,7 +297,7 @@ def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor | None, ep
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
              norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
              out_dtype: torch.dtype) -> Tensor:
-    if x.device.type != "cuda":
+    if not _launches_kernels(x):
         return rms_norm_reference(x, weight, eps, offset, norm_dtype, weight_dtype, mul_dtype,
                                   out_dtype)
     rows = x.reshape(-1, x.shape[-1])
@@ -289,7 +313,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offse
                  norm_dtype: torch.dtype, weight_dtype: torch.dtype, compute_dw: bool,
                  dh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dx [+ dh], dw); dw is an empty tensor when ``compute_dw`` is False."""
-    if x.device.type != "cuda":
+    if not _launches_kernels(x):
         dx, dw = rms_norm_backward_reference(dy, x, weight, eps, offset, norm_dtype,
                                              weight_dtype, compute_dw, dh)
     else:
@@ -328,7 +352,7 @@ def add_rms_norm(a: Tensor, b: Tensor, weight: Tensor | None, eps: float, offset
                  norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(h, y) with h = a + b (same shape and dtype) and y = RMSNorm(h) as in ``rms_norm``."""
-    if a.device.type != "cuda":
+    if not _launches_kernels(a):
         h = a + b
         return h, rms_norm_reference(h, weight, eps, offset, norm_dtype, weight_dtype,
                                      mul_dtype, out_dtype)
@@ -356,3 +380,140 @@ def _add_backward(ctx, dh: Tensor | None, dy: Tensor):
 
 
 add_rms_norm.register_autograd(_add_backward, setup_context=_add_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductor post-grad pass: the gradient of y arrives as a sum of its consumers' gradients.
+#
+# A decoder's norm feeds the q, k, v projections (or gate and up): autograd sums their three
+# (two) input gradients, dy = dy_q + dy_k + dy_v, before the norm's backward reads dy. Inductor
+# fuses that sum into a norm backward it generates; our backward kernel is opaque to it, so the
+# sum stays a kernel of its own — a launch, a write and a read of [N, H] more per norm (H200,
+# Qwen2.5-0.5B B=8 T=1024: 48 launches and 0.58 ms a step, RESULTS.md session 11 call 8). This
+# pass hands the terms to the kernel instead (N_DY), which adds them in fp32 as it reads rows
+# (as Inductor's fused kernel does: no bf16 rounding between the adds).
+# ---------------------------------------------------------------------------------------------
+def _is_view(node: torch.fx.Node) -> bool:
+    aten = torch.ops.aten
+    return node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _val(node) -> Tensor | None:
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return v if isinstance(v, Tensor) else None
+
+
+def _split_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """The operands of ``node`` if it is a plain ``a + b`` of two tensors of its own shape and
+    dtype read by nothing else (no alpha, no broadcast, no promotion), else None."""
+    if node.target is not torch.ops.aten.add.Tensor or node.kwargs or len(node.users) != 1:
+        return None
+    out = _val(node)
+    operands = node.args
+    if out is None or len(operands) != 2:
+        return None
+    for t in operands:
+        v = _val(t)
+        if v is None or v.shape != out.shape or v.dtype != out.dtype:
+            return None
+    return operands[0], operands[1]
+
+
+def _gradient_terms(dy: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """(terms, consumed): dy's sum split into at most MAX_DY_TERMS terms, breadth first (so
+    with more consumers than that, the outer adds are taken in and the inner ones stay), and
+    the view and add nodes that then have no reader left."""
+    consumed = []
+    while _is_view(dy) and len(dy.users) == 1:
+        consumed.append(dy)
+        dy = dy.args[0]
+    terms = [dy]
+    progress = True
+    while progress and len(terms) < MAX_DY_TERMS:
+        progress = False
+        for i, t in enumerate(terms):
+            split = _split_add(t)
+            if split is not None:
+                terms[i:i + 1] = split
+                consumed.append(t)
+                progress = True
+                break
+    return terms, consumed
+
+
+def _as_rows(graph: torch.fx.Graph, term: torch.fx.Node, rows: int, hidden: int
+             ) -> tuple[torch.fx.Node, int] | None:
+    """``term`` as [rows, hidden] with unit column stride, and its row stride (a view node
+    inserted where it has another shape); None where no view gives that."""
+    v = _val(term)
+    if v is None or v.numel() != rows * hidden or v.shape[-1] != hidden:
+        return None
+    if v.dim() == 2 and v.stride(-1) == 1:
+        return term, int(v.stride(0))
+    if not v.is_contiguous():
+        return None
+    view = graph.call_function(torch.ops.aten.view.default, (term, [rows, hidden]))
+    view.meta["val"] = v.view(rows, hidden)
+    return view, hidden
+
+
+def _take_in_gradient_terms(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    args = dict(node.kwargs["kwargs"])
+    rows, hidden = args.get("M"), args.get("H")
+    if args.get("N_DY") != 1 or not isinstance(rows, int) or not isinstance(hidden, int):
+        return False
+    terms, consumed = _gradient_terms(args["DY"])
+    if len(terms) < 2:
+        return False
+    with graph.inserting_before(node):
+        as_rows = [_as_rows(graph, t, rows, hidden) for t in terms]
+    if any(r is None for r in as_rows):
+        for r in as_rows:           # views inserted for terms before the one that failed
+            if r is not None and r[0] not in terms:
+                graph.erase_node(r[0])
+        return False
+    for i in range(MAX_DY_TERMS):    # the kernel reads slots past N_DY never: any tensor
+        slot = f"DY{i}" if i else "DY"
+        args[slot], args[f"stride_{slot.lower()}"] = as_rows[i] if i < len(as_rows) else as_rows[0]
+    args["N_DY"] = len(terms)
+    node.kwargs = {**node.kwargs, "kwargs": args}
+    for dead in consumed:           # from the kernel's side: each was read by the one before
+        if not dead.users:
+            graph.erase_node(dead)
+    return True
+
+
+class SumGradientsIntoBackward(CustomGraphPass):
+    """Inductor post-grad pass (``post_grad_custom_post_pass``): a launch of our RMSNorm
+    backward whose dy is a sum ``a + b (+ c …)`` of same-shaped gradients read by nothing else
+    gets the terms themselves (at most MAX_DY_TERMS), and the adds go. Other graphs and launches
+    are left alone."""
+
+    def __init__(self, then=None) -> None:
+        self.then = then         # a post-grad pass that was configured before this one
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        launches = [n for n in graph.nodes if launch_of(n, rms_norm_bwd_kernel)]
+        if any([_take_in_gradient_terms(graph, n) for n in launches]):
+            graph.lint()
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self):
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        then = None
+        if self.then is not None:
+            then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
+            if then is None:
+                return None      # a pass Inductor can't key: it then bypasses its cache
+        return (get_hash_for_files((__file__,)), then)
+
+
+def inductor_options(options: dict) -> dict:
+    """``options`` (Inductor config) with :class:`SumGradientsIntoBackward` installed, chained
+    before a post-grad pass already there; unchanged if it is installed already."""
+    current = options.get("post_grad_custom_post_pass")
+    if isinstance(current, SumGradientsIntoBackward):
+        return options
+    return {**options, "post_grad_custom_post_pass": SumGradientsIntoBackward(then=current)}

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, autograd_graph_kept, launchable, round_to
+from ._triton import ROUND_CODES, autograd_graph_kept, launch_of, launchable, round_to
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
@@ -757,14 +757,7 @@ def inductor_options(options: dict) -> dict:
 def _kernel_call(node: torch.fx.Node) -> bool:
     """The functionalized launch of :func:`swiglu_bwd_inplace`'s kernel (outputs DG, DU are
     G, U)."""
-    if node.target is not torch.ops.higher_order.triton_kernel_wrapper_functional:
-        return False
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-
-    kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-    while kernel is not swiglu_bwd_kernel and hasattr(kernel, "fn"):
-        kernel = kernel.fn        # launch options (num_warps) wrap it in an Autotuner
-    if kernel is not swiglu_bwd_kernel:
+    if not launch_of(node, swiglu_bwd_kernel):
         return False
     args = node.kwargs["kwargs"]
     return args["DG"] is args["G"] and args["DU"] is args["U"]

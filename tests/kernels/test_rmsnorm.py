@@ -120,6 +120,32 @@ def test_fused_residual_add_forward_and_backward(rows, hidden, dtype):
     assert rel_err(dw, dw_ref) < tol
 
 
+@pytest.mark.parametrize("terms,dtype", [(2, torch.float32), (3, torch.bfloat16),
+                                          (4, torch.bfloat16)])
+def test_backward_sums_the_gradient_terms_of_y(terms, dtype):
+    """dy given as 2–4 unsummed terms (y read by q, k, v or gate, up projections), one of them a
+    strided view: the kernel sums them in fp32 as it reads the rows, so dx and dw are those of
+    the summed gradient; with dh as well (the residual's gradient)."""
+    rows, hidden = 21, 136
+    x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    w = (torch.randn(hidden, device=DEVICE) * 0.5).to(dtype)
+    wide = torch.randn(rows, 2 * hidden, device=DEVICE).to(dtype)
+    dys = [wide[:, :hidden]] + [torch.randn(rows, hidden, device=DEVICE).to(dtype)
+                                 for _ in range(terms - 1)]
+    dh = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    dy_sum = sum(d.double() for d in dys)
+    _, dx_ref, dw_ref = _reference_with_grads(x, w, dy_sum, 1e-6, 0.0)
+    dx = torch.full_like(x, float("nan"))
+    dw = K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, dtype, dtype, True, dh=dh,
+                             dy_terms=tuple(dys[1:]))
+    tol = TOLERANCE[dtype]
+    assert rel_err(dx, dx_ref + dh.double()) < tol
+    assert rel_err(dw, dw_ref) < tol
+    with pytest.raises(ValueError, match="at most 4 terms"):
+        K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, dtype, dtype, True,
+                            dy_terms=(dh,) * K.MAX_DY_TERMS)
+
+
 def test_add_rms_norm_op_gradients_match_unfused():
     a, b = (torch.randn(4, 5, 24, device=DEVICE, requires_grad=True) for _ in range(2))
     w = torch.randn(24, device=DEVICE, requires_grad=True)
@@ -152,3 +178,126 @@ def test_dw_reduction_sums_every_partial_row_and_column_rounded_once(dtype):
     # the terms' scale here)
     err = ((dw.double() - want).abs() / want.abs().clamp_min(1.0)).max().item()
     assert err <= (0.5 * torch.finfo(dtype).eps if dtype == torch.bfloat16 else 0.0) + 1e-5
+
+
+class _NormThroughBackwardOp(torch.autograd.Function):
+    """RMSNorm in plain torch, backward through the registered backward op alone (the forward
+    kernel would be traced too, and the forward graph runs on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return K.rms_norm_reference(x, w, 1e-6)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        f32 = torch.float32
+        dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, w, 1e-6, 0.0, f32, f32, True)
+        return dx, dw
+
+
+@pytest.mark.parametrize("consumers,terms", [(1, 1), (2, 2), (3, 3), (5, 4)])
+def test_cuda_path_backward_takes_the_consumers_gradients_unsummed(monkeypatch, consumers,
+                                                                    terms):
+    """The CUDA path's backward graph, traced on CPU: the normalized output read by 1, 2, 3 or
+    5 projections (q, k, v-like). After Inductor's post-grad passes with
+    SumGradientsIntoBackward, the backward kernel gets the projections' input gradients as its
+    dy terms and the adds are gone (5 consumers: four terms, one add left inside the last).
+    The rewritten graph is then run, its kernels interpreted: every gradient equals eager's."""
+    import triton
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import detect_fake_mode
+    from torch._higher_order_ops import triton_kernel_wrap
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._inductor import config as inductor_config
+    from torch._inductor.fx_passes.post_grad import post_grad_passes
+    from torch._inductor.virtualized import V
+    from torch.library import wrap_triton
+
+    interpreted = {}
+    for name in ("rms_norm_bwd_kernel", "rms_norm_dw_kernel", "round_to"):
+        fn = getattr(K, name)
+        compiled = triton.JITFunction(getattr(fn, "fn", fn))
+        interpreted[id(compiled)] = fn
+        monkeypatch.setattr(K, name, compiled)
+    monkeypatch.setattr(K, "_launches_kernels", lambda t: True)
+    monkeypatch.setattr(K, "launchable", lambda kernel, like: wrap_triton(kernel))
+    # What Triton's IR analysis finds on a GPU; here there is no target to compile for.
+    written = {"rms_norm_bwd_kernel": ["DX", "DW_PARTIAL"], "rms_norm_dw_kernel": ["DW"]}
+    monkeypatch.setattr(triton_kernel_wrap, "get_mutated_tensors",
+                        lambda idx, *args: written[kernel_side_table.get_kernel(idx).fn.__name__])
+    graphs = []
+
+    def backward_compiler(gm, example_inputs):
+        with inductor_config.patch(post_grad_custom_post_pass=K.SumGradientsIntoBackward()), \
+                V.set_fake_mode(detect_fake_mode(example_inputs)):
+            post_grad_passes(gm, is_inference=False)
+        gm.recompile()
+        graphs.append(gm.graph)
+        for idx, kernel in list(kernel_side_table.id_to_kernel.items()):
+            jit = getattr(kernel, "fn", None) if not isinstance(kernel, triton.JITFunction) \
+                else kernel     # launch options (num_warps) wrap it in an Autotuner
+            if id(jit) in interpreted:
+                kernel_side_table.id_to_kernel[idx] = interpreted[id(jit)]
+        monkeypatch.setattr(K, "round_to", interpreted[id(K.round_to)])  # what they call
+        return gm
+
+    def f(x, w, *projections):
+        y = _NormThroughBackwardOp.apply(x, w)
+        return sum(((y @ p) ** (i + 1)).sum() for i, p in enumerate(projections))
+
+    hidden = 48
+    x, w = torch.randn(2, 5, hidden), torch.randn(hidden)
+    projections = [torch.randn(hidden, 8 * (i + 1)) * 0.2 for i in range(consumers)]
+    leaves = [t.requires_grad_() for t in (x, w, *projections)]
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=backward_compiler)
+    torch.compile(f, backend=backend)(*leaves).backward()
+    got = [t.grad.clone() for t in leaves]
+
+    [call] = [n for n in graphs[-1].nodes
+              if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation
+              and "N_DY" in n.kwargs["kwargs"]]
+    args = call.kwargs["kwargs"]
+    assert args["N_DY"] == terms
+    adds = [n for n in graphs[-1].nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == consumers - terms
+    dy_slots = [args["DY"], *(args[f"DY{i}"] for i in range(1, terms))]
+    assert len(set(dy_slots)) == terms
+
+    for t in leaves:
+        t.grad = None
+    y = K.rms_norm_reference(x, w, 1e-6)
+    sum(((y @ p) ** (i + 1)).sum() for i, p in enumerate(projections)).backward()
+    for g, t in zip(got, leaves):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_backend_hands_the_projections_gradients_to_the_norm_backward_on_gpu(monkeypatch):
+    """Through the backend on a tiny Llama (fp32, the RMSNorm pass alone): every decoder norm
+    feeding q, k, v or gate, up has its backward launch rewritten to take 3 or 2 terms, and the
+    loss and every gradient equal eager's; with ``rmsnorm_grad_sum=False`` none is."""
+    import chronicals
+    from tests.tiny_models import assert_same_training_signal, batch, twins
+
+    for grad_sum in (True, False):
+        torch._dynamo.reset()
+        taken = []
+        original = K._take_in_gradient_terms
+
+        def spy(graph, node):
+            taken.append(original(graph, node) and node.kwargs["kwargs"]["N_DY"])
+            return taken[-1]
+
+        monkeypatch.setattr(K, "_take_in_gradient_terms", spy)
+        eager, model = twins("llama")
+        eager, model = eager.cuda(), model.cuda()
+        chronicals.optimize(model, strict=True, passes=("rmsnorm",), rmsnorm_grad_sum=grad_sum)
+        inputs = {k: v.cuda() for k, v in batch().items()}
+        assert_same_training_signal(eager, model, inputs, rtol=1e-4, atol=1e-5)
+        layers = model.config.num_hidden_layers
+        if grad_sum:
+            assert sorted(t for t in taken if t) == [2] * layers + [3] * layers
+        else:
+            assert taken == []
