@@ -2,6 +2,12 @@
 
 Each configuration's forward and backward are captured in a CUDA graph and replayed, so host
 overhead is out of the numbers. Prints the best per shape; the full table goes to $OUT.
+
+    python -m benchmarks.sweep_rmsnorm [terms]
+
+``terms``: the backward as a decoder runs it (Qwen2.5-0.5B, 8192 × 896, bf16): dy given as 1, 2
+or 3 unsummed terms (q/k/v, gate/up) plus the residual's dh, per tile; and dW's reduction of the
+programs' partial sums (ours at its tiles and at 64 × 64, against torch's sum).
 """
 
 from __future__ import annotations
@@ -59,5 +65,40 @@ def main() -> None:
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "sweep_rmsnorm.txt"), "w") as f:
             f.write(tabulate(rows, headers=HEADERS))
 
+def backward_terms(n: int = 8192, h: int = 896) -> None:
+    bf = torch.bfloat16
+    x, dh = (torch.randn(n, h, device="cuda", dtype=bf) for _ in range(2))
+    w = torch.randn(h, device="cuda", dtype=bf)
+    dys = [torch.randn(n, h, device="cuda", dtype=bf) for _ in range(3)]
+    dx = torch.empty_like(x)
+    rows = []
+    for terms, bm, nw, per_sm in itertools.product((1, 2, 3), (2, 4, 8), (4, 8, 16), (2, 4, 8)):
+        b = graphed_ms(lambda: K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, bf, bf, True, bm,
+                                                   nw, per_sm, dh=dh,
+                                                   dy_terms=tuple(dys[1:terms])))
+        rows.append((terms, bm, nw, per_sm, round(b * 1000, 1),
+                     round((3 + terms) * n * h * 2 / b / 1e6)))
+    bm, _, nw = K._tiles(h)
+    per_sm = K._backward_programs_per_sm(bm, triton.next_power_of_2(h))
+    table = [min((r for r in rows if r[0] == t), key=lambda r: r[4]) for t in (1, 2, 3)]
+    table += [("default",) + r[1:] for r in rows if r[1:4] == (bm, nw, per_sm)]
+    print(tabulate(table, headers=("dy terms", "BLOCK_M", "warps", "progs/SM", "µs (+ dW)",
+                                   "GB/s")), flush=True)
+
+    dw = torch.empty(h, device="cuda", dtype=bf)
+    reductions = []
+    for p in (264, 528, 1056):
+        partial = torch.randn(p, h, device="cuda")
+        for name, (bp, bh) in (("ours", K._dw_tiles(p, h)), ("ours 64x64", (64, 64))):
+            t = graphed_ms(lambda: K.rms_norm_dw_kernel[(triton.cdiv(h, bh),)](
+                partial, dw, p, h, K.ROUND_CODES[bf], BLOCK_P=bp, BLOCK_H=bh, num_warps=4))
+            reductions.append((p, f"{name} ({bp}x{bh})", round(t * 1000, 2)))
+        t = graphed_ms(lambda: dw.copy_(partial.sum(0)))
+        reductions.append((p, "torch sum(0) + cast", round(t * 1000, 2)))
+    print(tabulate(reductions, headers=("partials", "dW reduction", "µs")), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    backward_terms() if sys.argv[1:] == ["terms"] else main()

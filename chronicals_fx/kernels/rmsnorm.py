@@ -161,9 +161,15 @@ def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
     return block_m, block_h, num_warps
 
 
-# dW's reduction: programs of BLOCK_H columns, each summing the [P, BLOCK_H] partials in blocks
-# of BLOCK_P rows (P ≈ 264–528 backward programs on 132 SMs: 14 programs at H=896, 64 at 4096).
-DW_BLOCK_P, DW_BLOCK_H = 64, 64
+def _dw_tiles(partials: int, hidden: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_H) of dW's reduction over [P, H] partials (P ≈ 264–528 backward programs
+    on 132 SMs). It is latency-bound: enough programs to cover the SMs (BLOCK_H of 8–64
+    columns: 112 programs at H=896, 128 at 4096), each taking its whole column band in one or
+    two loads of ≤ 8k elements. 64 × 64 blocks (14 programs looping 9 times at H=896) took
+    8.9 µs a norm on an H200 (RESULTS.md session 12 call 3), Inductor's two kernels ~1.5 each."""
+    block_h = max(8, min(64, triton.next_power_of_2(hidden) // 128))
+    block_p = min(triton.next_power_of_2(partials), 8192 // block_h)
+    return block_p, block_h
 
 
 def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
@@ -234,9 +240,10 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
     if not compute_dw:
         return None
     dw = torch.empty(H, dtype=dw_dtype, device=x.device)
-    launchable(rms_norm_dw_kernel, x)[(triton.cdiv(H, DW_BLOCK_H),)](
-        dw_partial, dw, programs, H, DW_ROUND=ROUND_CODES[dw_dtype], BLOCK_P=DW_BLOCK_P,
-        BLOCK_H=DW_BLOCK_H, num_warps=4)
+    block_p, block_h = _dw_tiles(programs, H)
+    launchable(rms_norm_dw_kernel, x)[(triton.cdiv(H, block_h),)](
+        dw_partial, dw, programs, H, DW_ROUND=ROUND_CODES[dw_dtype], BLOCK_P=block_p,
+        BLOCK_H=block_h, num_warps=4)
     return dw
 
 

@@ -167,11 +167,13 @@ def test_dw_reduction_sums_every_partial_row_and_column_rounded_once(dtype):
     """The weight-gradient reduction over the backward programs' fp32 partials: more rows than
     one block of BLOCK_P (the loop), a ragged last column block, one rounding to the dtype."""
     g = torch.Generator().manual_seed(3)
-    p, h = 2 * K.DW_BLOCK_P + 22, K.DW_BLOCK_H + 73
+    p, h = 150, 89
+    block_p, block_h = K._dw_tiles(p, h)
+    block_p //= 2                                           # two loads of the rows, the last ragged
     partial = torch.randn(p, h, generator=g).to(DEVICE)
     dw = torch.full((h,), float("nan"), dtype=dtype, device=DEVICE)
-    K.rms_norm_dw_kernel[(-(-h // K.DW_BLOCK_H),)](partial, dw, p, h, K.ROUND_CODES[dtype],
-                                                   BLOCK_P=K.DW_BLOCK_P, BLOCK_H=K.DW_BLOCK_H)
+    K.rms_norm_dw_kernel[(-(-h // block_h),)](partial, dw, p, h, K.ROUND_CODES[dtype],
+                                              BLOCK_P=block_p, BLOCK_H=block_h)
     want = partial.double().sum(0)
     assert torch.isfinite(dw).all()
     # one rounding to bf16 (half a step, relative) on top of fp32's summation error (~1e-5 of
