@@ -177,6 +177,19 @@ def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
     return max(1, min(8, 16384 // (block_m * block_h)))
 
 
+def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, programs per SM) of the backward. Reading 2–3 gradient terms as
+    well, twice the rows a program with the same warps, half the programs (the same elements
+    in flight per SM): at 8192 × 896 bf16 on an H200, 41.7 → 37.3 µs with 2 terms, 44.6 →
+    38.5 with 3 (benchmarks/sweep_rmsnorm.py terms, RESULTS.md session 12 call 4); one term
+    keeps the forward's tile."""
+    block_m, block_h, num_warps = _tiles(hidden)
+    per_sm = _backward_programs_per_sm(block_m, block_h)
+    if grad_terms > 1:
+        block_m, per_sm = 2 * block_m, max(1, per_sm // 2)
+    return block_m, num_warps, per_sm
+
+
 def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, offset: float,
                      norm_dtype: torch.dtype, weight_dtype: torch.dtype,
                      mul_dtype: torch.dtype, block_m: int | None = None,
@@ -208,20 +221,24 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
-                      dy_terms: tuple[Tensor, ...] = ()) -> Tensor | None:
+                      dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
     With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh. With
     ``dy_terms`` (up to 3 more [M, H] tensors), the gradient of y is dy + Σ dy_terms, summed in
     fp32 as the rows are read (:class:`SumGradientsIntoBackward` hands them over in Inductor's
-    graphs, so the sum is not a kernel of its own).
+    graphs, so the sum is not a kernel of its own). ``grad_terms``: how many terms the launch
+    is expected to read in the end (the tile is chosen for that; the pass sets ``dy_terms``
+    only after this launch is traced); by default ``1 + len(dy_terms)``.
     """
     if len(dy_terms) > MAX_DY_TERMS - 1:
         raise ValueError(f"at most {MAX_DY_TERMS} terms of dy, got {1 + len(dy_terms)}")
     M, H = x.shape
-    block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
-    programs_per_sm = programs_per_sm or _backward_programs_per_sm(block_m, block_h)
+    tile_m, tile_warps, tile_per_sm = _backward_tiles(H, max(grad_terms, 1 + len(dy_terms)))
+    block_m, num_warps = block_m or tile_m, num_warps or tile_warps
+    programs_per_sm = programs_per_sm or tile_per_sm
+    block_h = triton.next_power_of_2(H)
     programs = program_count(x.device, triton.cdiv(M, block_m), programs_per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
@@ -303,7 +320,9 @@ def _launches_kernels(t: Tensor) -> bool:
 @triton_op("chronicals::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
              norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
-             out_dtype: torch.dtype) -> Tensor:
+             out_dtype: torch.dtype, grad_terms: int = 1) -> Tensor:
+    """y = RMSNorm(x). ``grad_terms``: how many consumers' gradients of y the backward kernel
+    is expected to sum itself (its tile; see :func:`_backward_tiles`)."""
     if not _launches_kernels(x):
         return rms_norm_reference(x, weight, eps, offset, norm_dtype, weight_dtype, mul_dtype,
                                   out_dtype)
@@ -318,7 +337,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
 @triton_op("chronicals::rms_norm_backward", mutates_args=())
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offset: float,
                  norm_dtype: torch.dtype, weight_dtype: torch.dtype, compute_dw: bool,
-                 dh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 dh: Tensor | None = None, grad_terms: int = 1) -> tuple[Tensor, Tensor]:
     """(dx [+ dh], dw); dw is an empty tensor when ``compute_dw`` is False."""
     if not _launches_kernels(x):
         dx, dw = rms_norm_backward_reference(dy, x, weight, eps, offset, norm_dtype,
@@ -331,7 +350,8 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offse
         dx = torch.empty_like(rows)
         dw = rms_norm_backward(dy_rows, rows, weight, dx, eps, offset, norm_dtype, weight_dtype,
                                compute_dw, dh=dh_rows,
-                               dw_dtype=weight.dtype if weight is not None else torch.float32)
+                               dw_dtype=weight.dtype if weight is not None else torch.float32,
+                               grad_terms=grad_terms)
         dx = dx.view(x.shape)
     if dw is None:
         return dx, x.new_empty(0)
@@ -339,16 +359,18 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offse
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype = inputs
+    x, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype, grad_terms = inputs
     ctx.save_for_backward(x, weight)
     ctx.params = (eps, offset, norm_dtype, weight_dtype)
+    ctx.grad_terms = grad_terms
 
 
 def _backward(ctx, dy: Tensor):
     x, weight = ctx.saved_tensors
     compute_dw = weight is not None and ctx.needs_input_grad[1]
-    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, weight, *ctx.params, compute_dw)
-    return dx, (dw if compute_dw else None), None, None, None, None, None, None
+    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, weight, *ctx.params, compute_dw,
+                                                    grad_terms=ctx.grad_terms)
+    return dx, (dw if compute_dw else None), None, None, None, None, None, None, None
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
@@ -357,7 +379,7 @@ rms_norm.register_autograd(_backward, setup_context=_setup_context)
 @triton_op("chronicals::add_rms_norm", mutates_args=())
 def add_rms_norm(a: Tensor, b: Tensor, weight: Tensor | None, eps: float, offset: float,
                  norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
-                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                 out_dtype: torch.dtype, grad_terms: int = 1) -> tuple[Tensor, Tensor]:
     """(h, y) with h = a + b (same shape and dtype) and y = RMSNorm(h) as in ``rms_norm``."""
     if not _launches_kernels(a):
         h = a + b
@@ -374,16 +396,18 @@ def add_rms_norm(a: Tensor, b: Tensor, weight: Tensor | None, eps: float, offset
 
 
 def _add_setup_context(ctx, inputs, output) -> None:
-    _a, _b, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype = inputs
+    _a, _b, weight, eps, offset, norm_dtype, weight_dtype, _mul, _out, grad_terms = inputs
     ctx.save_for_backward(output[0], weight)
     ctx.params = (eps, offset, norm_dtype, weight_dtype)
+    ctx.grad_terms = grad_terms
 
 
 def _add_backward(ctx, dh: Tensor | None, dy: Tensor):
     h, weight = ctx.saved_tensors
     compute_dw = weight is not None and ctx.needs_input_grad[2]
-    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, h, weight, *ctx.params, compute_dw, dh)
-    return dx, dx, (dw if compute_dw else None), None, None, None, None, None, None
+    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, h, weight, *ctx.params, compute_dw, dh,
+                                                    grad_terms=ctx.grad_terms)
+    return dx, dx, (dw if compute_dw else None), None, None, None, None, None, None, None
 
 
 add_rms_norm.register_autograd(_add_backward, setup_context=_add_setup_context)
