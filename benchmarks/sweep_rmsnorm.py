@@ -89,7 +89,7 @@ def backward_terms(n: int = 8192, h: int = 896) -> None:
     reductions = []
     for p in (264, 528, 1056):
         partial = torch.randn(p, h, device="cuda")
-        for name, (bp, bh) in (("ours", K._dw_tiles(p, h)), ("ours 64x64", (64, 64))):
+        for name, (bp, bh) in (("ours", K._dw_tiles(h)), ("ours 64x64", (64, 64))):
             t = graphed_ms(lambda: K.rms_norm_dw_kernel[(triton.cdiv(h, bh),)](
                 partial, dw, p, h, K.ROUND_CODES[bf], BLOCK_P=bp, BLOCK_H=bh, num_warps=4))
             reductions.append((p, f"{name} ({bp}x{bh})", round(t * 1000, 2)))

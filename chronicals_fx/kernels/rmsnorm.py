@@ -161,14 +161,14 @@ def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
     return block_m, block_h, num_warps
 
 
-def _dw_tiles(partials: int, hidden: int) -> tuple[int, int]:
+def _dw_tiles(hidden: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_H) of dW's reduction over [P, H] partials (P ≈ 264–528 backward programs
     on 132 SMs). It is latency-bound: enough programs to cover the SMs (BLOCK_H of 8–64
     columns: 112 programs at H=896, 128 at 4096), each taking its whole column band in one or
     two loads of ≤ 8k elements. 64 × 64 blocks (14 programs looping 9 times at H=896) took
     8.9 µs a norm on an H200 (RESULTS.md session 12 call 3), Inductor's two kernels ~1.5 each."""
     block_h = max(8, min(64, triton.next_power_of_2(hidden) // 128))
-    block_p = min(triton.next_power_of_2(partials), 8192 // block_h)
+    block_p = 8192 // block_h   # not from P, which is symbolic under dynamic shapes
     return block_p, block_h
 
 
@@ -257,7 +257,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
     if not compute_dw:
         return None
     dw = torch.empty(H, dtype=dw_dtype, device=x.device)
-    block_p, block_h = _dw_tiles(programs, H)
+    block_p, block_h = _dw_tiles(H)
     launchable(rms_norm_dw_kernel, x)[(triton.cdiv(H, block_h),)](
         dw_partial, dw, programs, H, DW_ROUND=ROUND_CODES[dw_dtype], BLOCK_P=block_p,
         BLOCK_H=block_h, num_warps=4)
@@ -479,8 +479,9 @@ def _as_rows(graph: torch.fx.Graph, term: torch.fx.Node, rows: int, hidden: int
     v = _val(term)
     if v is None or v.numel() != rows * hidden or v.shape[-1] != hidden:
         return None
-    if v.dim() == 2 and v.stride(-1) == 1:
-        return term, int(v.stride(0))
+    # Only packed rows: Inductor constrains a user kernel's inputs to the strides traced with
+    # the launch (the summed dy's, [M, H] packed), so another row stride would be copied
+    # packed yet read with its own stride.
     if not v.is_contiguous():
         return None
     view = graph.call_function(torch.ops.aten.view.default, (term, [rows, hidden]))
