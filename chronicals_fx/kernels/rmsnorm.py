@@ -185,7 +185,8 @@ def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int]:
     keeps the forward's tile."""
     block_m, block_h, num_warps = _tiles(hidden)
     per_sm = _backward_programs_per_sm(block_m, block_h)
-    if grad_terms > 1:
+    # ≤ 64 elements a thread per tensor (the measured tile's), or registers spill at large H
+    if grad_terms > 1 and 2 * block_m * block_h <= 64 * 32 * num_warps:
         block_m, per_sm = 2 * block_m, max(1, per_sm // 2)
     return block_m, num_warps, per_sm
 
