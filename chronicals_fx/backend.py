@@ -58,8 +58,8 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
     # ask for them.
     patches = inductor_settings(mode, config)
     if config.rmsnorm_grad_sum:
-        patches = rmsnorm.inductor_options(patches)
-    patches = swiglu.inductor_options(patches)
+        patches = rmsnorm.SumGradientsIntoBackward.installed_in(patches)
+    patches = swiglu.ReuseSavedInputs.installed_in(patches)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     return owning_small_outputs(compiled) if patches.get("triton.cudagraphs") else compiled
 

@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.library import triton_op
 
+from ._post_grad import ChainedPostGradPass
 from ._triton import ROUND_CODES, launch_of, launchable, program_count, round_to
 
 MAX_HIDDEN = 65536  # one row must fit one program's registers
@@ -516,37 +516,13 @@ def _take_in_gradient_terms(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     return True
 
 
-class SumGradientsIntoBackward(CustomGraphPass):
+class SumGradientsIntoBackward(ChainedPostGradPass):
     """Inductor post-grad pass (``post_grad_custom_post_pass``): a launch of our RMSNorm
     backward whose dy is a sum ``a + b (+ c …)`` of same-shaped gradients read by nothing else
     gets the terms themselves (at most MAX_DY_TERMS), and the adds go. Other graphs and launches
     are left alone."""
 
-    def __init__(self, then=None) -> None:
-        self.then = then         # a post-grad pass that was configured before this one
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
+    def run(self, graph: torch.fx.Graph) -> None:
         launches = [n for n in graph.nodes if launch_of(n, rms_norm_bwd_kernel)]
         if any([_take_in_gradient_terms(graph, n) for n in launches]):
             graph.lint()
-        if self.then is not None:
-            self.then(graph)
-
-    def uuid(self):
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
-        then = None
-        if self.then is not None:
-            then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
-            if then is None:
-                return None      # a pass Inductor can't key: it then bypasses its cache
-        return (get_hash_for_files((__file__,)), then)
-
-
-def inductor_options(options: dict) -> dict:
-    """``options`` (Inductor config) with :class:`SumGradientsIntoBackward` installed, chained
-    before a post-grad pass already there; unchanged if it is installed already."""
-    current = options.get("post_grad_custom_post_pass")
-    if isinstance(current, SumGradientsIntoBackward):
-        return options
-    return {**options, "post_grad_custom_post_pass": SumGradientsIntoBackward(then=current)}

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.library import triton_op
 
+from ._post_grad import ChainedPostGradPass
 from ._triton import ROUND_CODES, autograd_graph_kept, launch_of, launchable, round_to
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -703,17 +703,14 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
             and a.storage_offset() == b.storage_offset())
 
 
-class ReuseSavedInputs(CustomGraphPass):
+class ReuseSavedInputs(ChainedPostGradPass):
     """Inductor post-grad pass (``post_grad_custom_post_pass``): in backward graphs, the
     functionalized ``swiglu_backward_`` writes d gate, d up into the saved g, u where that is
     sound (see the comment above), else into fresh buffers; other graphs are left alone.
 
     It runs before Inductor's own reinplacing, which it leaves to decide every other clone."""
 
-    def __init__(self, then=None) -> None:
-        self.then = then         # a post-grad pass that was configured before this one
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
+    def run(self, graph: torch.fx.Graph) -> None:
         from torch._inductor.utils import get_donated_idxs
 
         ours = [n for n in graph.nodes if _kernel_call(n) or _reference_call(n)]
@@ -727,31 +724,14 @@ class ReuseSavedInputs(CustomGraphPass):
                     elif in_place:
                         _reuse_in_reference_call(graph, g, node)
                 graph.lint()
-        if self.then is not None:
-            self.then(graph)
 
-    def uuid(self):
-        from torch._inductor.custom_graph_pass import get_hash_for_files
+    def cache_key(self) -> tuple:
         from torch._inductor.utils import get_donated_idxs
 
-        then = None
-        if self.then is not None:
-            then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
-            if then is None:
-                return None      # a pass Inductor can't key: it then bypasses its cache
         # The decisions depend on the donated buffers, which Inductor's FX-graph cache key does
         # not include: a backward compiled without them (retain_graph) must not hit an entry
         # compiled with them.
-        return (get_hash_for_files((__file__,)), tuple(get_donated_idxs() or ()), then)
-
-
-def inductor_options(options: dict) -> dict:
-    """``options`` (Inductor config) with :class:`ReuseSavedInputs` installed, chained after a
-    post-grad pass already there; unchanged if it is installed already."""
-    current = options.get("post_grad_custom_post_pass")
-    if isinstance(current, ReuseSavedInputs):
-        return options
-    return {**options, "post_grad_custom_post_pass": ReuseSavedInputs(then=current)}
+        return (tuple(get_donated_idxs() or ()),)
 
 
 def _kernel_call(node: torch.fx.Node) -> bool:

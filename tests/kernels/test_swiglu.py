@@ -282,7 +282,7 @@ def test_compiled_backward_writes_into_saved_inputs():
     for donated in (True, False):
         torch._dynamo.reset()
         with torch._functorch.config.patch(donated_buffer=donated):
-            compiled = torch.compile(f, options=K.inductor_options({}))
+            compiled = torch.compile(f, options=K.ReuseSavedInputs.installed_in({}))
             _, (_, code) = run_fw_bw_and_get_code(lambda: compiled(x, wg, wu))
         got = [t.grad.clone() for t in leaves]
         for t in leaves:
@@ -310,13 +310,13 @@ def test_compiled_backward_with_retain_graph_is_right_or_refused():
     want = _grads(f(*leaves), leaves)
     with torch._functorch.config.patch(enable_autograd_cache=False), \
             torch._inductor.config.patch(fx_graph_cache=False):
-        loss = torch.compile(f, options=K.inductor_options({}))(*leaves)
+        loss = torch.compile(f, options=K.ReuseSavedInputs.installed_in({}))(*leaves)
         loss.backward(retain_graph=True)
         for a, b in zip(_grads(loss, leaves), want):
             torch.testing.assert_close(a, 2 * b, rtol=1e-6, atol=1e-6)
 
         torch._dynamo.reset()
-        compiled = torch.compile(f, options=K.inductor_options({}))
+        compiled = torch.compile(f, options=K.ReuseSavedInputs.installed_in({}))
         compiled(*leaves).backward()
         with pytest.raises(RuntimeError, match="donated buffers"):
             compiled(*leaves).backward(retain_graph=True)
@@ -496,7 +496,7 @@ def test_compiled_in_place_backward_saves_two_tensors_on_gpu():
         def f(x, wg, wu, inplace=inplace):
             return torch.ops.chronicals.swiglu(x @ wg, x @ wu, 0, inplace).float().sum()
 
-        compiled = torch.compile(f, options=K.inductor_options({}))
+        compiled = torch.compile(f, options=K.ReuseSavedInputs.installed_in({}))
         _grads(compiled(*leaves), leaves)              # compile
         loss = compiled(*leaves)
         torch.cuda.synchronize()
@@ -534,7 +534,7 @@ def test_swiglu_linear_saves_one_tensor_less_on_gpu():
 
     results = {}
     for name, f in (("plain", plain), ("taken_in", taken_in)):
-        compiled = torch.compile(f, options=K.inductor_options({}))
+        compiled = torch.compile(f, options=K.ReuseSavedInputs.installed_in({}))
         _grads(compiled(*leaves), leaves)              # compile
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
