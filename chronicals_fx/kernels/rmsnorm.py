@@ -222,7 +222,8 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
-                      dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1) -> Tensor | None:
+                      dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1,
+                      num_stages: int | None = None) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
@@ -254,6 +255,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
         N_DY=1 + len(dy_terms),
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if not compute_dw:
         return None
