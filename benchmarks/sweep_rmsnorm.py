@@ -85,18 +85,20 @@ def backward_terms(n: int = 8192, h: int = 896) -> None:
     print(tabulate(table, headers=("dy terms", "BLOCK_M", "warps", "progs/SM", "µs (+ dW)",
                                    "GB/s")), flush=True)
 
-    # software pipelining of the row loop's loads (the launch's num_stages; Triton's default 3)
-    staged = []
-    for terms in (1, 2, 3):
-        bm, nw, per_sm = K._backward_tiles(h, terms)
-        for stages in (1, 2, 3, 4):
-            b = graphed_ms(lambda: K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, bf, bf, True,
-                                                       bm, nw, per_sm, dh=dh,
-                                                       dy_terms=tuple(dys[1:terms]),
-                                                       num_stages=stages))
-            staged.append((terms, bm, nw, per_sm, stages, round(b * 1000, 1)))
-    print(tabulate(staged, headers=("dy terms", "BLOCK_M", "warps", "progs/SM", "num_stages",
-                                    "µs (+ dW)")), flush=True)
+    # the next band's loads issued before this band is reduced (PREFETCH), per tile
+    prefetched = []
+    for terms, bm, nw, per_sm in itertools.product((1, 2, 3), (2, 4, 8), (4, 8), (1, 2, 4)):
+        b = graphed_ms(lambda: K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, bf, bf, True,
+                                                   bm, nw, per_sm, dh=dh,
+                                                   dy_terms=tuple(dys[1:terms]), prefetch=True))
+        prefetched.append((terms, bm, nw, per_sm, round(b * 1000, 1)))
+    table = [min((r for r in prefetched if r[0] == t), key=lambda r: r[4]) for t in (1, 2, 3)]
+    table += [("tile in use",) + r[1:] for r in prefetched
+              if r[1:4] == K._backward_tiles(h, r[0])]
+    print(tabulate(table, headers=("prefetch: dy terms", "BLOCK_M", "warps", "progs/SM",
+                                   "µs (+ dW)")), flush=True)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "sweep_rmsnorm_terms.txt"), "w") as f:
+        f.write(tabulate(rows + [("prefetch",) + r for r in prefetched]))
 
     dw = torch.empty(h, device="cuda", dtype=bf)
     reductions = []

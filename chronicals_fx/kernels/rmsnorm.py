@@ -77,6 +77,29 @@ def rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _load_bwd_rows(DY, X, DH, DY1, DY2, DY3,
+                   stride_dy, stride_x, stride_dh, stride_dy1, stride_dy2, stride_dy3,
+                   m0, row_end, cols, col_mask,
+                   HAS_DH: tl.constexpr, N_DY: tl.constexpr, BLOCK_M: tl.constexpr):
+    """x, dy (the terms summed in fp32) and dh of rows [m0, m0 + BLOCK_M) ∩ [·, row_end)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    rows = rows.to(tl.int64)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if N_DY > 1:
+        dy += tl.load(DY1 + rows[:, None] * stride_dy1 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if N_DY > 2:
+        dy += tl.load(DY2 + rows[:, None] * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if N_DY > 3:
+        dy += tl.load(DY3 + rows[:, None] * stride_dy3 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dh = x
+    if HAS_DH:
+        dh = tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0)
+    return x, dy, dh
+
+
+@triton.jit
 def rms_norm_bwd_kernel(
     DY, X, W, DX, DW_PARTIAL,   # dy, x, dx [M, H]; weight [H]; dw partial sums [programs, H]
     DH,                         # with HAS_DH: a gradient of x from elsewhere, added into dx
@@ -89,6 +112,7 @@ def rms_norm_bwd_kernel(
     N_DY: tl.constexpr,         # 1–4 terms of dy (the gradients from y's consumers, unsummed)
     NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, DX_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    PREFETCH: tl.constexpr,     # load the next rows before computing on these (double buffer)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -100,18 +124,23 @@ def rms_norm_bwd_kernel(
         w = round_to(w + offset, WEIGHT_ROUND)
     dw = tl.zeros([BLOCK_H], dtype=tl.float32)
 
+    if PREFETCH:
+        x_next, dy_next, dh_next = _load_bwd_rows(
+            DY, X, DH, DY1, DY2, DY3, stride_dy, stride_x, stride_dh, stride_dy1, stride_dy2,
+            stride_dy3, row_start, row_end, cols, col_mask, HAS_DH, N_DY, BLOCK_M)
     for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        rows = rows.to(tl.int64)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if N_DY > 1:
-            dy += tl.load(DY1 + rows[:, None] * stride_dy1 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if N_DY > 2:
-            dy += tl.load(DY2 + rows[:, None] * stride_dy2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if N_DY > 3:
-            dy += tl.load(DY3 + rows[:, None] * stride_dy3 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x, dy, dh = x_next, dy_next, dh_next
+            # the loads of the next band are in flight while this one is reduced and stored
+            x_next, dy_next, dh_next = _load_bwd_rows(
+                DY, X, DH, DY1, DY2, DY3, stride_dy, stride_x, stride_dh, stride_dy1,
+                stride_dy2, stride_dy3, m0 + BLOCK_M, row_end, cols, col_mask, HAS_DH, N_DY,
+                BLOCK_M)
+        else:
+            x, dy, dh = _load_bwd_rows(
+                DY, X, DH, DY1, DY2, DY3, stride_dy, stride_x, stride_dh, stride_dy1,
+                stride_dy2, stride_dy3, m0, row_end, cols, col_mask, HAS_DH, N_DY, BLOCK_M)
+        x = x.to(tl.float32)
         r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))
         x_hat = x * r[:, None]
         if HAS_WEIGHT:
@@ -123,8 +152,11 @@ def rms_norm_bwd_kernel(
         c = tl.sum(dn * x_hat, axis=1) / H                                 # mean(dn ⊙ x̂)
         dx = (dn - x_hat * c[:, None]) * r[:, None]
         if HAS_DH:
-            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += dh.to(tl.float32)
         dx = round_to(dx, DX_ROUND)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows = rows.to(tl.int64)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
     if COMPUTE_DW:
@@ -223,7 +255,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
                       dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1,
-                      num_stages: int | None = None) -> Tensor | None:
+                      num_stages: int | None = None, prefetch: bool = False) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
@@ -254,8 +286,8 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
         HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, HAS_DH=dh is not None,
         N_DY=1 + len(dy_terms),
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
-        DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
+        DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, PREFETCH=prefetch,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if not compute_dw:
         return None

@@ -120,12 +120,14 @@ def test_fused_residual_add_forward_and_backward(rows, hidden, dtype):
     assert rel_err(dw, dw_ref) < tol
 
 
-@pytest.mark.parametrize("terms,dtype", [(2, torch.float32), (3, torch.bfloat16),
-                                          (4, torch.bfloat16)])
-def test_backward_sums_the_gradient_terms_of_y(terms, dtype):
+@pytest.mark.parametrize("terms,dtype,prefetch", [(2, torch.float32, False),
+                                                   (3, torch.bfloat16, True),
+                                                   (4, torch.bfloat16, False)])
+def test_backward_sums_the_gradient_terms_of_y(terms, dtype, prefetch):
     """dy given as 2–4 unsummed terms (y read by q, k, v or gate, up projections), one of them a
     strided view: the kernel sums them in fp32 as it reads the rows, so dx and dw are those of
-    the summed gradient; with dh as well (the residual's gradient)."""
+    the summed gradient; with dh as well (the residual's gradient). Several bands of rows a
+    program (BLOCK_M 2), so the prefetching loop's carried rows and last masked band count."""
     rows, hidden = 21, 136
     x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
     w = (torch.randn(hidden, device=DEVICE) * 0.5).to(dtype)
@@ -136,8 +138,9 @@ def test_backward_sums_the_gradient_terms_of_y(terms, dtype):
     dy_sum = sum(d.double() for d in dys)
     _, dx_ref, dw_ref = _reference_with_grads(x, w, dy_sum, 1e-6, 0.0)
     dx = torch.full_like(x, float("nan"))
-    dw = K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, dtype, dtype, True, dh=dh,
-                             dy_terms=tuple(dys[1:]))
+    dw = K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, dtype, dtype, True, block_m=2,
+                             programs_per_sm=1, dh=dh, dy_terms=tuple(dys[1:]),
+                             prefetch=prefetch)
     tol = TOLERANCE[dtype]
     assert rel_err(dx, dx_ref + dh.double()) < tol
     assert rel_err(dw, dw_ref) < tol
@@ -218,7 +221,7 @@ def test_cuda_path_backward_takes_the_consumers_gradients_unsummed(monkeypatch, 
     from torch.library import wrap_triton
 
     interpreted = {}
-    for name in ("rms_norm_bwd_kernel", "rms_norm_dw_kernel", "round_to"):
+    for name in ("rms_norm_bwd_kernel", "_load_bwd_rows", "rms_norm_dw_kernel", "round_to"):
         fn = getattr(K, name)
         compiled = triton.JITFunction(getattr(fn, "fn", fn))
         interpreted[id(compiled)] = fn
@@ -242,7 +245,8 @@ def test_cuda_path_backward_takes_the_consumers_gradients_unsummed(monkeypatch, 
                 else kernel     # launch options (num_warps) wrap it in an Autotuner
             if id(jit) in interpreted:
                 kernel_side_table.id_to_kernel[idx] = interpreted[id(jit)]
-        monkeypatch.setattr(K, "round_to", interpreted[id(K.round_to)])  # what they call
+        for helper in ("round_to", "_load_bwd_rows"):      # what they call
+            monkeypatch.setattr(K, helper, interpreted[id(getattr(K, helper))])
         return gm
 
     def f(x, w, *projections):
