@@ -113,7 +113,33 @@ def backward_terms(n: int = 8192, h: int = 896) -> None:
     print(tabulate(reductions, headers=("partials", "dW reduction", "µs")), flush=True)
 
 
+def prefetch_sweep() -> None:
+    """The backward (with dh, one dy term) at every shape, with and without PREFETCH, on tiles
+    around the one in use."""
+    bf = torch.bfloat16
+    rows = []
+    for n, h in SHAPES:
+        x, dy, dh = (torch.randn(n, h, device="cuda", dtype=bf) for _ in range(3))
+        w = torch.randn(h, device="cuda", dtype=bf)
+        dx = torch.empty_like(x)
+        bm0, _, nw0 = K._tiles(h)
+        for prefetch, bm, nw, per_sm in itertools.product(
+                (False, True), sorted({max(1, bm0 // 2), bm0, 2 * bm0}), sorted({nw0, max(2, nw0 // 2)}),
+                (1, 2, 4)):
+            b = graphed_ms(lambda: K.rms_norm_backward(dy, x, w, dx, 1e-6, 0.0, bf, bf, True, bm, nw,
+                                                       per_sm, dh=dh, prefetch=prefetch))
+            rows.append((f"{n}x{h}", prefetch, bm, nw, per_sm, round(b * 1000, 1),
+                         round(4 * n * h * 2 / b / 1e6)))
+        shape_rows = [r for r in rows if r[0] == f"{n}x{h}"]
+        table = [min((r for r in shape_rows if r[1] == p), key=lambda r: r[5]) for p in (False, True)]
+        in_use = K._backward_tiles(h, 1)
+        table += [("in use",) + r[1:] for r in shape_rows if r[1] and r[2:5] == in_use]
+        print(tabulate(table, headers=("shape", "prefetch", "BLOCK_M", "warps", "progs/SM",
+                                       "µs (+ dW)", "GB/s")), flush=True)
+
+
 if __name__ == "__main__":
     import sys
 
-    backward_terms() if sys.argv[1:] == ["terms"] else main()
+    modes = {"terms": backward_terms, "prefetch": prefetch_sweep}
+    modes.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -210,17 +210,16 @@ def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
 
 
 def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int]:
-    """(BLOCK_M, num_warps, programs per SM) of the backward. Reading 2–3 gradient terms as
-    well, twice the rows a program with the same warps, half the programs (the same elements
-    in flight per SM): at 8192 × 896 bf16 on an H200, 41.7 → 37.3 µs with 2 terms, 44.6 →
-    38.5 with 3 (benchmarks/sweep_rmsnorm.py terms, RESULTS.md session 12 call 4); one term
-    keeps the forward's tile."""
+    """(BLOCK_M, num_warps, programs per SM) of the backward, which loads each band of rows
+    while the band before it is reduced (PREFETCH): half the forward's rows a band, as the
+    next band's rows sit in registers too. At 8192 × 896 bf16 on an H200 with dh: 1, 2, 3
+    gradient terms 25.2, 29.6, 33.8 µs with dW, against 27.2, 31.8, 37.8 at the best tiles
+    without the prefetch (benchmarks/sweep_rmsnorm.py terms, RESULTS.md session 13 call 2);
+    the same tile is best for every term count, and twice the rows spill (62–481 µs)."""
+    del grad_terms  # the best tile does not depend on it with the prefetch
     block_m, block_h, num_warps = _tiles(hidden)
     per_sm = _backward_programs_per_sm(block_m, block_h)
-    # ≤ 64 elements a thread per tensor (the measured tile's), or registers spill at large H
-    if grad_terms > 1 and 2 * block_m * block_h <= 64 * 32 * num_warps:
-        block_m, per_sm = 2 * block_m, max(1, per_sm // 2)
-    return block_m, num_warps, per_sm
+    return max(1, block_m // 2), num_warps, per_sm
 
 
 def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, offset: float,
@@ -255,7 +254,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
                       dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1,
-                      num_stages: int | None = None, prefetch: bool = False) -> Tensor | None:
+                      num_stages: int | None = None, prefetch: bool = True) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
