@@ -209,17 +209,24 @@ def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
     return max(1, min(8, 16384 // (block_m * block_h)))
 
 
-def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int]:
-    """(BLOCK_M, num_warps, programs per SM) of the backward, which loads each band of rows
-    while the band before it is reduced (PREFETCH): half the forward's rows a band, as the
-    next band's rows sit in registers too. At 8192 × 896 bf16 on an H200 with dh: 1, 2, 3
-    gradient terms 25.2, 29.6, 33.8 µs with dW, against 27.2, 31.8, 37.8 at the best tiles
-    without the prefetch (benchmarks/sweep_rmsnorm.py terms, RESULTS.md session 13 call 2);
-    the same tile is best for every term count, and twice the rows spill (62–481 µs)."""
-    del grad_terms  # the best tile does not depend on it with the prefetch
+def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_M, num_warps, programs per SM, PREFETCH) of the backward. From 512 columns it
+    loads each band of rows while the band before it is reduced; below 4096 columns at half the
+    forward's rows a band, as the next band's rows sit in registers too. On an H200 with dh
+    (benchmarks/sweep_rmsnorm.py, RESULTS.md session 13 calls 2–3), µs with dW:
+
+    - 8192 × 896, 1/2/3 gradient terms: 25.2/29.6/33.8 prefetched at BLOCK_M 2, against
+      27.2/31.8/37.8 at the best tiles without; the same tile is best for every term count,
+      twice the rows spill (62–481 µs).
+    - 16384 × 4096: 143.5 prefetched at BLOCK_M 2, 8 warps (145.6 at 1), 157.2 without.
+    - 16384 × 128: 13.8 without (32 rows a band already keep enough in flight), 14.6 with.
+    """
+    del grad_terms  # with the prefetch the best tile does not depend on it
     block_m, block_h, num_warps = _tiles(hidden)
     per_sm = _backward_programs_per_sm(block_m, block_h)
-    return max(1, block_m // 2), num_warps, per_sm
+    if block_h < 512:
+        return block_m, num_warps, per_sm, False
+    return (block_m // 2 if block_h < 4096 else block_m), num_warps, per_sm, True
 
 
 def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, offset: float,
@@ -254,7 +261,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
                       dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1,
-                      num_stages: int | None = None, prefetch: bool = True) -> Tensor | None:
+                      num_stages: int | None = None, prefetch: bool | None = None) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
@@ -268,9 +275,11 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
     if len(dy_terms) > MAX_DY_TERMS - 1:
         raise ValueError(f"at most {MAX_DY_TERMS} terms of dy, got {1 + len(dy_terms)}")
     M, H = x.shape
-    tile_m, tile_warps, tile_per_sm = _backward_tiles(H, max(grad_terms, 1 + len(dy_terms)))
+    tile_m, tile_warps, tile_per_sm, tile_prefetch = _backward_tiles(
+        H, max(grad_terms, 1 + len(dy_terms)))
     block_m, num_warps = block_m or tile_m, num_warps or tile_warps
     programs_per_sm = programs_per_sm or tile_per_sm
+    prefetch = tile_prefetch if prefetch is None else prefetch
     block_h = triton.next_power_of_2(H)
     programs = program_count(x.device, triton.cdiv(M, block_m), programs_per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
