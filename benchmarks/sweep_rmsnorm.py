@@ -94,7 +94,7 @@ def backward_terms(n: int = 8192, h: int = 896) -> None:
         prefetched.append((terms, bm, nw, per_sm, round(b * 1000, 1)))
     table = [min((r for r in prefetched if r[0] == t), key=lambda r: r[4]) for t in (1, 2, 3)]
     table += [("tile in use",) + r[1:] for r in prefetched
-              if r[1:4] == K._backward_tiles(h, r[0])[:3]]
+              if r[1:4] == K._backward_tiles(h)[:3]]
     print(tabulate(table, headers=("prefetch: dy terms", "BLOCK_M", "warps", "progs/SM",
                                    "µs (+ dW)")), flush=True)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "sweep_rmsnorm_terms.txt"), "w") as f:
@@ -132,7 +132,7 @@ def prefetch_sweep() -> None:
                          round(4 * n * h * 2 / b / 1e6)))
         shape_rows = [r for r in rows if r[0] == f"{n}x{h}"]
         table = [min((r for r in shape_rows if r[1] == p), key=lambda r: r[5]) for p in (False, True)]
-        *tile, prefetch = K._backward_tiles(h, 1)
+        *tile, prefetch = K._backward_tiles(h)
         table += [("in use",) + r[1:] for r in shape_rows if r[1] == prefetch and r[2:5] == tuple(tile)]
         print(tabulate(table, headers=("shape", "prefetch", "BLOCK_M", "warps", "progs/SM",
                                        "µs (+ dW)", "GB/s")), flush=True)

@@ -209,7 +209,7 @@ def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
     return max(1, min(8, 16384 // (block_m * block_h)))
 
 
-def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int, bool]:
+def _backward_tiles(hidden: int) -> tuple[int, int, int, bool]:
     """(BLOCK_M, num_warps, programs per SM, PREFETCH) of the backward. From 512 columns it
     loads each band of rows while the band before it is reduced; below 4096 columns at half the
     forward's rows a band, as the next band's rows sit in registers too. On an H200 with dh
@@ -221,7 +221,6 @@ def _backward_tiles(hidden: int, grad_terms: int) -> tuple[int, int, int, bool]:
     - 16384 × 4096: 143.5 prefetched at BLOCK_M 2, 8 warps (145.6 at 1), 157.2 without.
     - 16384 × 128: 13.8 without (32 rows a band already keep enough in flight), 14.6 with.
     """
-    del grad_terms  # with the prefetch the best tile does not depend on it
     block_m, block_h, num_warps = _tiles(hidden)
     per_sm = _backward_programs_per_sm(block_m, block_h)
     if block_h < 512:
@@ -260,23 +259,20 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
-                      dy_terms: tuple[Tensor, ...] = (), grad_terms: int = 1,
-                      num_stages: int | None = None, prefetch: bool | None = None) -> Tensor | None:
+                      dy_terms: tuple[Tensor, ...] = (), num_stages: int | None = None, prefetch: bool | None = None) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
     With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh. With
     ``dy_terms`` (up to 3 more [M, H] tensors), the gradient of y is dy + Σ dy_terms, summed in
     fp32 as the rows are read (:class:`SumGradientsIntoBackward` hands them over in Inductor's
-    graphs, so the sum is not a kernel of its own). ``grad_terms``: how many terms the launch
-    is expected to read in the end (the tile is chosen for that; the pass sets ``dy_terms``
-    only after this launch is traced); by default ``1 + len(dy_terms)``.
+    graphs, so the sum is not a kernel of its own). ``prefetch``, ``num_stages`` and the
+    tile arguments override :func:`_backward_tiles`' choice (benchmarks/sweep_rmsnorm.py).
     """
     if len(dy_terms) > MAX_DY_TERMS - 1:
         raise ValueError(f"at most {MAX_DY_TERMS} terms of dy, got {1 + len(dy_terms)}")
     M, H = x.shape
-    tile_m, tile_warps, tile_per_sm, tile_prefetch = _backward_tiles(
-        H, max(grad_terms, 1 + len(dy_terms)))
+    tile_m, tile_warps, tile_per_sm, tile_prefetch = _backward_tiles(H)
     block_m, num_warps = block_m or tile_m, num_warps or tile_warps
     programs_per_sm = programs_per_sm or tile_per_sm
     prefetch = tile_prefetch if prefetch is None else prefetch
@@ -363,9 +359,8 @@ def _launches_kernels(t: Tensor) -> bool:
 @triton_op("chronicals::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
              norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
-             out_dtype: torch.dtype, grad_terms: int = 1) -> Tensor:
-    """y = RMSNorm(x). ``grad_terms``: how many consumers' gradients of y the backward kernel
-    is expected to sum itself (its tile; see :func:`_backward_tiles`)."""
+             out_dtype: torch.dtype) -> Tensor:
+    """y = RMSNorm(x), with the roundings of the module docstring."""
     if not _launches_kernels(x):
         return rms_norm_reference(x, weight, eps, offset, norm_dtype, weight_dtype, mul_dtype,
                                   out_dtype)
@@ -380,7 +375,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, offset: float,
 @triton_op("chronicals::rms_norm_backward", mutates_args=())
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offset: float,
                  norm_dtype: torch.dtype, weight_dtype: torch.dtype, compute_dw: bool,
-                 dh: Tensor | None = None, grad_terms: int = 1) -> tuple[Tensor, Tensor]:
+                 dh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dx [+ dh], dw); dw is an empty tensor when ``compute_dw`` is False."""
     if not _launches_kernels(x):
         dx, dw = rms_norm_backward_reference(dy, x, weight, eps, offset, norm_dtype,
@@ -393,8 +388,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offse
         dx = torch.empty_like(rows)
         dw = rms_norm_backward(dy_rows, rows, weight, dx, eps, offset, norm_dtype, weight_dtype,
                                compute_dw, dh=dh_rows,
-                               dw_dtype=weight.dtype if weight is not None else torch.float32,
-                               grad_terms=grad_terms)
+                               dw_dtype=weight.dtype if weight is not None else torch.float32)
         dx = dx.view(x.shape)
     if dw is None:
         return dx, x.new_empty(0)
@@ -402,18 +396,16 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, offse
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype, grad_terms = inputs
+    x, weight, eps, offset, norm_dtype, weight_dtype, _mul_dtype, _out_dtype = inputs
     ctx.save_for_backward(x, weight)
     ctx.params = (eps, offset, norm_dtype, weight_dtype)
-    ctx.grad_terms = grad_terms
 
 
 def _backward(ctx, dy: Tensor):
     x, weight = ctx.saved_tensors
     compute_dw = weight is not None and ctx.needs_input_grad[1]
-    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, weight, *ctx.params, compute_dw,
-                                                    grad_terms=ctx.grad_terms)
-    return dx, (dw if compute_dw else None), None, None, None, None, None, None, None
+    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, weight, *ctx.params, compute_dw)
+    return dx, (dw if compute_dw else None), None, None, None, None, None, None
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
@@ -422,7 +414,7 @@ rms_norm.register_autograd(_backward, setup_context=_setup_context)
 @triton_op("chronicals::add_rms_norm", mutates_args=())
 def add_rms_norm(a: Tensor, b: Tensor, weight: Tensor | None, eps: float, offset: float,
                  norm_dtype: torch.dtype, weight_dtype: torch.dtype, mul_dtype: torch.dtype,
-                 out_dtype: torch.dtype, grad_terms: int = 1) -> tuple[Tensor, Tensor]:
+                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(h, y) with h = a + b (same shape and dtype) and y = RMSNorm(h) as in ``rms_norm``."""
     if not _launches_kernels(a):
         h = a + b
@@ -439,18 +431,16 @@ def add_rms_norm(a: Tensor, b: Tensor, weight: Tensor | None, eps: float, offset
 
 
 def _add_setup_context(ctx, inputs, output) -> None:
-    _a, _b, weight, eps, offset, norm_dtype, weight_dtype, _mul, _out, grad_terms = inputs
+    _a, _b, weight, eps, offset, norm_dtype, weight_dtype, _mul, _out = inputs
     ctx.save_for_backward(output[0], weight)
     ctx.params = (eps, offset, norm_dtype, weight_dtype)
-    ctx.grad_terms = grad_terms
 
 
 def _add_backward(ctx, dh: Tensor | None, dy: Tensor):
     h, weight = ctx.saved_tensors
     compute_dw = weight is not None and ctx.needs_input_grad[2]
-    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, h, weight, *ctx.params, compute_dw, dh,
-                                                    grad_terms=ctx.grad_terms)
-    return dx, dx, (dw if compute_dw else None), None, None, None, None, None, None, None
+    dx, dw = torch.ops.chronicals.rms_norm_backward(dy, h, weight, *ctx.params, compute_dw, dh)
+    return dx, dx, (dw if compute_dw else None), None, None, None, None, None, None
 
 
 add_rms_norm.register_autograd(_add_backward, setup_context=_add_setup_context)

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
-from ..kernels.rmsnorm import MAX_DY_TERMS, MAX_HIDDEN
+from ..kernels.rmsnorm import MAX_HIDDEN
 from .graph import (Canon, canon, erase_dead, insert_call, is_kind, live_canons, narrower,
                     normalize_dim, number, replace_with_call, sole_user, static_int, tensor_value,
                     used_outside)
@@ -61,7 +61,7 @@ def run(gm: GraphModule, ctx) -> None:
         if reason:
             ctx.declined(node, reason)
             continue
-        _rewrite(gm, site, ctx.config.rmsnorm_grad_sum)
+        _rewrite(gm, site)
         ctx.matched(site.output, _describe(site))
 
 
@@ -313,13 +313,10 @@ def _kernel_declines(site: _Site) -> str | None:
     return None
 
 
-def _rewrite(gm: GraphModule, site: _Site, grad_sum: bool) -> None:
+def _rewrite(gm: GraphModule, site: _Site) -> None:
     out_dtype = tensor_value(site.output).dtype
-    # How many gradients of y the backward kernel will add itself (q, k, v: 3): its tile
-    # is chosen for that when the op is traced (kernels/rmsnorm.py: SumGradientsIntoBackward).
-    grad_terms = min(len(site.output.users), MAX_DY_TERMS) if grad_sum else 1
     params = (site.weight, site.eps, site.offset, site.norm_dtype, site.weight_dtype,
-              site.mul_dtype, out_dtype, grad_terms)
+              site.mul_dtype, out_dtype)
     residual = _residual_add(gm.graph, site)
     if residual is None:
         site.output = replace_with_call(gm.graph, site.output,

@@ -211,19 +211,3 @@ def test_passes_option_turns_rmsnorm_off():
     model = tiny_causal_lm("llama")
     report = chronicals.explain(model, **batch(), chronicals_options={"passes": ()})
     assert report.counts["rmsnorm"] == 0 and not report.declines
-
-
-@pytest.mark.parametrize("grad_sum", [True, False])
-def test_ops_carry_how_many_gradients_of_y_the_backward_adds(monkeypatch, grad_sum):
-    """The op's grad_terms (the backward's tile is chosen for it): 3 for the norm read by q, k,
-    v, 2 for gate and up, 1 for the final norm (lm_head alone); 1 everywhere with
-    rmsnorm_grad_sum=False, where Inductor sums the gradients before our kernel."""
-    graphs = keep_rewritten_graphs(monkeypatch)
-    model = tiny_causal_lm("llama")
-    chronicals.optimize(model, strict=True, compiler="aot_eager", passes=("rmsnorm",),
-                        rmsnorm_grad_sum=grad_sum)
-    model(**batch())
-    ops = (torch.ops.chronicals.rms_norm.default, torch.ops.chronicals.add_rms_norm.default)
-    terms = [n.args[-1] for gm in graphs for n in gm.graph.nodes if n.target in ops]
-    layers = model.config.num_hidden_layers
-    assert sorted(terms) == (sorted([3, 2] * layers + [1]) if grad_sum else [1] * (2 * layers + 1))
