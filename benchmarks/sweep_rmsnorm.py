@@ -3,13 +3,11 @@
 Each configuration's forward and backward are captured in a CUDA graph and replayed, so host
 overhead is out of the numbers. Prints the best per shape; the full table goes to $OUT.
 
-    python -m benchmarks.sweep_rmsnorm [terms | prefetch | forward]
+    python -m benchmarks.sweep_rmsnorm [terms]
 
 ``terms``: the backward as a decoder runs it (Qwen2.5-0.5B, 8192 × 896, bf16): dy given as 1, 2
 or 3 unsummed terms (q/k/v, gate/up) plus the residual's dh, per tile; and dW's reduction of the
-programs' partial sums (ours at its tiles and at 64 × 64, against torch's sum). ``prefetch``:
-the backward with and without loading the next band of rows early, every shape. ``forward``: the
-forward (plain, with the residual add) per program against persistent and prefetching.
+programs' partial sums (ours at its tiles and at 64 × 64, against torch's sum).
 """
 
 from __future__ import annotations
@@ -140,37 +138,8 @@ def prefetch_sweep() -> None:
                                        "µs (+ dW)", "GB/s")), flush=True)
 
 
-def forward_sweep() -> None:
-    """The forward, plain and with the residual add, at every shape: a program per band of rows
-    (as in use) against persistent programs that prefetch the next band."""
-    bf = torch.bfloat16
-    rows = []
-    for (n, h), residual in itertools.product(SHAPES, (False, True)):
-        x, b = (torch.randn(n, h, device="cuda", dtype=bf) for _ in range(2))
-        w = torch.randn(h, device="cuda", dtype=bf)
-        y, h_out = torch.empty_like(x), torch.empty_like(x)
-        extra = dict(residual=b, h_out=h_out) if residual else {}
-        bm0, _, nw0 = K._tiles(h)
-        shape = f"{n}x{h}{' +res' if residual else ''}"
-        configs = [(None, False, bm, nw0) for bm in sorted({max(1, bm0 // 2), bm0, 2 * bm0})]
-        configs += [(per_sm, prefetch, bm, nw0) for per_sm, prefetch, bm in itertools.product(
-            (2, 4, 8), (False, True), sorted({max(1, bm0 // 2), bm0}))]
-        for per_sm, prefetch, bm, nw in configs:
-            t = graphed_ms(lambda: K.rms_norm_forward(x, w, y, 1e-6, 0.0, bf, bf, bf, bm, nw,
-                                                      programs_per_sm=per_sm, prefetch=prefetch,
-                                                      **extra))
-            rows.append((shape, per_sm or "-", prefetch, bm, nw, round(t * 1000, 1),
-                         round((4 if residual else 2) * n * h * 2 / t / 1e6)))
-        shape_rows = [r for r in rows if r[0] == shape]
-        table = [min((r for r in shape_rows if (r[1] == "-") == plain), key=lambda r: r[5])
-                 for plain in (True, False)]
-        table += [("in use",) + r[1:] for r in shape_rows if r[1] == "-" and r[3] == bm0]
-        print(tabulate(table, headers=("shape", "progs/SM", "prefetch", "BLOCK_M", "warps",
-                                       "µs", "GB/s")), flush=True)
-
-
 if __name__ == "__main__":
     import sys
 
-    modes = {"terms": backward_terms, "prefetch": prefetch_sweep, "forward": forward_sweep}
+    modes = {"terms": backward_terms, "prefetch": prefetch_sweep}
     modes.get(sys.argv[1] if sys.argv[1:] else "", main)()

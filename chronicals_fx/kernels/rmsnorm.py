@@ -43,66 +43,37 @@ MAX_DY_TERMS = 4    # gradients of y the backward kernel sums itself (q, k, v: 3
 
 
 @triton.jit
-def _load_fwd_rows(X, B, stride_x, stride_b, m0, row_end, cols, col_mask,
-                   HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """x (and b with HAS_RESIDUAL; x again without) of rows [m0, m0 + BLOCK_M) ∩ [·, row_end)."""
-    rows = m0 + tl.arange(0, BLOCK_M)
-    mask = (rows < row_end)[:, None] & col_mask[None, :]
-    rows = rows.to(tl.int64)  # M·H can exceed 2³¹
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    b = x
-    if HAS_RESIDUAL:
-        b = tl.load(B + rows[:, None] * stride_b + cols[None, :], mask=mask, other=0.0)
-    return x, b
-
-
-@triton.jit
 def rms_norm_fwd_kernel(
     X, W, Y,                    # x [M, H] (rows strided), weight [H], y [M, H]
     B, H_OUT,                   # with HAS_RESIDUAL: x := x + b is the input, stored to H_OUT
     stride_x, stride_y, stride_b, stride_h,  # row strides in elements; columns are contiguous
     M, H,                       # rows, hidden size
     eps, offset,                # w_eff = w + offset
-    rows_per_program,           # a band of rows per program: BLOCK_M, or more when persistent
     HAS_WEIGHT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_ROUND: tl.constexpr,
     NORM_ROUND: tl.constexpr, WEIGHT_ROUND: tl.constexpr, MUL_ROUND: tl.constexpr,
     OUT_ROUND: tl.constexpr,    # the output's dtype, rounded to nearest-even before the store
-    BLOCK_M: tl.constexpr,      # rows at a time (several when H is small)
+    BLOCK_M: tl.constexpr,      # rows per program (several when H is small)
     BLOCK_H: tl.constexpr,      # next power of two ≥ H
-    PREFETCH: tl.constexpr,     # load the next BLOCK_M rows before normalizing these
 ):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < H
-    row_start = tl.program_id(0) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    rows = rows.to(tl.int64)  # M·H can exceed 2³¹
+
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        b = tl.load(B + rows[:, None] * stride_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = round_to(x + b, SUM_ROUND)
+        tl.store(H_OUT + rows[:, None] * stride_h + cols[None, :], x.to(H_OUT.dtype.element_ty), mask=mask)
+    r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))      # [BLOCK_M]
+    y = round_to(x * r[:, None], NORM_ROUND)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = round_to(w + offset, WEIGHT_ROUND)  # round_to also pins fp32
-
-    if PREFETCH:
-        x_next, b_next = _load_fwd_rows(X, B, stride_x, stride_b, row_start, row_end, cols,
-                                        col_mask, HAS_RESIDUAL, BLOCK_M)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        if PREFETCH:
-            x, b = x_next, b_next
-            x_next, b_next = _load_fwd_rows(X, B, stride_x, stride_b, m0 + BLOCK_M, row_end,
-                                            cols, col_mask, HAS_RESIDUAL, BLOCK_M)
-        else:
-            x, b = _load_fwd_rows(X, B, stride_x, stride_b, m0, row_end, cols, col_mask,
-                                  HAS_RESIDUAL, BLOCK_M)
-        rows = m0 + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        rows = rows.to(tl.int64)
-        x = x.to(tl.float32)
-        if HAS_RESIDUAL:
-            x = round_to(x + b.to(tl.float32), SUM_ROUND)
-            tl.store(H_OUT + rows[:, None] * stride_h + cols[None, :], x.to(H_OUT.dtype.element_ty), mask=mask)
-        r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))      # [BLOCK_M]
-        y = round_to(x * r[:, None], NORM_ROUND)
-        if HAS_WEIGHT:
-            y = round_to(y * w[None, :], MUL_ROUND)
-        y = round_to(y, OUT_ROUND)
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        y = round_to(y * w[None, :], MUL_ROUND)
+    y = round_to(y, OUT_ROUND)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -261,33 +232,25 @@ def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, of
                      norm_dtype: torch.dtype, weight_dtype: torch.dtype,
                      mul_dtype: torch.dtype, block_m: int | None = None,
                      num_warps: int | None = None, residual: Tensor | None = None,
-                     h_out: Tensor | None = None, programs_per_sm: int | None = None,
-                     prefetch: bool = False) -> None:
+                     h_out: Tensor | None = None) -> None:
     """Launch the forward over rows of ``x`` [M, H] into ``y`` [M, H].
 
     With ``residual``, the normalized input is ``x + residual`` (rounded to ``h_out``'s dtype),
-    also written to ``h_out``. With ``programs_per_sm`` the grid is persistent (each program
-    loops over a band of rows) and ``prefetch`` loads each BLOCK_M rows while the rows before
-    them are normalized (benchmarks/sweep_rmsnorm.py forward).
+    also written to ``h_out``.
     """
     M, H = x.shape
     block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
-    if programs_per_sm is None:   # a program per band of BLOCK_M rows
-        rows_per_program = block_m
-    else:                         # persistent: a few programs per SM, each a band of rows
-        programs = program_count(x.device, triton.cdiv(M, block_m), programs_per_sm)
-        rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
-    grid = (triton.cdiv(M, rows_per_program),)
+    grid = (triton.cdiv(M, block_m),)
     has_residual = residual is not None
     b, h = (residual, h_out) if has_residual else (x, y)
     launchable(rms_norm_fwd_kernel, x)[grid](
         x, x if weight is None else weight, y, b, h,
-        x.stride(0), y.stride(0), b.stride(0), h.stride(0), M, H, eps, offset, rows_per_program,
+        x.stride(0), y.stride(0), b.stride(0), h.stride(0), M, H, eps, offset,
         HAS_WEIGHT=weight is not None, HAS_RESIDUAL=has_residual,
         SUM_ROUND=ROUND_CODES[h.dtype],
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         MUL_ROUND=ROUND_CODES[mul_dtype], OUT_ROUND=ROUND_CODES[y.dtype],
-        BLOCK_M=block_m, BLOCK_H=block_h, PREFETCH=prefetch, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )
 
 
