@@ -56,11 +56,13 @@ def main() -> None:
                 rows.append((f"{n}x{h}", "bwd", bm, nw, per_sm, round(b * 1000, 1),
                              round(3 * tensor_bytes / b / 1e6)))
         # printed per shape, so a call cut off at its limit still reports the shapes done
-        bm, _, nw = K._tiles(h)
+        fwd_tile = K._forward_tiles(h)
+        bwd_m, bwd_warps, bwd_per_sm, _ = K._backward_tiles(h)
         shape_rows = [r for r in rows if r[0] == f"{n}x{h}"]
         best = [min((r for r in shape_rows if r[1] == p), key=lambda r: r[5]) for p in ("fwd", "bwd")]
-        per_sm = K._backward_programs_per_sm(bm, triton.next_power_of_2(h))
-        default = [r for r in shape_rows if r[2:4] == (bm, nw) and r[4] in ("", per_sm)]
+        default = [r for r in shape_rows
+                   if (r[1] == "fwd" and r[2:4] == (fwd_tile[0], fwd_tile[2]))
+                   or (r[1] == "bwd" and r[2:5] == (bwd_m, bwd_warps, bwd_per_sm))]
         print(tabulate(best + [("default",) + r[1:] for r in default], headers=HEADERS), flush=True)
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "sweep_rmsnorm.txt"), "w") as f:
             f.write(tabulate(rows, headers=HEADERS))
@@ -75,15 +77,12 @@ def backward_terms(n: int = 8192, h: int = 896) -> None:
     for terms, bm, nw, per_sm in itertools.product((1, 2, 3), (4, 8), (4, 8), (2, 4)):
         b = graphed_ms(lambda: K.rms_norm_backward(dys[0], x, w, dx, 1e-6, 0.0, bf, bf, True, bm,
                                                    nw, per_sm, dh=dh,
-                                                   dy_terms=tuple(dys[1:terms])))
+                                                   dy_terms=tuple(dys[1:terms]), prefetch=False))
         rows.append((terms, bm, nw, per_sm, round(b * 1000, 1),
                      round((3 + terms) * n * h * 2 / b / 1e6)))
-    bm, _, nw = K._tiles(h)
-    per_sm = K._backward_programs_per_sm(bm, triton.next_power_of_2(h))
     table = [min((r for r in rows if r[0] == t), key=lambda r: r[4]) for t in (1, 2, 3)]
-    table += [("default",) + r[1:] for r in rows if r[1:4] == (bm, nw, per_sm)]
-    print(tabulate(table, headers=("dy terms", "BLOCK_M", "warps", "progs/SM", "µs (+ dW)",
-                                   "GB/s")), flush=True)
+    print(tabulate(table, headers=("no prefetch: dy terms", "BLOCK_M", "warps", "progs/SM",
+                                   "µs (+ dW)", "GB/s")), flush=True)
 
     # the next band's loads issued before this band is reduced (PREFETCH), per tile
     prefetched = []

@@ -193,6 +193,19 @@ def _tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
     return block_m, block_h, num_warps
 
 
+def _forward_tiles(hidden: int, block_m: int | None = None, num_warps: int | None = None
+                   ) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps) of the forward: :func:`_tiles` with half the rows where a
+    program has 4 or more, the same warps. On an H200 (benchmarks/sweep_rmsnorm.py forward,
+    RESULTS.md session 13 call 5), µs: 8192 × 896 15.4 → 14.9, with the residual add 23.5 →
+    21.7; 16384 × 128 8.4 → 8.0, with the add 10.5 → 10.0. (A persistent grid prefetching the
+    next band gained 0.4–0.5 µs more at H=896 and lost at 4096: not taken.)"""
+    tile_m, block_h, tile_warps = _tiles(hidden)
+    if tile_m >= 4:
+        tile_m //= 2
+    return block_m or tile_m, block_h, num_warps or tile_warps
+
+
 def _dw_tiles(hidden: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_H) of dW's reduction over [P, H] partials (P ≈ 264–528 backward programs
     on 132 SMs). It is latency-bound: enough programs to cover the SMs (BLOCK_H of 8–64
@@ -239,7 +252,7 @@ def rms_norm_forward(x: Tensor, weight: Tensor | None, y: Tensor, eps: float, of
     also written to ``h_out``.
     """
     M, H = x.shape
-    block_m, block_h, num_warps = _tiles(H, block_m, num_warps)
+    block_m, block_h, num_warps = _forward_tiles(H, block_m, num_warps)
     grid = (triton.cdiv(M, block_m),)
     has_residual = residual is not None
     b, h = (residual, h_out) if has_residual else (x, y)
