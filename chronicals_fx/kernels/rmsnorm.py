@@ -272,15 +272,16 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
                       compute_dw: bool, block_m: int | None = None, num_warps: int | None = None,
                       programs_per_sm: int | None = None, dh: Tensor | None = None,
                       dw_dtype: torch.dtype = torch.float32,
-                      dy_terms: tuple[Tensor, ...] = (), num_stages: int | None = None, prefetch: bool | None = None) -> Tensor | None:
+                      dy_terms: tuple[Tensor, ...] = (), prefetch: bool | None = None
+                      ) -> Tensor | None:
     """Launch the backward; returns dw in ``dw_dtype``, summed in fp32 and rounded once (or None
     when not asked for).
 
     With ``dh`` (a gradient of x from its other uses), dx receives dx(dy) + dh. With
     ``dy_terms`` (up to 3 more [M, H] tensors), the gradient of y is dy + Σ dy_terms, summed in
     fp32 as the rows are read (:class:`SumGradientsIntoBackward` hands them over in Inductor's
-    graphs, so the sum is not a kernel of its own). ``prefetch``, ``num_stages`` and the
-    tile arguments override :func:`_backward_tiles`' choice (benchmarks/sweep_rmsnorm.py).
+    graphs, so the sum is not a kernel of its own). ``prefetch`` and the tile
+    arguments override :func:`_backward_tiles`' choice (benchmarks/sweep_rmsnorm.py).
     """
     if len(dy_terms) > MAX_DY_TERMS - 1:
         raise ValueError(f"at most {MAX_DY_TERMS} terms of dy, got {1 + len(dy_terms)}")
@@ -304,7 +305,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, dx: Tensor, 
         N_DY=1 + len(dy_terms),
         NORM_ROUND=ROUND_CODES[norm_dtype], WEIGHT_ROUND=ROUND_CODES[weight_dtype],
         DX_ROUND=ROUND_CODES[dx.dtype], BLOCK_M=block_m, BLOCK_H=block_h, PREFETCH=prefetch,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        num_warps=num_warps,
     )
     if not compute_dw:
         return None
