@@ -34,6 +34,7 @@ CASES = [  # (rows, hidden, dtype, has_weight, offset)
     (9, 896, torch.bfloat16, True, 1.0),
     (17, 7, torch.float32, False, 0.0),
     (130, 16, torch.bfloat16, True, 0.0),
+    (40, 600, torch.float32, False, 0.0),   # prefetching backward, two bands a program
 ]
 
 
