@@ -10,6 +10,10 @@ own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers
 ``mode=reduce-overhead`` (CUDA graphs) goes to ``torch.compile`` for ``compile@...`` and
 ``chronicals@...`` alike, and so do Inductor's options (``compile@cpp_wrapper=true``).
 
+``--repeat R`` runs the list R times over, each run its own process, round-robin (A B C A B C):
+the table gives each variant's mean tokens/s with the range of its runs, the ratio to
+torch.compile's mean — where the ranges overlap, an order is not shown.
+
 ``--interleave R`` runs every variant in one process instead: all models are built and warmed
 up, then the timed steps alternate between the variants over R rounds (the order reversed every
 round), so a slow drift of the card or the host falls on all of them alike — for differences
@@ -54,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                    help="all variants in one process, their timed steps alternated over this "
                         "many rounds (0: each variant in its own process)")
+    p.add_argument("--repeat", type=int, default=1, metavar="R",
+                   help="run the variant list R times over, round-robin, each run its own "
+                        "process; the table gives means and ranges")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -197,8 +204,10 @@ def main(argv=None) -> int:
               f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}"
               f"{f'  interleaved in one process over {args.interleave} rounds' if args.interleave else ''}")
     print(header, flush=True)
+    if args.interleave and args.repeat > 1:
+        raise SystemExit("--repeat runs variants in processes of their own; --interleave in one")
     results = []
-    for variant in [None] if args.interleave else args.variants:
+    for variant in [None] if args.interleave else args.variants * max(1, args.repeat):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
         cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path,
@@ -242,7 +251,42 @@ def _save(args, header: str, results: list[dict]) -> None:
             json.dump({"header": header, "args": vars(args), "results": results}, f, indent=1)
 
 
+def merged_runs(results: list[dict]) -> list[dict]:
+    """One record per variant, in first-seen order: a single run as it is; several (``--repeat``)
+    with mean tokens/s and its range (``tokens_per_s_range``), the median step of all their
+    steps, the largest peak, the smallest grad norm, the first run's losses, and every run's
+    losses under ``runs_losses`` (all of them are checked against eager's). A failed run is not
+    averaged away: it is a problem of the variant's record (or the record, if none ran)."""
+    import statistics
+
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    out = []
+    for variant, runs in by_variant.items():
+        ok = [r for r in runs if "error" not in r]
+        failed = [r for r in runs if "error" in r]
+        if not ok:
+            out.append(failed[0])
+            continue
+        problems = sorted({p for r in ok for p in r["problems"]})
+        problems += [f"{len(failed)} of {len(runs)} runs failed: {failed[0]['error']}"] if failed else []
+        if len(ok) == 1:
+            out.append({**ok[0], "problems": problems})
+            continue
+        tps = [r["tokens_per_s"] for r in ok]
+        out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
+                    "tokens_per_s_range": (min(tps), max(tps)),
+                    "median_step_ms": statistics.median(
+                        ms for r in ok for ms in r["step_ms"][r["warmup_steps"]:]),
+                    "peak_gib": max(r["peak_gib"] for r in ok),
+                    "min_grad_norm": min(r["min_grad_norm"] for r in ok),
+                    "problems": problems, "runs_losses": [r["losses"] for r in ok]})
+    return out
+
+
 def summary_table(results: list[dict]) -> str:
+    results = merged_runs(results)
     ok = {r["variant"]: r for r in results if "error" not in r}
     compile_tps = ok.get("compile", {}).get("tokens_per_s")
     eager_losses = ok.get("eager", {}).get("losses")
@@ -251,12 +295,17 @@ def summary_table(results: list[dict]) -> str:
         if "error" in r:
             rows.append((r["variant"], "failed", "", "", "", "", "", "", r["error"][:60]))
             continue
-        gap = (max(abs(a - b) for a, b in zip(r["losses"], eager_losses))
+        gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
+                   for a, b in zip(losses, eager_losses))
                if eager_losses else float("nan"))
-        rows.append((r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['median_step_ms']:.1f}",
+        tps = f"{r['tokens_per_s']:,.0f}"
+        if "tokens_per_s_range" in r:
+            low, high = r["tokens_per_s_range"]
+            tps += f" ({low:,.0f}–{high:,.0f}, {len(r['runs_losses'])} runs)"
+        rows.append((r["variant"], tps, f"{r['median_step_ms']:.1f}",
                      f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
-                     f"{r['tokens_per_s'] / compile_tps:.2f}x" if compile_tps else "",
+                     f"{r['tokens_per_s'] / compile_tps:.3f}x" if compile_tps else "",
                      "; ".join(r["problems"]) or "trained"))
     return tabulate(rows, headers=("variant", "tok/s", "step ms", "peak GiB", "loss first→last",
                                    "min grad norm", "max |Δloss| vs eager", "vs compile",

@@ -54,3 +54,34 @@ def test_interleaved_run_trains_every_variant_on_the_same_batches(tmp_path):
     assert runs["chronicals:rmsnorm"]["counts"]["rmsnorm"] > 0
     own = alone["results"][0]["losses"]
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(runs["eager"]["losses"], own))
+
+
+def test_repeated_runs_merge_into_means_and_ranges():
+    """``--repeat``: a variant's runs become one row — mean tokens/s with the range of its runs,
+    the ratio of means to torch.compile's, every run's losses against eager's; a failed run is
+    a problem of the variant, not averaged away."""
+    from chronicals_fx.bench import merged_runs, summary_table
+
+    def run(variant, tps, losses, grad=1.0, warmup=1):
+        return {"variant": variant, "tokens_per_s": tps, "losses": losses,
+                "step_ms": [99.0] + [1000 / tps] * 2, "warmup_steps": warmup,
+                "median_step_ms": 1000 / tps,
+                "peak_gib": 2.0, "min_grad_norm": grad, "problems": [], "counts": None}
+
+    results = [run("eager", 50.0, [3.0, 2.0]), run("compile", 100.0, [3.0, 2.0]),
+               run("chronicals", 104.0, [3.0, 2.01]), run("compile", 102.0, [3.0, 2.0]),
+               run("chronicals", 106.0, [3.0, 2.05], grad=0.5),
+               {"variant": "chronicals", "error": "CUDA out of memory"}]
+    merged = {r["variant"]: r for r in merged_runs(results)}
+    assert merged["eager"]["tokens_per_s"] == 50.0 and "tokens_per_s_range" not in merged["eager"]
+    assert merged["compile"]["tokens_per_s"] == 101.0
+    assert merged["compile"]["tokens_per_s_range"] == (100.0, 102.0)
+    ours = merged["chronicals"]
+    assert ours["tokens_per_s"] == 105.0 and ours["min_grad_norm"] == 0.5
+    assert ours["runs_losses"] == [[3.0, 2.01], [3.0, 2.05]]
+    assert ours["problems"] == ["1 of 3 runs failed: CUDA out of memory"]
+    table = summary_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("chronicals"))
+    assert "104–106, 2 runs" in row and "1.040x" in row   # 105 / 101
+    assert " 0.05 " in row                                 # the second run's gap to eager
+    assert "1 of 3 runs failed" in row
