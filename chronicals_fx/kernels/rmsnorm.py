@@ -223,10 +223,12 @@ def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
 
 
 def _backward_tiles(hidden: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_M, num_warps, programs per SM, PREFETCH) of the backward. From 512 columns it
-    loads each band of rows while the band before it is reduced; below 4096 columns at half the
-    forward's rows a band, as the next band's rows sit in registers too. On an H200 with dh
-    (benchmarks/sweep_rmsnorm.py, RESULTS.md session 13 calls 2–3), µs with dW:
+    """(BLOCK_M, num_warps, programs per SM, PREFETCH) of the backward. From 512 to 4096
+    columns it loads each band of rows while the band before it is reduced; below 4096 columns
+    at half the forward's rows a band, as the next band's rows sit in registers too. Wider rows
+    keep the plain loop: a row of 8k+ already holds 32+ elements a thread per tensor, and the
+    prefetch would double that unmeasured. On an H200 with dh (benchmarks/sweep_rmsnorm.py,
+    RESULTS.md session 13 calls 2–3), µs with dW:
 
     - 8192 × 896, 1/2/3 gradient terms: 25.2/29.6/33.8 prefetched at BLOCK_M 2, against
       27.2/31.8/37.8 at the best tiles without; the same tile is best for every term count,
@@ -236,7 +238,7 @@ def _backward_tiles(hidden: int) -> tuple[int, int, int, bool]:
     """
     block_m, block_h, num_warps = _tiles(hidden)
     per_sm = _backward_programs_per_sm(block_m, block_h)
-    if block_h < 512:
+    if not 512 <= block_h <= 4096:
         return block_m, num_warps, per_sm, False
     return (block_m // 2 if block_h < 4096 else block_m), num_warps, per_sm, True
 
