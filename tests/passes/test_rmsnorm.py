@@ -13,8 +13,8 @@ from torch import nn
 
 import chronicals
 from tests.tiny_models import (FAMILIES, assert_same_training_signal, batch,
-                               expected_rmsnorm_count, keep_rewritten_graphs, optimized_matches_eager,
-                               tiny_causal_lm, twins)
+                               expected_rmsnorm_count, optimized_matches_eager, tiny_causal_lm,
+                               twins)
 
 
 # ---------------------------------------------------------------------------------------------
