@@ -9,7 +9,8 @@ computes the logits again), which the pass uses only when no gradient is needed 
 "chronicals_cublas_logits" is "chronicals" with cuBLAS computing the logits and the first row
 pass reading them, instead of the Gluon GEMM with the row statistics in its epilogue
 (kernels/linear_ce_gemm.py, Hopper); "chronicals_dh_gemm" also takes dH_c = d_c @ W off cuBLAS
-onto the same Gluon main loop (opt-in, CHRONICALS_LCE_DH_GEMM=1).
+onto the same Gluon main loop (opt-in, CHRONICALS_LCE_DH_GEMM=1); "chronicals_dw_gemm" takes
+dW += d_cᵀ @ H_c onto it, the add to dW in its epilogue warps (opt-in, CHRONICALS_LCE_DW_GEMM=1).
 Liger computes 6NHV, Cut Cross-Entropy 8NHV.
 """
 
@@ -50,6 +51,14 @@ def chronicals_dh_gemm(h, w, labels):
         return chronicals(h, w, labels)
     finally:
         del os.environ["CHRONICALS_LCE_DH_GEMM"]
+
+
+def chronicals_dw_gemm(h, w, labels):
+    os.environ["CHRONICALS_LCE_DW_GEMM"] = "1"    # opt-in until measured (kernels/linear_ce_gemm)
+    try:
+        return chronicals(h, w, labels)
+    finally:
+        del os.environ["CHRONICALS_LCE_DW_GEMM"]
 
 
 def chronicals_recompute(h, w, labels):
@@ -102,6 +111,7 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     variants = {"eager": eager, "inductor": torch.compile(eager, dynamic=False), "chronicals": chronicals,
                 "chronicals_cublas_logits": chronicals_cublas_logits,
                 "chronicals_dh_gemm": chronicals_dh_gemm,
+                "chronicals_dw_gemm": chronicals_dw_gemm,
                 "chronicals_recompute": chronicals_recompute,
                 **_liger(), **_cut_ce()}
     out = []

@@ -54,10 +54,6 @@ class GemmTile:
                 f"dh{self.dh_bufs} mma{self.mma_warps}w epi{self.epi_warps}w/{self.epi_regs}r"
                 f"{'' if self.hw_round else ' bitround'}")
 
-    def smem_bytes(self) -> int:
-        ring = self.stages * (self.bm * self.bk + self.bk * self.bn) * 2
-        return ring + self.dh_bufs * self.bm * self.bn * 2 + 8 * 2 * (self.stages + self.dh_bufs)
-
 
 def tma_descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
     """A host TMA descriptor of ``t`` in ``block``-shaped tiles, NVMMA-swizzled in shared memory."""
@@ -130,9 +126,15 @@ def wgmma_layout(BLOCK_M, BLOCK_N, num_warps):
 
 @gluon.jit
 def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                    W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+                    W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
+                    A_TRANS: gl.constexpr = False):
+    """A_TRANS: ``a_desc`` is over Aᵀ [K, M] in [BK, BM] blocks (A read M-major)."""
+    if A_TRANS:
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
+    else:
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     if W_KMAJOR:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     else:
@@ -152,8 +154,12 @@ def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
             mbarrier.wait(ab_empty.index(s), ((prod // STAGES) & 1) ^ 1)
             bar = ab_ready.index(s)
             mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar,
-                                            a_bufs.index(s))
+            if A_TRANS:
+                tma.async_copy_global_to_shared(a_desc, [ki * BLOCK_K, pid_m * BLOCK_M], bar,
+                                                a_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar,
+                                                a_bufs.index(s))
             if W_KMAJOR:
                 tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, ki * BLOCK_K], bar,
                                                 b_bufs.index(s))
@@ -166,7 +172,9 @@ def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
 @gluon.jit
 def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
                    M, N, K, BLOCK_K: gl.constexpr, W_KMAJOR: gl.constexpr,
-                   GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+                   GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, A_TRANS: gl.constexpr = False):
+    """The accumulator goes to ``dh_bufs`` in their dtype: rounded (bf16/fp16), or whole (fp32)
+    for an epilogue that adds to it before rounding once."""
     STAGES: gl.constexpr = a_bufs.shape[0]
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
@@ -186,7 +194,11 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
                 b = b_bufs.index(s).permute((1, 0))
             else:
                 b = b_bufs.index(s)
-            acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+            if A_TRANS:
+                a = a_bufs.index(s).permute((1, 0))     # [BK, BM] landed, read as [BM, BK]
+            else:
+                a = a_bufs.index(s)
+            acc = warpgroup_mma(a, b, acc, is_async=True)
             # one wgmma left in flight: the previous block's has read its slot, in both
             # warpgroups once every warp is past the wait
             acc = warpgroup_mma_wait(1, deps=(acc, ))
@@ -199,7 +211,7 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
 
         d = tiles % DH_BUFS
         mbarrier.wait(dh_empty.index(d), ((tiles // DH_BUFS) & 1) ^ 1)
-        dh_bufs.index(d).store(acc.to(dh_bufs.dtype))      # rounded as cuBLAS stores dh
+        dh_bufs.index(d).store(acc.to(dh_bufs.dtype))      # rounded as cuBLAS stores dh (or fp32)
         gl.thread_barrier()
         mbarrier.arrive(dh_ready.index(d), count=1)
         tiles += 1
@@ -207,10 +219,15 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
 
 @gluon.jit
 def ws_gemm_buffers(a_desc, b_desc, STAGES: gl.constexpr, DH_BUFS: gl.constexpr,
-                    W_KMAJOR: gl.constexpr):
+                    W_KMAJOR: gl.constexpr, A_TRANS: gl.constexpr = False,
+                    ACC_F32: gl.constexpr = False):
     """Shared memory and barriers of the warp-specialized GEMM: the STAGES-deep A/B ring, DH_BUFS
-    result tiles [BM, BN] in the dtype, and their ready/empty mbarriers, initialized."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    result tiles [BM, BN] in the dtype (fp32 with ACC_F32), and their ready/empty mbarriers,
+    initialized."""
+    if A_TRANS:
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
+    else:
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     if W_KMAJOR:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     else:
@@ -219,8 +236,12 @@ def ws_gemm_buffers(a_desc, b_desc, STAGES: gl.constexpr, DH_BUFS: gl.constexpr,
     gl.static_assert(STAGES >= 2, "at least two stages")
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
+    if ACC_F32:
+        dh_dtype: gl.constexpr = gl.float32
+    else:
+        dh_dtype: gl.constexpr = dtype
+    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dh_dtype)
+    dh_bufs = gl.allocate_shared_memory(dh_dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
     ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())

@@ -210,6 +210,83 @@ def combine_tile_stats_kernel(
             tl.store(OUT_ZSUM + row, tl.sum(zsum, axis=0))
 
 
+@gluon.jit
+def _accumulate_epilogue(acc_bufs, acc_ready, acc_empty, C, stride_c, M, N,
+                         ACCUMULATE: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
+                         NUM_PROGS: gl.constexpr):
+    """C [M, N] (row stride ``stride_c``) := round(acc + C) with ACCUMULATE, round(acc) without:
+    each fp32 tile from shared memory in SPLIT column pieces, one rounding to C's dtype (as
+    cuBLAS's beta = 1). The next piece of C is loaded while this one is added and stored."""
+    BLOCK_M: gl.constexpr = acc_bufs.shape[1]
+    BLOCK_N: gl.constexpr = acc_bufs.shape[2]
+    ACC_BUFS: gl.constexpr = acc_bufs.shape[0]
+    WIDTH: gl.constexpr = BLOCK_N // SPLIT
+    layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows * stride_c, 1) + gl.expand_dims(cols, 0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    tiles = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        base = off_m.to(gl.int64) * stride_c + off_n
+        row_ok = gl.expand_dims(off_m + rows < M, 1)
+        if ACCUMULATE:   # the tile's first piece of C in flight while its product finishes
+            c_next = gl.load(C + base + offs, mask=row_ok & gl.expand_dims(off_n + cols < N, 0),
+                             other=0.0)
+        d = tiles % ACC_BUFS
+        mbarrier.wait(acc_ready.index(d), (tiles // ACC_BUFS) & 1)
+        for j in gl.static_range(SPLIT):
+            col_ok = gl.expand_dims(off_n + j * WIDTH + cols < N, 0)
+            if ACCUMULATE:
+                c = c_next
+                if j + 1 < SPLIT:
+                    nxt_ok = gl.expand_dims(off_n + (j + 1) * WIDTH + cols < N, 0)
+                    c_next = gl.load(C + base + (j + 1) * WIDTH + offs, mask=row_ok & nxt_ok,
+                                     other=0.0)
+            x = acc_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
+            if j + 1 == SPLIT:
+                # every warp has read the tile: the buffer may take the next one
+                gl.thread_barrier()
+                mbarrier.arrive(acc_empty.index(d), count=1)
+            if ACCUMULATE:
+                x = x + c.to(gl.float32)
+            gl.store(C + base + j * WIDTH + offs, x.to(C.dtype.element_ty), mask=row_ok & col_ok)
+        tiles += 1
+
+
+@gluon.jit
+def dw_gemm_kernel(
+    a_desc, b_desc,               # d_c [K, M] in [BK, BM] blocks (A = d_cᵀ); H_c [K, N] in [BK, BN]
+    C, stride_c,                  # dW [M, N]: := d_cᵀ @ H_c, or += with ACCUMULATE
+    M, N, K,
+    ACCUMULATE: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
+    DH_BUFS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
+    EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
+):
+    """The fused loss's dW += d_cᵀ @ H_c over token chunks (K = the chunk's rows, short; M = the
+    vocabulary, long): the shared main loop reading A M-major, the accumulator handed over in
+    fp32, and epilogue warps that read dW's tile, add and round once while the next tile's
+    wgmma runs — where cuBLAS's beta = 1 reads C in its own epilogue (session 12: ~1830 µs a
+    chunk at H=4096 against ~1540 for the dH GEMM of the same FLOPs)."""
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
+    a_bufs, b_bufs, acc_bufs, ab_ready, ab_empty, acc_ready, acc_empty = ws_gemm_buffers(
+        a_desc, b_desc, STAGES, DH_BUFS, False, True, True)
+
+    gl.warp_specialize([
+        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, acc_bufs, acc_ready, acc_empty,
+                         M, N, K, BLOCK_K, False, GROUP_M, NUM_PROGS, True)),
+        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                          False, GROUP_M, NUM_PROGS, True)),
+        (_accumulate_epilogue, (acc_bufs, acc_ready, acc_empty, C, stride_c, M, N, ACCUMULATE,
+                                SPLIT, GROUP_M, NUM_PROGS)),
+    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +422,67 @@ def dh_with_gemm(d: Tensor, weight: Tensor, out: Tensor) -> bool:
         return False
     return launch_or_disable(lambda: make_dh_launch(d, weight, out)(), _dh_failed,
                              "the fused loss's Gluon dH GEMM", "using cuBLAS for dH")
+
+
+# dW's tile: 128 × 128 with the fp32 hand-over tile (64 KB) and a 4-deep ring (128 KB) in 227 KB
+# of shared memory; K (the chunk) is short, so the epilogue's read of dW must keep pace with
+# 16 K blocks a tile: 4 epilogue warps.
+DW_TILE = GemmTile(dh_bufs=1, epi_warps=4, epi_regs=192)
+_dw_failed: list[str] = []   # the opt-in dW GEMM
+
+
+def dw_gemm_unusable(d: Tensor, h: Tensor, dw: Tensor) -> str | None:
+    """Why :func:`dw_with_gemm` won't take dW (+)= d_cᵀ @ H_c (None: it will). Opt-in until
+    measured on a GPU: ``CHRONICALS_LCE_DW_GEMM=1`` (written in session 13 without device time
+    left; compiled for sm_90a offline: no spills)."""
+    if os.environ.get("CHRONICALS_LCE_DW_GEMM", "0") != "1":
+        return "opt-in (CHRONICALS_LCE_DW_GEMM=1): not yet measured on a GPU"
+    if _dw_failed:
+        return f"the kernel failed before: {_dw_failed[0]}"
+    reason = hopper_unusable(d, h, dw)
+    if reason:
+        return reason
+    if d.shape[1] % 8 or h.shape[1] % 8:
+        return "TMA needs rows of a multiple of 16 bytes"
+    if not (d.is_contiguous() and h.is_contiguous()):
+        return "TMA descriptors here need contiguous d and hidden states"
+    return None
+
+
+def make_dw_launch(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool,
+                   tile: GemmTile = DW_TILE):
+    """A callable computing dw = dᵀ @ h, or dw += dᵀ @ h with ``accumulate`` (d [K, M], h [K, N],
+    dw [M, N] with unit column stride, one dtype; fp32 products, one rounding)."""
+    k, m = d.shape
+    n = h.shape[1]
+    assert dw.shape == (m, n) and dw.stride(1) == 1 and h.shape[0] == k
+    assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
+    a = tma_descriptor(d, [tile.bk, tile.bm])
+    b = tma_descriptor(h, [tile.bk, tile.bn])
+    progs = num_sms(d.device)               # the tile stride, as in make_launch
+    grid = (min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)),)
+    args = (a, b, dw, dw.stride(0), m, n, k)
+    kwargs = dict(ACCUMULATE=accumulate, SPLIT=tile.split, STAGES=tile.stages,
+                  DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M, NUM_PROGS=progs,
+                  EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs, LOAD_REGS=tile.load_regs,
+                  num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
+
+    def launch(warmup: bool = False):
+        if warmup:
+            return dw_gemm_kernel.warmup(*args, grid=grid, **kwargs)
+        return dw_gemm_kernel[grid](*args, **kwargs)
+    launch.kernel, launch.args, launch.kwargs = dw_gemm_kernel, args, kwargs
+    return launch
+
+
+def dw_with_gemm(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool) -> bool:
+    """dw (+)= dᵀ @ h by the Gluon GEMM; False where it did not run (the caller takes cuBLAS).
+    A failure to compile or launch is warned about once, and not tried again."""
+    if (dw_gemm_unusable(d, h, dw) or any(t.data_ptr() % 16 for t in (d, h, dw))
+            or dw.stride(1) != 1 or dw.stride(0) % 8):
+        return False
+    return launch_or_disable(lambda: make_dw_launch(d, h, dw, accumulate)(), _dw_failed,
+                             "the fused loss's Gluon dW GEMM", "using cuBLAS for dW")
 
 
 def tile_stats_reference(x: Tensor, bn: int, scale: float, softcap: float, smoothing: bool
