@@ -3,10 +3,12 @@ count of a persistent launch, the one check of where they can run, and the warp-
 main loop whose epilogues differ (kernels/swiglu_gemm.py, kernels/linear_ce_gemm.py):
 
     loader    1 warp         TMA loads of A and B blocks into a STAGES-deep ring
-                             (ab_ready: landed; ab_empty: the wgmma that read the slot is done)
+                             (ab_ready: landed; ab_empty: the wgmma that read the slot is done);
+                             A K-major, or M-major (A_TRANS: the blocks of Aᵀ, read transposed)
     mma       the default    the K loop on asynchronous wgmma (two warpgroups of 64 rows), then
-              partition      the accumulator, rounded to the dtype, into one of DH_BUFS shared
-                             tiles (dh_ready / dh_empty) for the kernel's own epilogue partition
+              partition      the accumulator, rounded to the dtype (or whole, fp32: ACC_F32),
+                             into one of DH_BUFS shared tiles (dh_ready / dh_empty) for the
+                             kernel's own epilogue partition
 
 Every partition walks the same grouped persistent tile order (tutorial 09): one program per SM,
 tiles start_pid, start_pid + #SMs, ...
