@@ -141,7 +141,10 @@ def rms_norm_bwd_kernel(
                 DY, X, DH, DY1, DY2, DY3, stride_dy, stride_x, stride_dh, stride_dy1,
                 stride_dy2, stride_dy3, m0, row_end, cols, col_mask, HAS_DH, N_DY, BLOCK_M)
         x = x.to(tl.float32)
-        r = tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32))
+        rows = m0 + tl.arange(0, BLOCK_M)
+        # rows past the band load as zeros: with eps = 0 their r is inf and x̂ = 0·inf = NaN,
+        # which would reach dW through 0·NaN; r = 0 keeps them out
+        r = tl.where(rows < row_end, tl.rsqrt((tl.sum(x * x, axis=1) / H + eps).to(tl.float32)), 0.0)
         x_hat = x * r[:, None]
         if HAS_WEIGHT:
             dn = dy * w[None, :]
@@ -154,7 +157,6 @@ def rms_norm_bwd_kernel(
         if HAS_DH:
             dx += dh.to(tl.float32)
         dx = round_to(dx, DX_ROUND)
-        rows = m0 + tl.arange(0, BLOCK_M)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -225,7 +227,7 @@ def _backward_programs_per_sm(block_m: int, block_h: int) -> int:
 def _backward_tiles(hidden: int) -> tuple[int, int, int, bool]:
     """(BLOCK_M, num_warps, programs per SM, PREFETCH) of the backward. From 512 to 4096
     columns it loads each band of rows while the band before it is reduced; below 4096 columns
-    at half the forward's rows a band, as the next band's rows sit in registers too. Wider rows
+    at half :func:`_tiles`' rows a band, as the next band's rows sit in registers too. Wider rows
     keep the plain loop: a row of 8k+ already holds 32+ elements a thread per tensor, and the
     prefetch would double that unmeasured. On an H200 with dh (benchmarks/sweep_rmsnorm.py,
     RESULTS.md session 13 calls 2–3), µs with dW:

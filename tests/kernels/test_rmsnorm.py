@@ -38,6 +38,23 @@ CASES = [  # (rows, hidden, dtype, has_weight, offset)
 ]
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_backward_with_zero_eps_keeps_padding_rows_out_of_dw(prefetch):
+    """eps = 0 (a hand-written norm without one): the last band's padding rows load as zeros,
+    whose 1/rms is inf; dW must still be finite and equal the reference."""
+    rows, hidden = 7, 600
+    x = torch.randn(rows, hidden, device=DEVICE)
+    w = torch.randn(hidden, device=DEVICE)
+    dy = torch.randn(rows, hidden, device=DEVICE)
+    _, dx_ref, dw_ref = _reference_with_grads(x, w, dy, 0.0, 0.0)
+    dx = torch.full_like(x, float("nan"))
+    dw = K.rms_norm_backward(dy, x, w, dx, 0.0, 0.0, torch.float32, torch.float32, True,
+                             block_m=2, programs_per_sm=1, prefetch=prefetch)
+    assert torch.isfinite(dw).all()
+    assert rel_err(dx, dx_ref) < TOLERANCE[torch.float32]
+    assert rel_err(dw, dw_ref) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("rows,hidden,dtype,has_weight,offset", CASES)
 def test_forward_and_backward_vs_float64(rows, hidden, dtype, has_weight, offset):
     eps = 1e-6
