@@ -3,11 +3,13 @@
 Each configuration's forward and backward are captured in a CUDA graph and replayed, so host
 overhead is out of the numbers. Prints the best per shape; the full table goes to $OUT.
 
-    python -m benchmarks.sweep_rmsnorm [terms]
+    python -m benchmarks.sweep_rmsnorm [terms | prefetch]
 
 ``terms``: the backward as a decoder runs it (Qwen2.5-0.5B, 8192 × 896, bf16): dy given as 1, 2
-or 3 unsummed terms (q/k/v, gate/up) plus the residual's dh, per tile; and dW's reduction of the
-programs' partial sums (ours at its tiles and at 64 × 64, against torch's sum).
+or 3 unsummed terms (q/k/v, gate/up) plus the residual's dh, per tile, without and with the next
+band prefetched; and dW's reduction of the programs' partial sums (ours at its tiles and at
+64 × 64, against torch's sum). ``prefetch``: the backward (one term, dh) at every shape, with and
+without the prefetch, on tiles around the one in use.
 """
 
 from __future__ import annotations
@@ -140,5 +142,8 @@ def prefetch_sweep() -> None:
 if __name__ == "__main__":
     import sys
 
-    modes = {"terms": backward_terms, "prefetch": prefetch_sweep}
-    modes.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    modes = {"": main, "terms": backward_terms, "prefetch": prefetch_sweep}
+    mode = sys.argv[1] if sys.argv[1:] else ""
+    if mode not in modes:
+        raise SystemExit(f"unknown mode {mode!r}: one of {sorted(m for m in modes if m)}")
+    modes[mode]()

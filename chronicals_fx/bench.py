@@ -11,8 +11,8 @@ own, comma-separated ``key=value`` (0/1/true/false are booleans, digits integers
 ``chronicals@...`` alike, and so do Inductor's options (``compile@cpp_wrapper=true``).
 
 ``--repeat R`` runs the list R times over, each run its own process, round-robin (A B C A B C):
-the table gives each variant's mean tokens/s with the range of its runs, the ratio to
-torch.compile's mean — where the ranges overlap, an order is not shown.
+the table gives each variant's mean tokens/s with the range of its runs and the ratio to
+torch.compile's mean (where two variants' ranges overlap, read no order into their means).
 
 ``--interleave R`` runs every variant in one process instead: all models are built and warmed
 up, then the timed steps alternate between the variants over R rounds (the order reversed every
@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     if args.interleave and args.repeat > 1:
         raise SystemExit("--repeat runs variants in processes of their own; --interleave in one")
     results = []
-    for variant in [None] if args.interleave else args.variants * max(1, args.repeat):
+    for run, variant in enumerate([None] if args.interleave
+                                  else args.variants * max(1, args.repeat)):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
         cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path,
@@ -221,7 +222,9 @@ def main(argv=None) -> int:
         variant = variant or "interleaved: " + " ".join(args.variants)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            log = os.path.join(os.path.dirname(args.json or path), f"train_{file_safe(variant)}.log")
+            attempt = f"_run{run // len(args.variants) + 1}" if args.repeat > 1 else ""
+            log = os.path.join(os.path.dirname(args.json or path),
+                               f"train_{file_safe(variant)}{attempt}.log")
             with open(log, "w") as f:
                 f.write(proc.stdout + proc.stderr)
             lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
@@ -267,7 +270,8 @@ def merged_runs(results: list[dict]) -> list[dict]:
         ok = [r for r in runs if "error" not in r]
         failed = [r for r in runs if "error" in r]
         if not ok:
-            out.append(failed[0])
+            out.append(failed[0] if len(failed) == 1 else
+                       {**failed[0], "error": f"all {len(failed)} runs failed: {failed[0]['error']}"})
             continue
         problems = sorted({p for r in ok for p in r["problems"]})
         problems += [f"{len(failed)} of {len(runs)} runs failed: {failed[0]['error']}"] if failed else []
@@ -277,8 +281,8 @@ def merged_runs(results: list[dict]) -> list[dict]:
         tps = [r["tokens_per_s"] for r in ok]
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),
-                    "median_step_ms": statistics.median(
-                        ms for r in ok for ms in r["step_ms"][r["warmup_steps"]:]),
+                    "median_step_ms": statistics.median(timed) if (timed := [
+                        ms for r in ok for ms in r["step_ms"][r["warmup_steps"]:]]) else float("nan"),
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})

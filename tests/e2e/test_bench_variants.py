@@ -60,6 +60,8 @@ def test_repeated_runs_merge_into_means_and_ranges():
     """``--repeat``: a variant's runs become one row — mean tokens/s with the range of its runs,
     the ratio of means to torch.compile's, every run's losses against eager's; a failed run is
     a problem of the variant, not averaged away."""
+    import math
+
     from chronicals_fx.bench import merged_runs, summary_table
 
     def run(variant, tps, losses, grad=1.0, warmup=1):
@@ -85,3 +87,8 @@ def test_repeated_runs_merge_into_means_and_ranges():
     assert "104–106, 2 runs" in row and "1.040x" in row   # 105 / 101
     assert " 0.05 " in row                                 # the second run's gap to eager
     assert "1 of 3 runs failed" in row
+    # every step a warm-up step (--warmup >= --steps): no timed step, a nan, not a crash
+    untimed = merged_runs([run("compile", 100.0, [3.0], warmup=3), run("compile", 90.0, [3.0], warmup=3)])
+    assert math.isnan(untimed[0]["median_step_ms"])
+    failing = merged_runs([{"variant": "liger", "error": "boom"}] * 2)
+    assert failing[0]["error"] == "all 2 runs failed: boom"

@@ -19,6 +19,7 @@ def _fresh_failure_lists(monkeypatch):
     """A kernel failure recorded by one test must not switch the kernels off for the next."""
     monkeypatch.setattr(L, "_failed", [])
     monkeypatch.setattr(L, "_dh_failed", [])
+    monkeypatch.setattr(L, "_dw_failed", [])
 
 
 def _hopper() -> bool:
@@ -119,7 +120,6 @@ def test_the_fused_loss_takes_dh_from_it_when_asked(monkeypatch):
     assert launches == [1024, 1024] and not L._dh_failed
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     assert _rel(got[1], want[1]) <= 2 ** -7
-
 
 
 @needs_hopper
