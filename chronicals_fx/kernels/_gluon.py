@@ -57,6 +57,26 @@ class GemmTile:
                 f"{'' if self.hw_round else ' bitround'}")
 
 
+def ws_launch_kwargs(tile: GemmTile, programs: int) -> dict:
+    """The launch options every warp-specialized GEMM here takes from its tile (``programs``:
+    the persistent tile stride, NUM_PROGS)."""
+    return dict(SPLIT=tile.split, STAGES=tile.stages, DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M,
+                NUM_PROGS=programs, EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs,
+                LOAD_REGS=tile.load_regs, num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
+
+
+def launcher(kernel, grid: tuple, args: tuple, kwargs: dict):
+    """A callable launching ``kernel[grid](*args, **kwargs)`` (``warmup=True``: compile only);
+    it carries kernel, args and kwargs for offline compiles
+    (benchmarks/swiglu_gemm_gluon.py's ``compile_offline``)."""
+    def launch(warmup: bool = False):
+        if warmup:
+            return kernel.warmup(*args, grid=grid, **kwargs)
+        return kernel[grid](*args, **kwargs)
+    launch.kernel, launch.args, launch.kwargs = kernel, args, kwargs
+    return launch
+
+
 def tma_descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
     """A host TMA descriptor of ``t`` in ``block``-shaped tiles, NVMMA-swizzled in shared memory."""
     layout = gl.NVMMASharedLayout.get_default_for(block, GL_DTYPES[t.dtype])

@@ -38,8 +38,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ._gluon import (GROUP_M, GemmTile, hopper_unusable, launch_or_disable, load_partition,
-                     mma_partition, num_sms, piece_layout, tma_descriptor, ws_gemm_buffers)
+from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
+                     load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
+                     ws_gemm_buffers, ws_launch_kwargs)
 from ._triton import tile_coords
 from .linear_ce import _M_FLOOR, _transform
 
@@ -295,6 +296,14 @@ _failed: list[str] = []      # the logits + statistics kernel
 _dh_failed: list[str] = []   # the opt-in dH GEMM
 
 
+def _misaligned(out: Tensor, *inputs: Tensor) -> bool:
+    """True where a pointer is not 16-byte aligned (TMA, 16-byte stores) or ``out``'s rows are
+    not unit-column with a 16-byte multiple stride — facts of these particular tensors, checked
+    per call beside the kernels' static ``*unusable`` reasons."""
+    return (any(t.data_ptr() % 16 for t in (out, *inputs)) or out.stride(1) != 1
+            or out.stride(0) % 8 != 0)
+
+
 def unusable(h: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     """Why the kernel can't compute this chunk's logits (None: it can)."""
     if os.environ.get("CHRONICALS_LCE_GEMM", "1") == "0":
@@ -332,17 +341,9 @@ def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
     grid = (min(progs, triton.cdiv(m, tile.bm) * t),)
     args = (a, b, x, x.stride(0), pm, ps, pzsum if pzsum is not None else pm, m, n, k, t,
             scale, softcap if softcap > 0 else 1.0)
-    kwargs = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=pzsum is not None, SPLIT=tile.split,
-                  STAGES=tile.stages, DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M, NUM_PROGS=progs,
-                  EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs, LOAD_REGS=tile.load_regs,
-                  num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
-
-    def launch(warmup: bool = False):
-        if warmup:
-            return logits_stats_kernel.warmup(*args, grid=grid, **kwargs)
-        return logits_stats_kernel[grid](*args, **kwargs)
-    launch.kernel, launch.args, launch.kwargs = logits_stats_kernel, args, kwargs
-    return launch
+    kwargs = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=pzsum is not None,
+                  **ws_launch_kwargs(tile, progs))
+    return launcher(logits_stats_kernel, grid, args, kwargs)
 
 
 def tile_stats_buffers(rows: int, hidden: int, vocab: int, smoothing: bool,
@@ -360,8 +361,7 @@ def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
     """x = h @ weightᵀ and the per-tile statistics into ``stats`` (rows [:len(h)]) by the fused
     kernel; False where it did not run (the caller takes cuBLAS and both row passes). A failure
     to compile or launch is warned about once, and the kernel is not tried again."""
-    if (unusable(h, weight, None) or any(t.data_ptr() % 16 for t in (h, weight, x))
-            or x.stride(1) != 1 or x.stride(0) % 8):
+    if unusable(h, weight, None) or _misaligned(x, h, weight):
         return False
     pm, ps, pzsum = (t[:h.shape[0]] if t is not None else None for t in stats)
     return launch_or_disable(lambda: make_launch(h, weight, x, pm, ps, pzsum, scale, softcap)(),
@@ -402,23 +402,13 @@ def make_dh_launch(d: Tensor, weight: Tensor, out: Tensor, tile: GemmTile = WIDE
     progs = num_sms(d.device)               # the tile stride, as in make_launch
     grid = (min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)),)
     args = (a, b, out, out.stride(0), m, n, k)
-    kwargs = dict(SPLIT=tile.split, STAGES=tile.stages, DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M,
-                  NUM_PROGS=progs, EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs,
-                  LOAD_REGS=tile.load_regs, num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
-
-    def launch(warmup: bool = False):
-        if warmup:
-            return gemm_kernel.warmup(*args, grid=grid, **kwargs)
-        return gemm_kernel[grid](*args, **kwargs)
-    launch.kernel, launch.args, launch.kwargs = gemm_kernel, args, kwargs
-    return launch
+    return launcher(gemm_kernel, grid, args, ws_launch_kwargs(tile, progs))
 
 
 def dh_with_gemm(d: Tensor, weight: Tensor, out: Tensor) -> bool:
     """out = d @ weight by the Gluon GEMM; False where it did not run (the caller takes
     cuBLAS). A failure to compile or launch is warned about once, and not tried again."""
-    if (dh_gemm_unusable(d, weight) or any(t.data_ptr() % 16 for t in (d, weight, out))
-            or out.stride(1) != 1 or out.stride(0) % 8):
+    if dh_gemm_unusable(d, weight) or _misaligned(out, d, weight):
         return False
     return launch_or_disable(lambda: make_dh_launch(d, weight, out)(), _dh_failed,
                              "the fused loss's Gluon dH GEMM", "using cuBLAS for dH")
@@ -462,24 +452,14 @@ def make_dw_launch(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool,
     progs = num_sms(d.device)               # the tile stride, as in make_launch
     grid = (min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)),)
     args = (a, b, dw, dw.stride(0), m, n, k)
-    kwargs = dict(ACCUMULATE=accumulate, SPLIT=tile.split, STAGES=tile.stages,
-                  DH_BUFS=tile.dh_bufs, GROUP_M=GROUP_M, NUM_PROGS=progs,
-                  EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs, LOAD_REGS=tile.load_regs,
-                  num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
-
-    def launch(warmup: bool = False):
-        if warmup:
-            return dw_gemm_kernel.warmup(*args, grid=grid, **kwargs)
-        return dw_gemm_kernel[grid](*args, **kwargs)
-    launch.kernel, launch.args, launch.kwargs = dw_gemm_kernel, args, kwargs
-    return launch
+    return launcher(dw_gemm_kernel, grid, args,
+                    dict(ACCUMULATE=accumulate, **ws_launch_kwargs(tile, progs)))
 
 
 def dw_with_gemm(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool) -> bool:
     """dw (+)= dᵀ @ h by the Gluon GEMM; False where it did not run (the caller takes cuBLAS).
     A failure to compile or launch is warned about once, and not tried again."""
-    if (dw_gemm_unusable(d, h, dw) or any(t.data_ptr() % 16 for t in (d, h, dw))
-            or dw.stride(1) != 1 or dw.stride(0) % 8):
+    if dw_gemm_unusable(d, h, dw) or _misaligned(dw, d, h):
         return False
     return launch_or_disable(lambda: make_dw_launch(d, h, dw, accumulate)(), _dw_failed,
                              "the fused loss's Gluon dW GEMM", "using cuBLAS for dW")

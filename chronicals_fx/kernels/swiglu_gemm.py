@@ -40,8 +40,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ._gluon import (GROUP_M, GemmTile, hopper_unusable, launch_or_disable, load_partition,
-                     mma_partition, num_sms, piece_layout, tma_descriptor, ws_gemm_buffers)
+from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
+                     load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
+                     ws_gemm_buffers, ws_launch_kwargs)
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
 
@@ -194,18 +195,9 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
     rounding = 3 if tile.hw_round and gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
     args = (a, b, gate, up, dg, du, y if y is not None else dg, m, n, k)
-    kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None, SPLIT=tile.split,
-                  EVEN_M=m % tile.bm == 0, STAGES=tile.stages,
-                  DH_BUFS=tile.dh_bufs, W_KMAJOR=w_kmajor, GROUP_M=GROUP_M, NUM_PROGS=progs,
-                  EPI_WARPS=tile.epi_warps, EPI_REGS=tile.epi_regs, LOAD_REGS=tile.load_regs,
-                  num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
-
-    def launch(warmup: bool = False):
-        if warmup:
-            return swiglu_bwd_gemm_kernel.warmup(*args, grid=(programs,), **kwargs)
-        return swiglu_bwd_gemm_kernel[(programs,)](*args, **kwargs)
-    launch.kernel, launch.args, launch.kwargs = swiglu_bwd_gemm_kernel, args, kwargs
-    return launch
+    kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None,
+                  EVEN_M=m % tile.bm == 0, W_KMAJOR=w_kmajor, **ws_launch_kwargs(tile, progs))
+    return launcher(swiglu_bwd_gemm_kernel, (programs,), args, kwargs)
 
 
 def swiglu_linear_backward(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
