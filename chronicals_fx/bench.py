@@ -266,7 +266,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
     out = []
-    for variant, runs in by_variant.items():
+    for runs in by_variant.values():
         ok = [r for r in runs if "error" not in r]
         failed = [r for r in runs if "error" in r]
         if not ok:
@@ -279,10 +279,10 @@ def merged_runs(results: list[dict]) -> list[dict]:
             out.append({**ok[0], "problems": problems})
             continue
         tps = [r["tokens_per_s"] for r in ok]
+        timed = [ms for r in ok for ms in r["step_ms"][r["warmup_steps"]:]]
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),
-                    "median_step_ms": statistics.median(timed) if (timed := [
-                        ms for r in ok for ms in r["step_ms"][r["warmup_steps"]:]]) else float("nan"),
+                    "median_step_ms": statistics.median(timed) if timed else float("nan"),
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})

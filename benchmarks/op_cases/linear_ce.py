@@ -37,28 +37,21 @@ def chronicals(h, w, labels):
     return linear_cross_entropy_loss(h, w, labels, grad_in_forward=True)
 
 
-def chronicals_cublas_logits(h, w, labels):
-    os.environ["CHRONICALS_LCE_GEMM"] = "0"       # read at each call (and CUDA-graph capture)
-    try:
-        return chronicals(h, w, labels)
-    finally:
-        del os.environ["CHRONICALS_LCE_GEMM"]
+def _chronicals_with(variable: str, value: str):
+    """``chronicals`` with an environment switch of kernels/linear_ce_gemm.py set for the call
+    (read at each call, and at CUDA-graph capture)."""
+    def run(h, w, labels):
+        os.environ[variable] = value
+        try:
+            return chronicals(h, w, labels)
+        finally:
+            del os.environ[variable]
+    return run
 
 
-def chronicals_dh_gemm(h, w, labels):
-    os.environ["CHRONICALS_LCE_DH_GEMM"] = "1"    # opt-in until measured (kernels/linear_ce_gemm)
-    try:
-        return chronicals(h, w, labels)
-    finally:
-        del os.environ["CHRONICALS_LCE_DH_GEMM"]
-
-
-def chronicals_dw_gemm(h, w, labels):
-    os.environ["CHRONICALS_LCE_DW_GEMM"] = "1"    # opt-in until measured (kernels/linear_ce_gemm)
-    try:
-        return chronicals(h, w, labels)
-    finally:
-        del os.environ["CHRONICALS_LCE_DW_GEMM"]
+chronicals_cublas_logits = _chronicals_with("CHRONICALS_LCE_GEMM", "0")
+chronicals_dh_gemm = _chronicals_with("CHRONICALS_LCE_DH_GEMM", "1")   # opt-in until measured
+chronicals_dw_gemm = _chronicals_with("CHRONICALS_LCE_DW_GEMM", "1")   # opt-in until measured
 
 
 def chronicals_recompute(h, w, labels):

@@ -33,6 +33,20 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def _record_launches(monkeypatch, maker: str, what) -> list:
+    """Wraps ``L.<maker>`` (a make_*launch): each call appends ``what(args)`` to the list
+    returned, then builds the launch as before."""
+    launches = []
+    original = getattr(L, maker)
+
+    def spy(*a, **kw):
+        launches.append(what(a))
+        return original(*a, **kw)
+
+    monkeypatch.setattr(L, maker, spy)
+    return launches
+
+
 def _inputs(c, hidden, vocab):
     g = torch.Generator(device="cuda").manual_seed(c + vocab)
     h = torch.randn(c, hidden, device="cuda", generator=g).bfloat16()
@@ -66,14 +80,7 @@ def test_the_fused_loss_uses_it_and_equals_the_cublas_path(monkeypatch):
     """Gradients in the forward over 3 chunks (the last partial), label smoothing and z-loss:
     the kernel ran for every chunk, and loss, dH, dW equal the cuBLAS path's to bf16 rounding."""
     h, w, y = _inputs(700, 256, 5000)
-    launches = []
-    original = L.make_launch
-
-    def spy(*a, **kw):
-        launches.append(a[0].shape[0])
-        return original(*a, **kw)
-
-    monkeypatch.setattr(L, "make_launch", spy)
+    launches = _record_launches(monkeypatch, "make_launch", lambda a: a[0].shape[0])
     args = (h, w, None, y, -100, "mean", 0.1, 1.0, 0.0, 1e-4, True, True, False)
     got = K.lce_forward_with_grads(*args, rows=256)
     assert launches == [256, 256, 188] and not L._failed
@@ -104,14 +111,7 @@ def test_the_fused_loss_takes_dh_from_it_when_asked(monkeypatch):
     at issue 5's shape): the Gluon dH GEMM ran for both chunks, and dH equals the cuBLAS path's
     to bf16 rounding (d is the same: the loss and dW are unchanged)."""
     h, w, y = _inputs(2048, 4096, 2048)
-    launches = []
-    original = L.make_dh_launch
-
-    def spy(*a, **kw):
-        launches.append(a[0].shape[0])
-        return original(*a, **kw)
-
-    monkeypatch.setattr(L, "make_dh_launch", spy)
+    launches = _record_launches(monkeypatch, "make_dh_launch", lambda a: a[0].shape[0])
     args = (h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
     want = K.lce_forward_with_grads(*args, rows=1024)
     assert launches == []
@@ -146,14 +146,7 @@ def test_the_fused_loss_takes_dw_from_it_when_asked(monkeypatch):
     ran for every chunk (accumulating from the second), and dW equals the cuBLAS path's to bf16
     rounding (the loss and dH are unchanged)."""
     h, w, y = _inputs(700, 256, 5000)
-    launches = []
-    original = L.make_dw_launch
-
-    def spy(*a, **kw):
-        launches.append((a[0].shape[0], a[3]))
-        return original(*a, **kw)
-
-    monkeypatch.setattr(L, "make_dw_launch", spy)
+    launches = _record_launches(monkeypatch, "make_dw_launch", lambda a: (a[0].shape[0], a[3]))
     args = (h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
     want = K.lce_forward_with_grads(*args, rows=256)
     assert launches == []
