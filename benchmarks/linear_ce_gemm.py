@@ -131,7 +131,8 @@ def time_dh(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
 
 def time_dw(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
     """dW += d_cᵀ @ H_c: each tile checked against cuBLAS's addmm (and its first-chunk form,
-    without the add), then timed with cuBLAS's addmm and mm."""
+    without the add), then timed with cuBLAS's addmm and mm; the first tile also without the add
+    (the main loop's own speed, against cuBLAS's mm)."""
     g = torch.Generator(device="cuda").manual_seed(c)
     d = (torch.randn(c, vocab, device="cuda", generator=g) * 1e-3).bfloat16()
     h = torch.randn(c, hidden, device="cuda", generator=g).bfloat16()
@@ -152,14 +153,19 @@ def time_dw(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
                 break
         else:
             timed[f"gluon dW += ({tile.tag()})"] = L.make_dw_launch(d, h, dw, True, tile)
+            if tile is tiles[0]:
+                timed[f"gluon dW = ({tile.tag()})"] = L.make_dw_launch(d, h, dw, False, tile)
     return _timed_rows(timed, c, hidden, vocab, rep=100), bad
 
 
 def dw_main() -> int:
-    """The dW GEMM alone: its default tile and one with 8 epilogue warps, at both shapes."""
+    """The dW GEMM alone: its default tile, two column pieces, a 3-deep ring and 8 epilogue
+    warps, at both shapes."""
+    tiles = [L.DW_TILE, replace(L.DW_TILE, split=2), replace(L.DW_TILE, stages=3),
+             replace(L.DW_TILE, epi_warps=8, epi_regs=128)]
     table, failures = [], []
     for shape in TIMED:
-        rows, bad = time_dw(*shape, [L.DW_TILE, replace(L.DW_TILE, epi_warps=8, epi_regs=128)])
+        rows, bad = time_dw(*shape, tiles)
         table += rows
         failures += bad
         torch.cuda.empty_cache()

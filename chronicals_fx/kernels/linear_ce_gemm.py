@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
                      load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
@@ -212,20 +212,20 @@ def combine_tile_stats_kernel(
 
 
 @gluon.jit
-def _accumulate_epilogue(acc_bufs, acc_ready, acc_empty, C, stride_c, M, N,
-                         ACCUMULATE: gl.constexpr, SPLIT: gl.constexpr, GROUP_M: gl.constexpr,
+def _accumulate_epilogue(acc_bufs, acc_ready, acc_empty, c_desc, c_bufs, c_bar, M, N,
+                         ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
                          NUM_PROGS: gl.constexpr):
-    """C [M, N] (row stride ``stride_c``) := round(acc + C) with ACCUMULATE, round(acc) without:
-    each fp32 tile from shared memory in SPLIT column pieces, one rounding to C's dtype (as
-    cuBLAS's beta = 1). The next piece of C is loaded while this one is added and stored."""
+    """C [M, N] := round(acc + C) with ACCUMULATE, round(acc) without (one rounding to C's
+    dtype, as cuBLAS's beta = 1). C's tile comes in by TMA while the tile's product is still in
+    the wgmma; then per column piece the fp32 product is read from shared memory, added, rounded
+    over C's piece in shared memory and stored by TMA (out-of-bounds rows and columns are
+    zero-filled on the load and dropped on the store)."""
     BLOCK_M: gl.constexpr = acc_bufs.shape[1]
     BLOCK_N: gl.constexpr = acc_bufs.shape[2]
     ACC_BUFS: gl.constexpr = acc_bufs.shape[0]
-    WIDTH: gl.constexpr = BLOCK_N // SPLIT
+    SPLIT: gl.constexpr = c_bufs.shape[0]
+    WIDTH: gl.constexpr = c_bufs.shape[2]
     layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-    offs = gl.expand_dims(rows * stride_c, 1) + gl.expand_dims(cols, 0)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -234,36 +234,38 @@ def _accumulate_epilogue(acc_bufs, acc_ready, acc_empty, C, stride_c, M, N,
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        base = off_m.to(gl.int64) * stride_c + off_n
-        row_ok = gl.expand_dims(off_m + rows < M, 1)
-        if ACCUMULATE:   # the tile's first piece of C in flight while its product finishes
-            c_next = gl.load(C + base + offs, mask=row_ok & gl.expand_dims(off_n + cols < N, 0),
-                             other=0.0)
+        # the last tile's stores have read c_bufs (every warp past this before it is written)
+        tma.store_wait(0)
+        gl.thread_barrier()
+        if ACCUMULATE:
+            mbarrier.expect(c_bar, SPLIT * c_desc.block_type.nbytes)
+            for j in gl.static_range(SPLIT):
+                tma.async_copy_global_to_shared(c_desc, [off_m, off_n + j * WIDTH], c_bar,
+                                                c_bufs.index(j))
         d = tiles % ACC_BUFS
         mbarrier.wait(acc_ready.index(d), (tiles // ACC_BUFS) & 1)
+        if ACCUMULATE:
+            mbarrier.wait(c_bar, tiles & 1)
         for j in gl.static_range(SPLIT):
-            col_ok = gl.expand_dims(off_n + j * WIDTH + cols < N, 0)
-            if ACCUMULATE:
-                c = c_next
-                if j + 1 < SPLIT:
-                    nxt_ok = gl.expand_dims(off_n + (j + 1) * WIDTH + cols < N, 0)
-                    c_next = gl.load(C + base + (j + 1) * WIDTH + offs, mask=row_ok & nxt_ok,
-                                     other=0.0)
             x = acc_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
             if j + 1 == SPLIT:
                 # every warp has read the tile: the buffer may take the next one
                 gl.thread_barrier()
                 mbarrier.arrive(acc_empty.index(d), count=1)
             if ACCUMULATE:
-                x = x + c.to(gl.float32)
-            gl.store(C + base + j * WIDTH + offs, x.to(C.dtype.element_ty), mask=row_ok & col_ok)
+                x = x + c_bufs.index(j).load(layout).to(gl.float32)
+            c_bufs.index(j).store(x.to(c_desc.dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(c_desc, [off_m, off_n + j * WIDTH], c_bufs.index(j))
         tiles += 1
+    tma.store_wait(0)
 
 
 @gluon.jit
 def dw_gemm_kernel(
     a_desc, b_desc,               # d_c [K, M] in [BK, BM] blocks (A = d_cᵀ); H_c [K, N] in [BK, BN]
-    C, stride_c,                  # dW [M, N]: := d_cᵀ @ H_c, or += with ACCUMULATE
+    c_desc,                       # dW [M, N] in [BM, BN / SPLIT] pieces: := d_cᵀ @ H_c, or +=
     M, N, K,
     ACCUMULATE: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     DH_BUFS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
@@ -271,20 +273,24 @@ def dw_gemm_kernel(
 ):
     """The fused loss's dW += d_cᵀ @ H_c over token chunks (K = the chunk's rows, short; M = the
     vocabulary, long): the shared main loop reading A M-major, the accumulator handed over in
-    fp32, and epilogue warps that read dW's tile, add and round once while the next tile's
-    wgmma runs — where cuBLAS's beta = 1 reads C in its own epilogue (session 12: ~1830 µs a
-    chunk at H=4096 against ~1540 for the dH GEMM of the same FLOPs)."""
+    fp32, and epilogue warps that add dW's tile (fetched by TMA) and round once while the next
+    tile's wgmma runs — where cuBLAS's beta = 1 reads C in its own epilogue (session 12: ~1830
+    µs a chunk at H=4096 against ~1540 for the dH GEMM of the same FLOPs)."""
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
     a_bufs, b_bufs, acc_bufs, ab_ready, ab_empty, acc_ready, acc_empty = ws_gemm_buffers(
         a_desc, b_desc, STAGES, DH_BUFS, False, True, True)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [SPLIT] + c_desc.block_type.shape,
+                                       c_desc.layout)
+    c_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(c_bar, count=1)
 
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, acc_bufs, acc_ready, acc_empty,
                          M, N, K, BLOCK_K, False, GROUP_M, NUM_PROGS, True)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                           False, GROUP_M, NUM_PROGS, True)),
-        (_accumulate_epilogue, (acc_bufs, acc_ready, acc_empty, C, stride_c, M, N, ACCUMULATE,
-                                SPLIT, GROUP_M, NUM_PROGS)),
+        (_accumulate_epilogue, (acc_bufs, acc_ready, acc_empty, c_desc, c_bufs, c_bar, M, N,
+                                ACCUMULATE, GROUP_M, NUM_PROGS)),
     ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
 
 
@@ -449,9 +455,10 @@ def make_dw_launch(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool,
     assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
     a = tma_descriptor(d, [tile.bk, tile.bm])
     b = tma_descriptor(h, [tile.bk, tile.bn])
+    c = tma_descriptor(dw, [tile.bm, tile.bn // tile.split])
     progs = num_sms(d.device)               # the tile stride, as in make_launch
     grid = (min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)),)
-    args = (a, b, dw, dw.stride(0), m, n, k)
+    args = (a, b, c, m, n, k)
     return launcher(dw_gemm_kernel, grid, args,
                     dict(ACCUMULATE=accumulate, **ws_launch_kwargs(tile, progs)))
 
