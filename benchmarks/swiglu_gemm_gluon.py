@@ -376,14 +376,12 @@ class WsTile(GemmTile):
 
 
 WS_CONFIGS = [
-    WsTile(),                                                   # the product's DEFAULT_TILE
-    WsTile(split=8),
-    WsTile(split=4, epi_warps=4, epi_regs=192, maxnreg=128),
-    WsTile(split=8, epi_warps=4, epi_regs=192, maxnreg=128),
-    WsTile(split=2, epi_warps=8, epi_regs=136),
-    WsTile(epi_regs=136),
-    WsTile(stages=3, dh_bufs=1),
-    WsTile(hw_round=False),
+    WsTile(stages=3),                                           # the product's DEFAULT_TILE
+    WsTile(stages=4, dh_bufs=1),
+    WsTile(stages=2),
+    WsTile(stages=3, split=8),
+    WsTile(stages=3, split=4, epi_warps=4, epi_regs=192, maxnreg=128),
+    WsTile(stages=3, hw_round=False),
 ]
 
 

@@ -38,7 +38,7 @@ import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
                      load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
@@ -46,23 +46,10 @@ from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
 
-# The fastest of session 10's sweep at both shapes measured (benchmarks/sweep_swiglu_tma.py
-# --gluon-set ws): 8 epilogue warps of 128 registers, 16 values a thread a piece, no spills.
-DEFAULT_TILE = GemmTile()
-
-
-@gluon.jit
-def _load_piece(G, U, base, offs, rows_left, EVEN_M: gl.constexpr, layout: gl.constexpr):
-    """g, u of the piece whose first value is at ``base``; with a ragged last row block, only
-    the piece's first ``rows_left`` rows (N is a multiple of the tile: columns never are)."""
-    if EVEN_M:
-        g = gl.load(G + base + offs)
-        u = gl.load(U + base + offs)
-    else:
-        mask = _row_mask(rows_left, offs, layout)
-        g = gl.load(G + base + offs, mask=mask, other=0.0)
-        u = gl.load(U + base + offs, mask=mask, other=0.0)
-    return g, u
+# Session 10's sweep (benchmarks/sweep_swiglu_tma.py --gluon-set ws): 8 epilogue warps of 128
+# registers, 16 values a thread a piece, no spills. The tile's g, u (64 KB) now sit in shared
+# memory beside the 3-deep ring (96 KB) and two dh tiles (64 KB): 224 KB of 227.
+DEFAULT_TILE = GemmTile(stages=3)
 
 
 @gluon.jit
@@ -82,13 +69,14 @@ def _row_mask(rows_left, offs, layout: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue_partition(dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N,
+def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bar,
+                        DG, DU, Y, M, N,
                         ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr,
-                        SPLIT: gl.constexpr, EVEN_M: gl.constexpr, GROUP_M: gl.constexpr,
-                        NUM_PROGS: gl.constexpr):
+                        EVEN_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
+    SPLIT: gl.constexpr = gu_bufs.shape[0] // 2
     WIDTH: gl.constexpr = BLOCK_N // SPLIT
     layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
     # a piece's offsets from its first value, the same for every piece (int32: the base,
@@ -105,38 +93,44 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N,
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         base = off_m.to(gl.int64) * N + off_n
-        # the first piece's g, u are in flight while the tile's wgmma finishes
         rows_left = M - off_m
-        g, u = _load_piece(G, U, base, offs, rows_left, EVEN_M, layout)
+        # the tile's g, u come in by TMA (rows past M zero-filled) while its wgmma runs; every
+        # warp has read the last tile's from shared memory before they are overwritten
+        gl.thread_barrier()
+        mbarrier.expect(gu_bar, 2 * SPLIT * g_desc.block_type.nbytes)
+        for j in gl.static_range(SPLIT):
+            tma.async_copy_global_to_shared(g_desc, [off_m, off_n + j * WIDTH], gu_bar,
+                                            gu_bufs.index(j))
+            tma.async_copy_global_to_shared(u_desc, [off_m, off_n + j * WIDTH], gu_bar,
+                                            gu_bufs.index(SPLIT + j))
         d = tiles % DH_BUFS
         mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
+        mbarrier.wait(gu_bar, tiles & 1)
         for j in gl.static_range(SPLIT):
-            if j + 1 < SPLIT:
-                g_next, u_next = _load_piece(G, U, base + (j + 1) * WIDTH, offs, rows_left,
-                                             EVEN_M, layout)
             dh = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
             if j + 1 == SPLIT:
                 # every warp has read the tile: the buffer may take the next one
                 gl.thread_barrier()
                 mbarrier.arrive(dh_empty.index(d), count=1)
+            g = gu_bufs.index(j).load(layout)
+            u = gu_bufs.index(SPLIT + j).load(layout)
             dg, du, y = swiglu_bwd_math(dh, g, u, ACT, ROUND)
             at = base + j * WIDTH
             _store_piece(DG, dg, at, offs, rows_left, EVEN_M, layout)
             _store_piece(DU, du, at, offs, rows_left, EVEN_M, layout)
             if STORE_Y:
                 _store_piece(Y, y, at, offs, rows_left, EVEN_M, layout)
-            if j + 1 < SPLIT:
-                g, u = g_next, u_next
         tiles += 1
 
 
 @gluon.jit
 def swiglu_bwd_gemm_kernel(
     a_desc, b_desc,               # dy [M, K] in [BM, BK] blocks; W [K, N] in [BK, BN] (or Wᵀ)
-    G, U, DG, DU, Y,              # [M, N] contiguous: gate, up in; d gate, d up, y out
+    g_desc, u_desc,               # gate, up [M, N] in [BM, BN / SPLIT] pieces
+    DG, DU, Y,                    # [M, N] contiguous: d gate, d up, y out
     M, N, K,
     ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr, SPLIT: gl.constexpr,
-    EVEN_M: gl.constexpr,         # M a multiple of BLOCK_M: no masks (N always is one)
+    EVEN_M: gl.constexpr,         # M a multiple of BLOCK_M: no store masks (N always is one)
     STAGES: gl.constexpr, DH_BUFS: gl.constexpr, W_KMAJOR: gl.constexpr,
     GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
     EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
@@ -144,16 +138,21 @@ def swiglu_bwd_gemm_kernel(
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty = ws_gemm_buffers(
         a_desc, b_desc, STAGES, DH_BUFS, W_KMAJOR)
+    # g's SPLIT pieces, then u's: the whole tile in shared memory
+    gu_bufs = gl.allocate_shared_memory(g_desc.dtype, [2 * SPLIT] + g_desc.block_type.shape,
+                                        g_desc.layout)
+    gu_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(gu_bar, count=1)
 
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
                           M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                            W_KMAJOR, GROUP_M, NUM_PROGS)),
-        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, G, U, DG, DU, Y, M, N, ACT,
-                               ROUND, STORE_Y, SPLIT, EVEN_M, GROUP_M, NUM_PROGS)),
+        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bar,
+                               DG, DU, Y, M, N, ACT, ROUND, STORE_Y, EVEN_M, GROUP_M,
+                               NUM_PROGS)),
     ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +193,9 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
     progs = num_sms(dy.device)
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
     rounding = 3 if tile.hw_round and gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
-    args = (a, b, gate, up, dg, du, y if y is not None else dg, m, n, k)
+    g = tma_descriptor(gate, [tile.bm, tile.bn // tile.split])
+    u = tma_descriptor(up, [tile.bm, tile.bn // tile.split])
+    args = (a, b, g, u, dg, du, y if y is not None else dg, m, n, k)
     kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None,
                   EVEN_M=m % tile.bm == 0, W_KMAJOR=w_kmajor, **ws_launch_kwargs(tile, progs))
     return launcher(swiglu_bwd_gemm_kernel, (programs,), args, kwargs)
