@@ -14,11 +14,7 @@ is not timed.
 
 Then the dH GEMM of a chunk, dH_c = d_c @ W (opt-in in the product: CHRONICALS_LCE_DH_GEMM=1):
 the same main loop with a plain store epilogue, checked against cuBLAS (a bf16 step) and timed
-against it at both shapes. Then the dW GEMM, dW += d_cᵀ @ H_c (opt-in:
-CHRONICALS_LCE_DW_GEMM=1), checked and timed against cuBLAS's addmm (beta = 1) and its plain mm
-(beta = 0: the same FLOPs without reading dW).
-
-    python -m benchmarks.linear_ce_gemm dw      # the dW GEMM only
+against it at both shapes.
 """
 
 from __future__ import annotations
@@ -129,52 +125,6 @@ def time_dh(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
     return _timed_rows(timed, c, hidden, vocab, rep=100), bad
 
 
-def time_dw(c, hidden, vocab, tiles) -> tuple[list[tuple], list[str]]:
-    """dW += d_cᵀ @ H_c: each tile checked against cuBLAS's addmm (and its first-chunk form,
-    without the add), then timed with cuBLAS's addmm and mm; the first tile also without the add
-    (the main loop's own speed, against cuBLAS's mm)."""
-    g = torch.Generator(device="cuda").manual_seed(c)
-    d = (torch.randn(c, vocab, device="cuda", generator=g) * 1e-3).bfloat16()
-    h = torch.randn(c, hidden, device="cuda", generator=g).bfloat16()
-    start = torch.randn(vocab, hidden, device="cuda", generator=g).bfloat16()
-    dw = torch.empty_like(start)
-    bad = []
-    timed = {"cuBLAS dW addmm (beta=1)": lambda: dw.addmm_(d.t(), h),
-             "cuBLAS dW mm (beta=0)": lambda: torch.mm(d.t(), h, out=dw)}
-    for tile in tiles:
-        for accumulate in (False, True):
-            want = start.clone().addmm_(d.t(), h) if accumulate else torch.mm(d.t(), h)
-            dw.copy_(start) if accumulate else dw.fill_(float("nan"))
-            L.make_dw_launch(d, h, dw, accumulate, tile)()
-            torch.cuda.synchronize()
-            if not torch.isfinite(dw).all() or _rel(dw, want) > 2 ** -7:
-                bad.append(f"dW C={c} H={hidden} accumulate={accumulate} {tile.tag()}: "
-                           f"{_rel(dw, want):.1e} from cuBLAS")
-                break
-        else:
-            timed[f"gluon dW += ({tile.tag()})"] = L.make_dw_launch(d, h, dw, True, tile)
-            if tile is tiles[0]:
-                timed[f"gluon dW = ({tile.tag()})"] = L.make_dw_launch(d, h, dw, False, tile)
-    return _timed_rows(timed, c, hidden, vocab, rep=100), bad
-
-
-def dw_main() -> int:
-    """The dW GEMM alone: its default tile, two column pieces, a 3-deep ring and 8 epilogue
-    warps, at both shapes."""
-    tiles = [L.DW_TILE, replace(L.DW_TILE, split=2), replace(L.DW_TILE, stages=3),
-             replace(L.DW_TILE, epi_warps=8, epi_regs=128)]
-    table, failures = [], []
-    for shape in TIMED:
-        rows, bad = time_dw(*shape, tiles)
-        table += rows
-        failures += bad
-        torch.cuda.empty_cache()
-    for b in failures:
-        print("FAIL", b, flush=True)
-    print(tabulate(table, headers=("chunk", "variant", "µs", "GEMM TFLOP/s")))
-    return 1 if failures else 0
-
-
 def _timed_rows(timed: dict, c, hidden, vocab, rep: int) -> list[tuple]:
     """Each callable's CUDA-graph median, a table row each (printed as it comes), with the
     rate of one [C, H] × [H, V] GEMM's 2·C·H·V FLOPs."""
@@ -211,14 +161,9 @@ def main() -> int:
     for b in dh_failures:
         print("FAIL", b, flush=True)
     print(tabulate(table, headers=("chunk", "variant", "µs", "GEMM TFLOP/s")))
-    try:      # a failure to compile the dW kernel must not lose the tables above
-        dw_status = dw_main()
-    except Exception as e:  # noqa: BLE001
-        print(f"FAIL dW GEMM: {type(e).__name__}: {e}", flush=True)
-        dw_status = 1
     print(f"# {time.time() - start:.0f} s")
-    return 0 if len(good) == len(TILES) and not dh_failures and not dw_status else 1
+    return 0 if len(good) == len(TILES) and not dh_failures else 1
 
 
 if __name__ == "__main__":
-    sys.exit(dw_main() if sys.argv[1:] == ["dw"] else main())
+    sys.exit(main())

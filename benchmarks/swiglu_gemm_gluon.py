@@ -376,8 +376,8 @@ class WsTile(GemmTile):
 
 
 WS_CONFIGS = [
-    WsTile(stages=3),                                           # the product's DEFAULT_TILE
-    WsTile(stages=4, dh_bufs=1),
+    WsTile(dh_bufs=1),                                          # the product's DEFAULT_TILE
+    WsTile(stages=3),
     WsTile(stages=2),
     WsTile(stages=3, split=8),
     WsTile(stages=3, split=4, epi_warps=4, epi_regs=192, maxnreg=128),

@@ -9,8 +9,7 @@ computes the logits again), which the pass uses only when no gradient is needed 
 "chronicals_cublas_logits" is "chronicals" with cuBLAS computing the logits and the first row
 pass reading them, instead of the Gluon GEMM with the row statistics in its epilogue
 (kernels/linear_ce_gemm.py, Hopper); "chronicals_dh_gemm" also takes dH_c = d_c @ W off cuBLAS
-onto the same Gluon main loop (opt-in, CHRONICALS_LCE_DH_GEMM=1); "chronicals_dw_gemm" takes
-dW += d_cᵀ @ H_c onto it, the add to dW in its epilogue warps (opt-in, CHRONICALS_LCE_DW_GEMM=1).
+onto the same Gluon main loop (opt-in, CHRONICALS_LCE_DH_GEMM=1).
 Liger computes 6NHV, Cut Cross-Entropy 8NHV.
 """
 
@@ -51,7 +50,6 @@ def _chronicals_with(variable: str, value: str):
 
 chronicals_cublas_logits = _chronicals_with("CHRONICALS_LCE_GEMM", "0")
 chronicals_dh_gemm = _chronicals_with("CHRONICALS_LCE_DH_GEMM", "1")   # opt-in until measured
-chronicals_dw_gemm = _chronicals_with("CHRONICALS_LCE_DW_GEMM", "1")   # opt-in until measured
 
 
 def chronicals_recompute(h, w, labels):
@@ -104,7 +102,6 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     variants = {"eager": eager, "inductor": torch.compile(eager, dynamic=False), "chronicals": chronicals,
                 "chronicals_cublas_logits": chronicals_cublas_logits,
                 "chronicals_dh_gemm": chronicals_dh_gemm,
-                "chronicals_dw_gemm": chronicals_dw_gemm,
                 "chronicals_recompute": chronicals_recompute,
                 **_liger(), **_cut_ce()}
     out = []

@@ -3,12 +3,10 @@ count of a persistent launch, the one check of where they can run, and the warp-
 main loop whose epilogues differ (kernels/swiglu_gemm.py, kernels/linear_ce_gemm.py):
 
     loader    1 warp         TMA loads of A and B blocks into a STAGES-deep ring
-                             (ab_ready: landed; ab_empty: the wgmma that read the slot is done);
-                             A K-major, or M-major (A_TRANS: the blocks of Aᵀ, read transposed)
+                             (ab_ready: landed; ab_empty: the wgmma that read the slot is done)
     mma       the default    the K loop on asynchronous wgmma (two warpgroups of 64 rows), then
-              partition      the accumulator, rounded to the dtype (or whole, fp32: ACC_F32),
-                             into one of DH_BUFS shared tiles (dh_ready / dh_empty) for the
-                             kernel's own epilogue partition
+              partition      the accumulator, rounded to the dtype, into one of DH_BUFS shared
+                             tiles (dh_ready / dh_empty) for the kernel's own epilogue partition
 
 Every partition walks the same grouped persistent tile order (tutorial 09): one program per SM,
 tiles start_pid, start_pid + #SMs, ...
@@ -148,15 +146,9 @@ def wgmma_layout(BLOCK_M, BLOCK_N, num_warps):
 
 @gluon.jit
 def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                    W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
-                    A_TRANS: gl.constexpr = False):
-    """A_TRANS: ``a_desc`` is over Aᵀ [K, M] in [BK, BM] blocks (A read M-major)."""
-    if A_TRANS:
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
-    else:
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+                    W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     if W_KMAJOR:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     else:
@@ -176,12 +168,8 @@ def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
             mbarrier.wait(ab_empty.index(s), ((prod // STAGES) & 1) ^ 1)
             bar = ab_ready.index(s)
             mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            if A_TRANS:
-                tma.async_copy_global_to_shared(a_desc, [ki * BLOCK_K, pid_m * BLOCK_M], bar,
-                                                a_bufs.index(s))
-            else:
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar,
-                                                a_bufs.index(s))
+            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, ki * BLOCK_K], bar,
+                                            a_bufs.index(s))
             if W_KMAJOR:
                 tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, ki * BLOCK_K], bar,
                                                 b_bufs.index(s))
@@ -194,9 +182,7 @@ def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
 @gluon.jit
 def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
                    M, N, K, BLOCK_K: gl.constexpr, W_KMAJOR: gl.constexpr,
-                   GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, A_TRANS: gl.constexpr = False):
-    """The accumulator goes to ``dh_bufs`` in their dtype: rounded (bf16/fp16), or whole (fp32)
-    for an epilogue that adds to it before rounding once."""
+                   GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
     STAGES: gl.constexpr = a_bufs.shape[0]
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
@@ -216,11 +202,7 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
                 b = b_bufs.index(s).permute((1, 0))
             else:
                 b = b_bufs.index(s)
-            if A_TRANS:
-                a = a_bufs.index(s).permute((1, 0))     # [BK, BM] landed, read as [BM, BK]
-            else:
-                a = a_bufs.index(s)
-            acc = warpgroup_mma(a, b, acc, is_async=True)
+            acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
             # one wgmma left in flight: the previous block's has read its slot, in both
             # warpgroups once every warp is past the wait
             acc = warpgroup_mma_wait(1, deps=(acc, ))
@@ -233,7 +215,7 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
 
         d = tiles % DH_BUFS
         mbarrier.wait(dh_empty.index(d), ((tiles // DH_BUFS) & 1) ^ 1)
-        dh_bufs.index(d).store(acc.to(dh_bufs.dtype))      # rounded as cuBLAS stores dh (or fp32)
+        dh_bufs.index(d).store(acc.to(dh_bufs.dtype))      # rounded as cuBLAS stores dh
         gl.thread_barrier()
         mbarrier.arrive(dh_ready.index(d), count=1)
         tiles += 1
@@ -241,15 +223,10 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
 
 @gluon.jit
 def ws_gemm_buffers(a_desc, b_desc, STAGES: gl.constexpr, DH_BUFS: gl.constexpr,
-                    W_KMAJOR: gl.constexpr, A_TRANS: gl.constexpr = False,
-                    ACC_F32: gl.constexpr = False):
+                    W_KMAJOR: gl.constexpr):
     """Shared memory and barriers of the warp-specialized GEMM: the STAGES-deep A/B ring, DH_BUFS
-    result tiles [BM, BN] in the dtype (fp32 with ACC_F32), and their ready/empty mbarriers,
-    initialized."""
-    if A_TRANS:
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
-    else:
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    result tiles [BM, BN] in the dtype, and their ready/empty mbarriers, initialized."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     if W_KMAJOR:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     else:
@@ -258,12 +235,8 @@ def ws_gemm_buffers(a_desc, b_desc, STAGES: gl.constexpr, DH_BUFS: gl.constexpr,
     gl.static_assert(STAGES >= 2, "at least two stages")
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    if ACC_F32:
-        dh_dtype: gl.constexpr = gl.float32
-    else:
-        dh_dtype: gl.constexpr = dtype
-    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dh_dtype)
-    dh_bufs = gl.allocate_shared_memory(dh_dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
+    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
     ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())

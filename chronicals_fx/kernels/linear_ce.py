@@ -36,9 +36,8 @@ small combine (kernels/linear_ce_gemm.py; ``CHRONICALS_LCE_GEMM=0`` turns it off
 second Triton pass overwrites the buffer IN PLACE with d for an upstream gradient of 1; then
 dH_c = d_c @ W is written into dH's rows (one GEMM over all of V: rounded once, as eager;
 cuBLAS, or opt-in the same Gluon main loop: ``CHRONICALS_LCE_DH_GEMM=1``), dW += d_cᵀ @ H_c accumulates in a dW of the weight's dtype (cuBLAS
-addmm with beta = 1, or opt-in a Gluon GEMM that adds to dW in its own epilogue warps:
-``CHRONICALS_LCE_DW_GEMM=1``; fp32 inside each GEMM, one rounding per chunk — ⌈N / C⌉ roundings
-in all, against eager's one; beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, an fp32 [V, H] sum instead),
+addmm with beta = 1: fp32 inside each GEMM, one rounding per chunk — ⌈N / C⌉ roundings in all,
+against eager's one; beyond DW_LOW_PRECISION_MAX_CHUNKS chunks, an fp32 [V, H] sum instead),
 db += Σ_rows d_c in fp32. n_valid (for "mean") is a device tensor computed before the first
 chunk. The op returns the loss and dH, dW, db; its backward multiplies them by g (the upstream
 gradient) IN PLACE — a Triton kernel that reads g on the device and does nothing when g == 1
@@ -656,11 +655,6 @@ def _dh_with_gemm(d, weight, out) -> bool:
     return gemm is not None and gemm.dh_with_gemm(d, weight, out)
 
 
-def _dw_with_gemm(d, h, dw, accumulate: bool) -> bool:
-    gemm = _gluon_gemms()
-    return gemm is not None and gemm.dw_with_gemm(d, h, dw, accumulate)
-
-
 _GLUON_IMPORT: list = []      # [module or None]: imported once
 
 
@@ -736,7 +730,7 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
             torch.mm(x, weight, out=dh[r0:r1])
         if dw_acc is not None:
             _accumulate_mm(dw_acc, x.t(), hc)
-        elif need_w and not (x.is_cuda and _dw_with_gemm(x, hc, dw, accumulate=r0 > 0)):
+        elif need_w:
             if r0 == 0:
                 torch.mm(x.t(), hc, out=dw)
             else:

@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
                      load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
@@ -211,89 +211,6 @@ def combine_tile_stats_kernel(
             tl.store(OUT_ZSUM + row, tl.sum(zsum, axis=0))
 
 
-@gluon.jit
-def _accumulate_epilogue(acc_bufs, acc_ready, acc_empty, c_desc, c_bufs, c_bar, M, N,
-                         ACCUMULATE: gl.constexpr, GROUP_M: gl.constexpr,
-                         NUM_PROGS: gl.constexpr):
-    """C [M, N] := round(acc + C) with ACCUMULATE, round(acc) without (one rounding to C's
-    dtype, as cuBLAS's beta = 1). C's tile comes in by TMA while the tile's product is still in
-    the wgmma; then per column piece the fp32 product is read from shared memory, added, rounded
-    over C's piece in shared memory and stored by TMA (out-of-bounds rows and columns are
-    zero-filled on the load and dropped on the store)."""
-    BLOCK_M: gl.constexpr = acc_bufs.shape[1]
-    BLOCK_N: gl.constexpr = acc_bufs.shape[2]
-    ACC_BUFS: gl.constexpr = acc_bufs.shape[0]
-    SPLIT: gl.constexpr = c_bufs.shape[0]
-    WIDTH: gl.constexpr = c_bufs.shape[2]
-    layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
-        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        # the last tile's stores have read c_bufs (every warp past this before it is written)
-        tma.store_wait(0)
-        gl.thread_barrier()
-        if ACCUMULATE:
-            mbarrier.expect(c_bar, SPLIT * c_desc.block_type.nbytes)
-            for j in gl.static_range(SPLIT):
-                tma.async_copy_global_to_shared(c_desc, [off_m, off_n + j * WIDTH], c_bar,
-                                                c_bufs.index(j))
-        d = tiles % ACC_BUFS
-        mbarrier.wait(acc_ready.index(d), (tiles // ACC_BUFS) & 1)
-        if ACCUMULATE:
-            mbarrier.wait(c_bar, tiles & 1)
-        for j in gl.static_range(SPLIT):
-            x = acc_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
-            if j + 1 == SPLIT:
-                # every warp has read the tile: the buffer may take the next one
-                gl.thread_barrier()
-                mbarrier.arrive(acc_empty.index(d), count=1)
-            if ACCUMULATE:
-                x = x + c_bufs.index(j).load(layout).to(gl.float32)
-            c_bufs.index(j).store(x.to(c_desc.dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(c_desc, [off_m, off_n + j * WIDTH], c_bufs.index(j))
-        tiles += 1
-    tma.store_wait(0)
-
-
-@gluon.jit
-def dw_gemm_kernel(
-    a_desc, b_desc,               # d_c [K, M] in [BK, BM] blocks (A = d_cᵀ); H_c [K, N] in [BK, BN]
-    c_desc,                       # dW [M, N] in [BM, BN / SPLIT] pieces: := d_cᵀ @ H_c, or +=
-    M, N, K,
-    ACCUMULATE: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    DH_BUFS: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
-    EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
-):
-    """The fused loss's dW += d_cᵀ @ H_c over token chunks (K = the chunk's rows, short; M = the
-    vocabulary, long): the shared main loop reading A M-major, the accumulator handed over in
-    fp32, and epilogue warps that add dW's tile (fetched by TMA) and round once while the next
-    tile's wgmma runs — where cuBLAS's beta = 1 reads C in its own epilogue (session 12: ~1830
-    µs a chunk at H=4096 against ~1540 for the dH GEMM of the same FLOPs)."""
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
-    a_bufs, b_bufs, acc_bufs, ab_ready, ab_empty, acc_ready, acc_empty = ws_gemm_buffers(
-        a_desc, b_desc, STAGES, DH_BUFS, False, True, True)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [SPLIT] + c_desc.block_type.shape,
-                                       c_desc.layout)
-    c_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(c_bar, count=1)
-
-    gl.warp_specialize([
-        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, acc_bufs, acc_ready, acc_empty,
-                         M, N, K, BLOCK_K, False, GROUP_M, NUM_PROGS, True)),
-        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                          False, GROUP_M, NUM_PROGS, True)),
-        (_accumulate_epilogue, (acc_bufs, acc_ready, acc_empty, c_desc, c_bufs, c_bar, M, N,
-                                ACCUMULATE, GROUP_M, NUM_PROGS)),
-    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
-
-
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
@@ -418,58 +335,6 @@ def dh_with_gemm(d: Tensor, weight: Tensor, out: Tensor) -> bool:
         return False
     return launch_or_disable(lambda: make_dh_launch(d, weight, out)(), _dh_failed,
                              "the fused loss's Gluon dH GEMM", "using cuBLAS for dH")
-
-
-# dW's tile: 128 × 128 with the fp32 hand-over tile (64 KB) and a 4-deep ring (128 KB) in 227 KB
-# of shared memory; K (the chunk) is short, so the epilogue's read of dW must keep pace with
-# 16 K blocks a tile: 4 epilogue warps.
-DW_TILE = GemmTile(dh_bufs=1, epi_warps=4, epi_regs=192)
-_dw_failed: list[str] = []   # the opt-in dW GEMM
-
-
-def dw_gemm_unusable(d: Tensor, h: Tensor, dw: Tensor) -> str | None:
-    """Why :func:`dw_with_gemm` won't take dW (+)= d_cᵀ @ H_c (None: it will). Opt-in until
-    measured on a GPU: ``CHRONICALS_LCE_DW_GEMM=1`` (written in session 13 without device time
-    left; compiled for sm_90a offline: no spills)."""
-    if os.environ.get("CHRONICALS_LCE_DW_GEMM", "0") != "1":
-        return "opt-in (CHRONICALS_LCE_DW_GEMM=1): not yet measured on a GPU"
-    if _dw_failed:
-        return f"the kernel failed before: {_dw_failed[0]}"
-    reason = hopper_unusable(d, h, dw)
-    if reason:
-        return reason
-    if d.shape[1] % 8 or h.shape[1] % 8:
-        return "TMA needs rows of a multiple of 16 bytes"
-    if not (d.is_contiguous() and h.is_contiguous()):
-        return "TMA descriptors here need contiguous d and hidden states"
-    return None
-
-
-def make_dw_launch(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool,
-                   tile: GemmTile = DW_TILE):
-    """A callable computing dw = dᵀ @ h, or dw += dᵀ @ h with ``accumulate`` (d [K, M], h [K, N],
-    dw [M, N] with unit column stride, one dtype; fp32 products, one rounding)."""
-    k, m = d.shape
-    n = h.shape[1]
-    assert dw.shape == (m, n) and dw.stride(1) == 1 and h.shape[0] == k
-    assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
-    a = tma_descriptor(d, [tile.bk, tile.bm])
-    b = tma_descriptor(h, [tile.bk, tile.bn])
-    c = tma_descriptor(dw, [tile.bm, tile.bn // tile.split])
-    progs = num_sms(d.device)               # the tile stride, as in make_launch
-    grid = (min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn)),)
-    args = (a, b, c, m, n, k)
-    return launcher(dw_gemm_kernel, grid, args,
-                    dict(ACCUMULATE=accumulate, **ws_launch_kwargs(tile, progs)))
-
-
-def dw_with_gemm(d: Tensor, h: Tensor, dw: Tensor, accumulate: bool) -> bool:
-    """dw (+)= dᵀ @ h by the Gluon GEMM; False where it did not run (the caller takes cuBLAS).
-    A failure to compile or launch is warned about once, and not tried again."""
-    if dw_gemm_unusable(d, h, dw) or _misaligned(dw, d, h):
-        return False
-    return launch_or_disable(lambda: make_dw_launch(d, h, dw, accumulate)(), _dw_failed,
-                             "the fused loss's Gluon dW GEMM", "using cuBLAS for dW")
 
 
 def tile_stats_reference(x: Tensor, bn: int, scale: float, softcap: float, smoothing: bool

@@ -19,7 +19,6 @@ def _fresh_failure_lists(monkeypatch):
     """A kernel failure recorded by one test must not switch the kernels off for the next."""
     monkeypatch.setattr(L, "_failed", [])
     monkeypatch.setattr(L, "_dh_failed", [])
-    monkeypatch.setattr(L, "_dw_failed", [])
 
 
 def _hopper() -> bool:
@@ -120,38 +119,3 @@ def test_the_fused_loss_takes_dh_from_it_when_asked(monkeypatch):
     assert launches == [1024, 1024] and not L._dh_failed
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     assert _rel(got[1], want[1]) <= 2 ** -7
-
-
-@needs_hopper
-@pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("c,vocab,hidden", [(300, 5000, 520), (1024, 128256, 4096)])
-def test_dw_gemm_equals_cublas(c, vocab, hidden, accumulate):
-    """dW (+)= d_cᵀ @ H_c by the Gluon GEMM (opt-in in the op): A read M-major from d_c [C, V],
-    the fp32 product added to dW in the epilogue and rounded once, as cuBLAS's beta = 1 —
-    ragged tiles (and a chunk of rows not a multiple of the K block) and issue 5's H=4096 chunk,
-    within a bf16 step of cuBLAS's (fp32 accumulation order only)."""
-    g = torch.Generator(device="cuda").manual_seed(c)
-    d = (torch.randn(c, vocab, device="cuda", generator=g) * 1e-2).bfloat16()
-    h = torch.randn(c, hidden, device="cuda", generator=g).bfloat16()
-    start = torch.randn(vocab, hidden, device="cuda", generator=g).bfloat16()
-    want = start.clone().addmm_(d.t(), h) if accumulate else torch.mm(d.t(), h)
-    got = start.clone() if accumulate else torch.full_like(start, float("nan"))
-    L.make_dw_launch(d, h, got, accumulate)()
-    assert torch.isfinite(got).all() and _rel(got, want) <= 2 ** -7
-
-
-@needs_hopper
-def test_the_fused_loss_takes_dw_from_it_when_asked(monkeypatch):
-    """CHRONICALS_LCE_DW_GEMM=1 through the op, 3 chunks (the last partial): the Gluon dW GEMM
-    ran for every chunk (accumulating from the second), and dW equals the cuBLAS path's to bf16
-    rounding (the loss and dH are unchanged)."""
-    h, w, y = _inputs(700, 256, 5000)
-    launches = _record_launches(monkeypatch, "make_dw_launch", lambda a: (a[0].shape[0], a[3]))
-    args = (h, w, None, y, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
-    want = K.lce_forward_with_grads(*args, rows=256)
-    assert launches == []
-    monkeypatch.setenv("CHRONICALS_LCE_DW_GEMM", "1")
-    got = K.lce_forward_with_grads(*args, rows=256)
-    assert launches == [(256, False), (256, True), (188, True)] and not L._dw_failed
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert _rel(got[2], want[2]) <= 2 ** -7
