@@ -14,19 +14,23 @@ y out). Here dh stays on chip: 5 streams, and no [M, N] buffer for dh.
 Three partitions share each SM (``gl.warp_specialize``): the loader and mma partitions of
 kernels/_gluon.py (A = dy, B = W_down; dh tiles into shared memory), and
 
-    epilogue  EPI_WARPS      per tile, in SPLIT column pieces: g, u loaded from memory into
-                             registers (the next piece's loads issued before this one is
-                             computed), dh read from shared memory, the math, dg, du, y stored
+    epilogue  EPI_WARPS      per tile: g, u fetched by TMA into shared memory (issued before
+                             the tile's dh is ready, so they land while its wgmma runs); then
+                             in SPLIT column pieces dh, g, u read from shared memory, the math,
+                             dg, du, y stored
 
-so tile t's epilogue runs while tile t+1's wgmma does. The epilogue is ALU-bound (two
+so tile t's epilogue runs while tile t+1's wgmma does. The epilogue is ALU-heavy (two
 sigmoids, seven roundings a value: bf16 rounding uses the cvt instruction, round_to CODE 3),
 which is why one instruction stream (benchmarks/swiglu_gemm_gluon.py's first kernel) ran at
 0.80x of cuBLAS + the pass: its epilogue could not issue while wgmma ran. Registers are
 reallocated per partition (setmaxnreg): 24 for the loader, EPI_REGS for the epilogue, the rest
 (of 64K) for the wgmma partition.
 
-Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md, session 10): M=8192 K=896
-N=4864 222 µs against 236 for cuBLAS + the pass (1.06x); M=16384 K=4096 N=14336 1.03x. dg, du,
+Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md): M=8192 K=896 N=4864 201.5 µs
+against 234.4 for cuBLAS + the pass (1.16x; 207.3 where the pass does not write y, as Inductor's
+backward, which saved y in the forward instead) in session 14; with g, u loaded into registers
+one piece ahead, session 10 had 222 against 236, and M=16384 K=4096 N=14336 1.03x (not yet
+re-measured with the TMA loads). dg, du,
 y bit for bit the unfused path's on every shape checked (``--gpu-check``); only dh's fp32
 accumulation order may differ from cuBLAS's.
 """
