@@ -77,8 +77,15 @@ def launcher(kernel, grid: tuple, args: tuple, kwargs: dict):
 
 def tma_descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
     """A host TMA descriptor of ``t`` in ``block``-shaped tiles, NVMMA-swizzled in shared memory."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, GL_DTYPES[t.dtype])
-    return TensorDescriptor.from_tensor(t, block, layout)
+    return TensorDescriptor.from_tensor(t, block, _nvmma_layout(tuple(block), t.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _nvmma_layout(block: tuple[int, ...], dtype: torch.dtype):
+    """Gluon's default swizzled layout for a block (an immutable value): ~10 µs of host time to
+    compute, once per kernel launch and operand otherwise — a step launches these kernels
+    ~50 times."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), GL_DTYPES[dtype])
 
 
 def num_sms(device: torch.device) -> int:
