@@ -48,11 +48,13 @@ class GemmTile:
     load_regs: int = 24
     maxnreg: int = 96         # before reallocation: 64K registers / (20 warps x 32)
     hw_round: bool = True     # SwiGLU epilogue: bf16 rounding by cvt (round_to CODE 3), not bits
+    prefetch_next: bool = False  # SwiGLU epilogue: the next tile's g, u fetched piece by piece
 
     def tag(self) -> str:
         return (f"gluon-ws {self.bm}x{self.bn}x{self.bk} s{self.stages} split{self.split} "
                 f"dh{self.dh_bufs} mma{self.mma_warps}w epi{self.epi_warps}w/{self.epi_regs}r"
-                f"{'' if self.hw_round else ' bitround'}")
+                f"{'' if self.hw_round else ' bitround'}"
+                f"{' prefetch-next' if self.prefetch_next else ''}")
 
 
 def ws_launch_kwargs(tile: GemmTile, programs: int) -> dict:

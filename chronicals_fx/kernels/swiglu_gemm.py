@@ -75,14 +75,36 @@ def _row_mask(rows_left, offs, layout: gl.constexpr):
 
 
 @gluon.jit
-def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bar,
+def _fetch_gu_piece(g_desc, u_desc, gu_bufs, bars, j: gl.constexpr, off_m, off_n):
+    """g's and u's piece at (off_m, off_n) into slots 2j and 2j + 1 by TMA (rows past M
+    zero-filled), landing on barrier j."""
+    bar = bars.index(j)
+    mbarrier.expect(bar, 2 * g_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(g_desc, [off_m, off_n], bar, gu_bufs.index(2 * j))
+    tma.async_copy_global_to_shared(u_desc, [off_m, off_n], bar, gu_bufs.index(2 * j + 1))
+
+
+@gluon.jit
+def _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH: gl.constexpr):
+    SPLIT: gl.constexpr = gu_bars.shape[0]
+    for j in gl.static_range(SPLIT):
+        _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_bars, j, off_m, off_n + j * WIDTH)
+
+
+@gluon.jit
+def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bars,
                         DG, DU, Y, M, N,
                         ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr,
-                        EVEN_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+                        EVEN_M: gl.constexpr, PREFETCH_NEXT: gl.constexpr,
+                        GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """Per tile, g and u come into shared memory by TMA piece by piece (slot pair j: g's and u's
+    piece j, barrier j). Without PREFETCH_NEXT a tile's pieces are fetched when the tile starts;
+    with it, slot pair j is refilled with the next tile's piece j as soon as every warp has read
+    this tile's, so the fetch has the rest of this tile's pieces to land in."""
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
-    SPLIT: gl.constexpr = gu_bufs.shape[0] // 2
+    SPLIT: gl.constexpr = gu_bars.shape[0]
     WIDTH: gl.constexpr = BLOCK_N // SPLIT
     layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
     # a piece's offsets from its first value, the same for every piece (int32: the base,
@@ -93,33 +115,38 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
+    num_tiles = num_pid_m * num_pid_n
     tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+    for tile_id in range(gl.program_id(0), num_tiles, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         base = off_m.to(gl.int64) * N + off_n
         rows_left = M - off_m
-        # the tile's g, u come in by TMA (rows past M zero-filled) while its wgmma runs; every
-        # warp has read the last tile's from shared memory before they are overwritten
-        gl.thread_barrier()
-        mbarrier.expect(gu_bar, 2 * SPLIT * g_desc.block_type.nbytes)
-        for j in gl.static_range(SPLIT):
-            tma.async_copy_global_to_shared(g_desc, [off_m, off_n + j * WIDTH], gu_bar,
-                                            gu_bufs.index(j))
-            tma.async_copy_global_to_shared(u_desc, [off_m, off_n + j * WIDTH], gu_bar,
-                                            gu_bufs.index(SPLIT + j))
+        # (every warp read the last tile's pieces before the barrier after its last piece)
+        if PREFETCH_NEXT:
+            if tiles == 0:
+                _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH)
+        else:
+            _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH)
+        next_id = tile_id + NUM_PROGS
+        next_m, next_n = tile_coords(next_id, num_pid_in_group, num_pid_m, GROUP_M)
         d = tiles % DH_BUFS
         mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
-        mbarrier.wait(gu_bar, tiles & 1)
         for j in gl.static_range(SPLIT):
+            mbarrier.wait(gu_bars.index(j), tiles & 1)
             dh = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
-            if j + 1 == SPLIT:
-                # every warp has read the tile: the buffer may take the next one
+            g = gu_bufs.index(2 * j).load(layout)
+            u = gu_bufs.index(2 * j + 1).load(layout)
+            if PREFETCH_NEXT or j + 1 == SPLIT:
+                # every warp has read this piece (and, after the last, the dh tile)
                 gl.thread_barrier()
+            if j + 1 == SPLIT:
                 mbarrier.arrive(dh_empty.index(d), count=1)
-            g = gu_bufs.index(j).load(layout)
-            u = gu_bufs.index(SPLIT + j).load(layout)
+            if PREFETCH_NEXT:
+                if next_id < num_tiles:
+                    _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_bars, j, next_m * BLOCK_M,
+                                    next_n * BLOCK_N + j * WIDTH)
             dg, du, y = swiglu_bwd_math(dh, g, u, ACT, ROUND)
             at = base + j * WIDTH
             _store_piece(DG, dg, at, offs, rows_left, EVEN_M, layout)
@@ -137,6 +164,7 @@ def swiglu_bwd_gemm_kernel(
     M, N, K,
     ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr, SPLIT: gl.constexpr,
     EVEN_M: gl.constexpr,         # M a multiple of BLOCK_M: no store masks (N always is one)
+    PREFETCH_NEXT: gl.constexpr,  # g, u of the next tile fetched piece by piece (see epilogue)
     STAGES: gl.constexpr, DH_BUFS: gl.constexpr, W_KMAJOR: gl.constexpr,
     GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
     EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
@@ -144,20 +172,21 @@ def swiglu_bwd_gemm_kernel(
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty = ws_gemm_buffers(
         a_desc, b_desc, STAGES, DH_BUFS, W_KMAJOR)
-    # g's SPLIT pieces, then u's: the whole tile in shared memory
+    # the whole tile's g, u in shared memory: slot 2j g's piece j, slot 2j + 1 u's
     gu_bufs = gl.allocate_shared_memory(g_desc.dtype, [2 * SPLIT] + g_desc.block_type.shape,
                                         g_desc.layout)
-    gu_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(gu_bar, count=1)
+    gu_bars = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(SPLIT):
+        mbarrier.init(gu_bars.index(j), count=1)
 
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
                           M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                            W_KMAJOR, GROUP_M, NUM_PROGS)),
-        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bar,
-                               DG, DU, Y, M, N, ACT, ROUND, STORE_Y, EVEN_M, GROUP_M,
-                               NUM_PROGS)),
+        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bars,
+                               DG, DU, Y, M, N, ACT, ROUND, STORE_Y, EVEN_M, PREFETCH_NEXT,
+                               GROUP_M, NUM_PROGS)),
     ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
 
 
@@ -203,7 +232,8 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
     u = tma_descriptor(up, [tile.bm, tile.bn // tile.split])
     args = (a, b, g, u, dg, du, y if y is not None else dg, m, n, k)
     kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None,
-                  EVEN_M=m % tile.bm == 0, W_KMAJOR=w_kmajor, **ws_launch_kwargs(tile, progs))
+                  EVEN_M=m % tile.bm == 0, PREFETCH_NEXT=tile.prefetch_next, W_KMAJOR=w_kmajor,
+                  **ws_launch_kwargs(tile, progs))
     return launcher(swiglu_bwd_gemm_kernel, (programs,), args, kwargs)
 
 
