@@ -130,7 +130,10 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
         else:
             _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH)
         next_id = tile_id + NUM_PROGS
-        next_m, next_n = tile_coords(next_id, num_pid_in_group, num_pid_m, GROUP_M)
+        if PREFETCH_NEXT:
+            # clamped: past the last tile tile_coords would divide by an empty group's size
+            next_m, next_n = tile_coords(gl.minimum(next_id, num_tiles - 1), num_pid_in_group,
+                                         num_pid_m, GROUP_M)
         d = tiles % DH_BUFS
         mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
         for j in gl.static_range(SPLIT):
