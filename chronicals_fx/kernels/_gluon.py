@@ -48,7 +48,7 @@ class GemmTile:
     load_regs: int = 24
     maxnreg: int = 96         # before reallocation: 64K registers / (20 warps x 32)
     hw_round: bool = True     # SwiGLU epilogue: bf16 rounding by cvt (round_to CODE 3), not bits
-    prefetch_next: bool = False  # SwiGLU epilogue: the next tile's g, u fetched piece by piece
+    prefetch_next: bool = False  # SwiGLU epilogue: g, u fetched a tile ahead by a warp of their own
 
     def tag(self) -> str:
         return (f"gluon-ws {self.bm}x{self.bn}x{self.bk} s{self.stages} split{self.split} "

@@ -19,7 +19,9 @@ kernels/_gluon.py (A = dy, B = W_down; dh tiles into shared memory), and
                              in SPLIT column pieces dh, g, u read from shared memory, the math,
                              dg, du, y stored
 
-so tile t's epilogue runs while tile t+1's wgmma does. The epilogue is ALU-heavy (two
+and, with ``GemmTile.prefetch_next`` (a sweep candidate, not yet run on a GPU), a fourth: one
+warp that fetches g, u a tile ahead (_gu_load_partition). So tile t's epilogue runs while tile
+t+1's wgmma does. The epilogue is ALU-heavy (two
 sigmoids, seven roundings a value: bf16 rounding uses the cvt instruction, round_to CODE 3),
 which is why one instruction stream (benchmarks/swiglu_gemm_gluon.py's first kernel) ran at
 0.80x of cuBLAS + the pass: its epilogue could not issue while wgmma ran. Registers are
@@ -85,26 +87,44 @@ def _fetch_gu_piece(g_desc, u_desc, gu_bufs, bars, j: gl.constexpr, off_m, off_n
 
 
 @gluon.jit
-def _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH: gl.constexpr):
-    SPLIT: gl.constexpr = gu_bars.shape[0]
-    for j in gl.static_range(SPLIT):
-        _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_bars, j, off_m, off_n + j * WIDTH)
+def _gu_load_partition(g_desc, u_desc, gu_bufs, gu_ready, gu_empty, M, N,
+                       GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """PREFETCH_NEXT's own loader warp: slot pair j takes each tile's piece j of g and u as soon
+    as the epilogue has read the last tile's (gu_empty j), so the next tile's pieces land while
+    this tile's are computed — the epilogue is the bottleneck (session 14: 201.5 µs against
+    max(GEMM, pass) ≈ 120 at M=8192 K=896 N=4864)."""
+    SPLIT: gl.constexpr = gu_ready.shape[0]
+    BLOCK_M: gl.constexpr = g_desc.block_type.shape[0]
+    WIDTH: gl.constexpr = g_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = WIDTH * SPLIT
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    tiles = 0
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
+        for j in gl.static_range(SPLIT):
+            # a fresh barrier counts as having completed the phase before 0
+            mbarrier.wait(gu_empty.index(j), (tiles & 1) ^ 1)
+            _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_ready, j, pid_m * BLOCK_M,
+                            pid_n * BLOCK_N + j * WIDTH)
+        tiles += 1
 
 
 @gluon.jit
-def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bars,
-                        DG, DU, Y, M, N,
+def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_ready,
+                        gu_empty, DG, DU, Y, M, N,
                         ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr,
                         EVEN_M: gl.constexpr, PREFETCH_NEXT: gl.constexpr,
                         GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
     """Per tile, g and u come into shared memory by TMA piece by piece (slot pair j: g's and u's
-    piece j, barrier j). Without PREFETCH_NEXT a tile's pieces are fetched when the tile starts;
-    with it, slot pair j is refilled with the next tile's piece j as soon as every warp has read
-    this tile's, so the fetch has the rest of this tile's pieces to land in."""
+    piece j, landing on gu_ready j). Without PREFETCH_NEXT this partition fetches a tile's
+    pieces when the tile starts (``gu_empty`` unused); with it, _gu_load_partition does, and
+    each piece read is handed back on gu_empty j."""
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
-    SPLIT: gl.constexpr = gu_bars.shape[0]
+    SPLIT: gl.constexpr = gu_ready.shape[0]
     WIDTH: gl.constexpr = BLOCK_N // SPLIT
     layout: gl.constexpr = piece_layout(WIDTH, gl.num_warps())
     # a piece's offsets from its first value, the same for every piece (int32: the base,
@@ -115,29 +135,21 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    num_tiles = num_pid_m * num_pid_n
     tiles = 0
-    for tile_id in range(gl.program_id(0), num_tiles, NUM_PROGS):
+    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         base = off_m.to(gl.int64) * N + off_n
         rows_left = M - off_m
-        # (every warp read the last tile's pieces before the barrier after its last piece)
-        if PREFETCH_NEXT:
-            if tiles == 0:
-                _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH)
-        else:
-            _fetch_gu_tile(g_desc, u_desc, gu_bufs, gu_bars, off_m, off_n, WIDTH)
-        next_id = tile_id + NUM_PROGS
-        if PREFETCH_NEXT:
-            # clamped: past the last tile tile_coords would divide by an empty group's size
-            next_m, next_n = tile_coords(gl.minimum(next_id, num_tiles - 1), num_pid_in_group,
-                                         num_pid_m, GROUP_M)
+        if not PREFETCH_NEXT:
+            # (every warp read the last tile's pieces before the barrier after its last piece)
+            for j in gl.static_range(SPLIT):
+                _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_ready, j, off_m, off_n + j * WIDTH)
         d = tiles % DH_BUFS
         mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
         for j in gl.static_range(SPLIT):
-            mbarrier.wait(gu_bars.index(j), tiles & 1)
+            mbarrier.wait(gu_ready.index(j), tiles & 1)
             dh = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
             g = gu_bufs.index(2 * j).load(layout)
             u = gu_bufs.index(2 * j + 1).load(layout)
@@ -147,9 +159,7 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
             if j + 1 == SPLIT:
                 mbarrier.arrive(dh_empty.index(d), count=1)
             if PREFETCH_NEXT:
-                if next_id < num_tiles:
-                    _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_bars, j, next_m * BLOCK_M,
-                                    next_n * BLOCK_N + j * WIDTH)
+                mbarrier.arrive(gu_empty.index(j), count=1)
             dg, du, y = swiglu_bwd_math(dh, g, u, ACT, ROUND)
             at = base + j * WIDTH
             _store_piece(DG, dg, at, offs, rows_left, EVEN_M, layout)
@@ -167,7 +177,7 @@ def swiglu_bwd_gemm_kernel(
     M, N, K,
     ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr, SPLIT: gl.constexpr,
     EVEN_M: gl.constexpr,         # M a multiple of BLOCK_M: no store masks (N always is one)
-    PREFETCH_NEXT: gl.constexpr,  # g, u of the next tile fetched piece by piece (see epilogue)
+    PREFETCH_NEXT: gl.constexpr,  # g, u fetched ahead by a loader warp of their own
     STAGES: gl.constexpr, DH_BUFS: gl.constexpr, W_KMAJOR: gl.constexpr,
     GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
     EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
@@ -178,19 +188,34 @@ def swiglu_bwd_gemm_kernel(
     # the whole tile's g, u in shared memory: slot 2j g's piece j, slot 2j + 1 u's
     gu_bufs = gl.allocate_shared_memory(g_desc.dtype, [2 * SPLIT] + g_desc.block_type.shape,
                                         g_desc.layout)
-    gu_bars = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
+    gu_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(SPLIT):
-        mbarrier.init(gu_bars.index(j), count=1)
-
-    gl.warp_specialize([
-        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
-                          M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
-        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                           W_KMAJOR, GROUP_M, NUM_PROGS)),
-        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_bars,
-                               DG, DU, Y, M, N, ACT, ROUND, STORE_Y, EVEN_M, PREFETCH_NEXT,
-                               GROUP_M, NUM_PROGS)),
-    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
+        mbarrier.init(gu_ready.index(j), count=1)
+    if PREFETCH_NEXT:
+        gu_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(SPLIT):
+            mbarrier.init(gu_empty.index(j), count=1)
+        gl.warp_specialize([
+            (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                             M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
+            (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                              W_KMAJOR, GROUP_M, NUM_PROGS)),
+            (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs,
+                                   gu_ready, gu_empty, DG, DU, Y, M, N, ACT, ROUND, STORE_Y,
+                                   EVEN_M, True, GROUP_M, NUM_PROGS)),
+            (_gu_load_partition, (g_desc, u_desc, gu_bufs, gu_ready, gu_empty, M, N, GROUP_M,
+                                  NUM_PROGS)),
+        ], [1, EPI_WARPS, 1], [LOAD_REGS, EPI_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                             M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
+            (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                              W_KMAJOR, GROUP_M, NUM_PROGS)),
+            (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs,
+                                   gu_ready, gu_ready, DG, DU, Y, M, N, ACT, ROUND, STORE_Y,
+                                   EVEN_M, False, GROUP_M, NUM_PROGS)),
+        ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
 
 
 # ---------------------------------------------------------------------------------------------

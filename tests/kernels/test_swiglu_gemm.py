@@ -52,7 +52,7 @@ def test_fused_gemm_equals_cublas_and_the_pass(activation, shape):
 @needs_hopper
 @pytest.mark.parametrize("shape", [(1000, 520, 768), (8192, 896, 4864)])
 def test_prefetching_next_tile_gives_the_same_result(shape):
-    """The epilogue variant that fetches the next tile's g, u piece by piece (a sweep candidate,
+    """The variant whose own loader warp fetches g, u a tile ahead (a sweep candidate,
     GemmTile.prefetch_next) writes exactly what the default does: ragged and real shapes."""
     from dataclasses import replace
 
