@@ -21,11 +21,11 @@ kernels/_gluon.py (A = dy, B = W_down; dh tiles into shared memory), and
 
 and, with ``GemmTile.prefetch_next`` (a sweep candidate, not yet run on a GPU), a fourth: one
 warp that fetches g, u a tile ahead (_gu_load_partition). So tile t's epilogue runs while tile
-t+1's wgmma does. The epilogue is ALU-heavy (two
-sigmoids, seven roundings a value: bf16 rounding uses the cvt instruction, round_to CODE 3),
-which is why one instruction stream (benchmarks/swiglu_gemm_gluon.py's first kernel) ran at
-0.80x of cuBLAS + the pass: its epilogue could not issue while wgmma ran. Registers are
-reallocated per partition (setmaxnreg): 24 for the loader, EPI_REGS for the epilogue, the rest
+t+1's wgmma does. The epilogue is ALU-heavy (two sigmoids, seven roundings a value: bf16
+rounding uses the cvt instruction, round_to CODE 3), which is why one instruction stream
+(benchmarks/swiglu_gemm_gluon.py's first kernel) ran at 0.80x of cuBLAS + the pass: its epilogue
+could not issue while wgmma ran. Registers are reallocated per partition (setmaxnreg): 24 for
+the loaders, EPI_REGS for the epilogue, the rest
 (of 64K) for the wgmma partition.
 
 Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md): M=8192 K=896 N=4864 201.5 µs
