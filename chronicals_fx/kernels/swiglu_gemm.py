@@ -25,8 +25,7 @@ t+1's wgmma does. The epilogue is ALU-heavy (two sigmoids, seven roundings a val
 rounding uses the cvt instruction, round_to CODE 3), which is why one instruction stream
 (benchmarks/swiglu_gemm_gluon.py's first kernel) ran at 0.80x of cuBLAS + the pass: its epilogue
 could not issue while wgmma ran. Registers are reallocated per partition (setmaxnreg): 24 for
-the loaders, EPI_REGS for the epilogue, the rest
-(of 64K) for the wgmma partition.
+the loaders, EPI_REGS for the epilogue, the rest (of 64K) for the wgmma partition.
 
 Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md): M=8192 K=896 N=4864 201.5 µs
 against 234.4 for cuBLAS + the pass (1.16x; 207.3 where the pass does not write y, as Inductor's
