@@ -190,6 +190,8 @@ def swiglu_bwd_gemm_kernel(
     gu_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(SPLIT):
         mbarrier.init(gu_ready.index(j), count=1)
+    # (the partitions must be a literal list where Gluon traces them: the two calls differ by
+    # the g, u loader warp)
     if PREFETCH_NEXT:
         gu_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(SPLIT):
