@@ -43,7 +43,7 @@ import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
                      load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
@@ -152,6 +152,10 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
             dh = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
             g = gu_bufs.index(2 * j).load(layout)
             u = gu_bufs.index(2 * j + 1).load(layout)
+            if PREFETCH_NEXT:
+                # the reads (generic proxy) ordered before the loader warp's TMA refill (async
+                # proxy) of these slots; Triton fences only within a partition
+                fence_async_shared()
             if PREFETCH_NEXT or j + 1 == SPLIT:
                 # every warp has read this piece (and, after the last, the dh tile)
                 gl.thread_barrier()
