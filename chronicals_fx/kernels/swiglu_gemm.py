@@ -31,9 +31,8 @@ Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md): M=8192 K=896 N
 against 234.4 for cuBLAS + the pass (1.16x; 207.3 where the pass does not write y, as Inductor's
 backward, which saved y in the forward instead) in session 14; with g, u loaded into registers
 one piece ahead, session 10 had 222 against 236, and M=16384 K=4096 N=14336 1.03x (not yet
-re-measured with the TMA loads). dg, du,
-y bit for bit the unfused path's on every shape checked (``--gpu-check``); only dh's fp32
-accumulation order may differ from cuBLAS's.
+re-measured with the TMA loads). dg, du, y bit for bit the unfused path's on every shape checked
+(``--gpu-check``); only dh's fp32 accumulation order may differ from cuBLAS's.
 """
 
 from __future__ import annotations
