@@ -377,8 +377,7 @@ class WsTile(GemmTile):
 
 WS_CONFIGS = [
     WsTile(dh_bufs=1),                                          # the product's DEFAULT_TILE
-    WsTile(dh_bufs=1, prefetch_next=True),
-    WsTile(dh_bufs=1, split=8, prefetch_next=True),
+    WsTile(dh_bufs=1, split=8),
     WsTile(stages=3),
     WsTile(stages=2),
     WsTile(stages=3, split=8),

@@ -48,13 +48,11 @@ class GemmTile:
     load_regs: int = 24
     maxnreg: int = 96         # before reallocation: 64K registers / (20 warps x 32)
     hw_round: bool = True     # SwiGLU epilogue: bf16 rounding by cvt (round_to CODE 3), not bits
-    prefetch_next: bool = False  # SwiGLU epilogue: g, u fetched a tile ahead by a warp of their own
 
     def tag(self) -> str:
         return (f"gluon-ws {self.bm}x{self.bn}x{self.bk} s{self.stages} split{self.split} "
                 f"dh{self.dh_bufs} mma{self.mma_warps}w epi{self.epi_warps}w/{self.epi_regs}r"
-                f"{'' if self.hw_round else ' bitround'}"
-                f"{' prefetch-next' if self.prefetch_next else ''}")
+                f"{'' if self.hw_round else ' bitround'}")
 
 
 def ws_launch_kwargs(tile: GemmTile, programs: int) -> dict:
@@ -154,6 +152,16 @@ def wgmma_layout(BLOCK_M, BLOCK_N, num_warps):
 
 
 @gluon.jit
+def tile_walk(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """What the persistent tile order needs of the problem: the tile count (the loop runs
+    ``range(program_id, tiles, NUM_PROGS)``) and ``tile_coords``'s tiles per group of GROUP_M
+    row blocks and row-block count."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    return num_pid_m * num_pid_n, GROUP_M * num_pid_n, num_pid_m
+
+
+@gluon.jit
 def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
                     W_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -163,12 +171,10 @@ def load_partition(a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
     else:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
     STAGES: gl.constexpr = a_bufs.shape[0]
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_tiles, num_pid_in_group, num_pid_m = tile_walk(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_n
     prod = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+    for tile_id in range(gl.program_id(0), num_tiles, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         for ki in range(k_tiles):
             s = prod % STAGES
@@ -197,12 +203,11 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
     acc_layout: gl.constexpr = wgmma_layout(BLOCK_M, BLOCK_N, gl.num_warps())
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
+    num_tiles, _, _ = tile_walk(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_tiles = gl.cdiv(K, BLOCK_K)
     cons = 0
     tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+    for tile_id in range(gl.program_id(0), num_tiles, NUM_PROGS):
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         for ki in range(k_tiles):
             s = cons % STAGES

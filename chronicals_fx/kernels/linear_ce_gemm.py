@@ -39,8 +39,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
-                     load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
-                     ws_gemm_buffers, ws_launch_kwargs)
+                     load_partition, mma_partition, num_sms, piece_layout, tile_walk,
+                     tma_descriptor, ws_gemm_buffers, ws_launch_kwargs)
 from ._triton import tile_coords
 from .linear_ce import _M_FLOOR, _transform
 
@@ -78,11 +78,9 @@ def _epilogue(dh_bufs, dh_ready, dh_empty, C, stride_c, PM, PS, PZSUM, M, N, T, 
     rows = gl.arange(0, BLOCK_M, layout=row_layout)
     cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
     offs = gl.expand_dims(rows * stride_c, 1) + gl.expand_dims(cols, 0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
+    num_tiles, num_pid_in_group, num_pid_m = tile_walk(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+    for tile_id in range(gl.program_id(0), num_tiles, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N

@@ -19,20 +19,19 @@ kernels/_gluon.py (A = dy, B = W_down; dh tiles into shared memory), and
                              in SPLIT column pieces dh, g, u read from shared memory, the math,
                              dg, du, y stored
 
-and, with ``GemmTile.prefetch_next`` (a sweep candidate, not yet run on a GPU), a fourth: one
-warp that fetches g, u a tile ahead (_gu_load_partition). So tile t's epilogue runs while tile
-t+1's wgmma does. The epilogue is ALU-heavy (two sigmoids, seven roundings a value: bf16
-rounding uses the cvt instruction, round_to CODE 3), which is why one instruction stream
-(benchmarks/swiglu_gemm_gluon.py's first kernel) ran at 0.80x of cuBLAS + the pass: its epilogue
-could not issue while wgmma ran. Registers are reallocated per partition (setmaxnreg): 24 for
-the loaders, EPI_REGS for the epilogue, the rest (of 64K) for the wgmma partition.
+The epilogue is ALU-heavy (two sigmoids, seven roundings a value: bf16 rounding uses the cvt
+instruction, round_to CODE 3), which is why one instruction stream (benchmarks/swiglu_gemm_gluon.py's
+first kernel) ran at 0.80x of cuBLAS + the pass: its epilogue could not issue while wgmma ran.
+Registers are reallocated per partition (setmaxnreg): 24 for the loader, EPI_REGS for the
+epilogue, the rest (of 64K) for the wgmma partition.
 
-Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md): M=8192 K=896 N=4864 201.5 µs
-against 234.4 for cuBLAS + the pass (1.16x; 207.3 where the pass does not write y, as Inductor's
-backward, which saved y in the forward instead) in session 14; with g, u loaded into registers
-one piece ahead, session 10 had 222 against 236, and M=16384 K=4096 N=14336 1.03x (not yet
-re-measured with the TMA loads). dg, du, y bit for bit the unfused path's on every shape checked
-(``--gpu-check``); only dh's fp32 accumulation order may differ from cuBLAS's.
+Measured (H200, bf16, CUDA-graph replays; benchmarks/RESULTS.md, session 15 call 1): M=8192
+K=896 N=4864 203.6 µs against 234.3 for cuBLAS + the pass (1.15x; 205.3 where the pass writes
+no y, as Inductor's backward, which saved y in the forward instead); M=16384 K=4096 N=14336
+3323 against 3387 (1.02x; 3257 without y). A fourth partition fetching g, u a tile ahead was
+1.6% faster at the first shape and 1.5% slower at the second: removed. dg, du, y are bit for bit
+the unfused path's on every shape checked (``--gpu-check``); only dh's fp32 accumulation order
+may differ from cuBLAS's.
 """
 
 from __future__ import annotations
@@ -42,11 +41,11 @@ import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._gluon import (GemmTile, hopper_unusable, launch_or_disable, launcher,
-                     load_partition, mma_partition, num_sms, piece_layout, tma_descriptor,
-                     ws_gemm_buffers, ws_launch_kwargs)
+                     load_partition, mma_partition, num_sms, piece_layout, tile_walk,
+                     tma_descriptor, ws_gemm_buffers, ws_launch_kwargs)
 from ._triton import ROUND_CODES, tile_coords
 from .swiglu import swiglu_bwd_math
 
@@ -85,40 +84,12 @@ def _fetch_gu_piece(g_desc, u_desc, gu_bufs, bars, j: gl.constexpr, off_m, off_n
 
 
 @gluon.jit
-def _gu_load_partition(g_desc, u_desc, gu_bufs, gu_ready, gu_empty, M, N,
-                       GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
-    """PREFETCH_NEXT's own loader warp: slot pair j takes each tile's piece j of g and u as soon
-    as the epilogue has read the last tile's (gu_empty j), so the next tile's pieces land while
-    this tile's are computed — the epilogue is the bottleneck (session 14: 201.5 µs against
-    max(GEMM, pass) ≈ 120 at M=8192 K=896 N=4864)."""
-    SPLIT: gl.constexpr = gu_ready.shape[0]
-    BLOCK_M: gl.constexpr = g_desc.block_type.shape[0]
-    WIDTH: gl.constexpr = g_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = WIDTH * SPLIT
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
-        pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
-        for j in gl.static_range(SPLIT):
-            # a fresh barrier counts as having completed the phase before 0
-            mbarrier.wait(gu_empty.index(j), (tiles & 1) ^ 1)
-            _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_ready, j, pid_m * BLOCK_M,
-                            pid_n * BLOCK_N + j * WIDTH)
-        tiles += 1
-
-
-@gluon.jit
 def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_ready,
-                        gu_empty, DG, DU, Y, M, N,
+                        DG, DU, Y, M, N,
                         ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr,
-                        EVEN_M: gl.constexpr, PREFETCH_NEXT: gl.constexpr,
-                        GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
-    """Per tile, g and u come into shared memory by TMA piece by piece (slot pair j: g's and u's
-    piece j, landing on gu_ready j). Without PREFETCH_NEXT this partition fetches a tile's
-    pieces when the tile starts (``gu_empty`` unused); with it, _gu_load_partition does, and
-    each piece read is handed back on gu_empty j."""
+                        EVEN_M: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """Per tile, g and u come into shared memory by TMA piece by piece as the tile starts (slot
+    pair j: g's and u's piece j, landing on gu_ready j), while the tile's wgmma runs."""
     DH_BUFS: gl.constexpr = dh_bufs.shape[0]
     BLOCK_M: gl.constexpr = dh_bufs.shape[1]
     BLOCK_N: gl.constexpr = dh_bufs.shape[2]
@@ -130,20 +101,17 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
     offs = gl.expand_dims(rows * N, 1) + gl.expand_dims(cols, 0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
+    num_tiles, num_pid_in_group, num_pid_m = tile_walk(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     tiles = 0
-    for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+    for tile_id in range(gl.program_id(0), num_tiles, NUM_PROGS):
         pid_m, pid_n = tile_coords(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         base = off_m.to(gl.int64) * N + off_n
         rows_left = M - off_m
-        if not PREFETCH_NEXT:
-            # (every warp read the last tile's pieces before the barrier after its last piece)
-            for j in gl.static_range(SPLIT):
-                _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_ready, j, off_m, off_n + j * WIDTH)
+        # (every warp read the last tile's pieces before the barrier after its last piece)
+        for j in gl.static_range(SPLIT):
+            _fetch_gu_piece(g_desc, u_desc, gu_bufs, gu_ready, j, off_m, off_n + j * WIDTH)
         d = tiles % DH_BUFS
         mbarrier.wait(dh_ready.index(d), (tiles // DH_BUFS) & 1)
         for j in gl.static_range(SPLIT):
@@ -151,17 +119,10 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu
             dh = dh_bufs.index(d).slice(j * WIDTH, WIDTH, dim=1).load(layout)
             g = gu_bufs.index(2 * j).load(layout)
             u = gu_bufs.index(2 * j + 1).load(layout)
-            if PREFETCH_NEXT:
-                # the reads (generic proxy) ordered before the loader warp's TMA refill (async
-                # proxy) of these slots; Triton fences only within a partition
-                fence_async_shared()
-            if PREFETCH_NEXT or j + 1 == SPLIT:
-                # every warp has read this piece (and, after the last, the dh tile)
-                gl.thread_barrier()
             if j + 1 == SPLIT:
+                # every warp has read the tile's pieces and its dh tile
+                gl.thread_barrier()
                 mbarrier.arrive(dh_empty.index(d), count=1)
-            if PREFETCH_NEXT:
-                mbarrier.arrive(gu_empty.index(j), count=1)
             dg, du, y = swiglu_bwd_math(dh, g, u, ACT, ROUND)
             at = base + j * WIDTH
             _store_piece(DG, dg, at, offs, rows_left, EVEN_M, layout)
@@ -179,7 +140,6 @@ def swiglu_bwd_gemm_kernel(
     M, N, K,
     ACT: gl.constexpr, ROUND: gl.constexpr, STORE_Y: gl.constexpr, SPLIT: gl.constexpr,
     EVEN_M: gl.constexpr,         # M a multiple of BLOCK_M: no store masks (N always is one)
-    PREFETCH_NEXT: gl.constexpr,  # g, u fetched ahead by a loader warp of their own
     STAGES: gl.constexpr, DH_BUFS: gl.constexpr, W_KMAJOR: gl.constexpr,
     GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr,
     EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
@@ -193,33 +153,15 @@ def swiglu_bwd_gemm_kernel(
     gu_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(SPLIT):
         mbarrier.init(gu_ready.index(j), count=1)
-    # (the partitions must be a literal list where Gluon traces them: the two calls differ by
-    # the g, u loader warp)
-    if PREFETCH_NEXT:
-        gu_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(SPLIT):
-            mbarrier.init(gu_empty.index(j), count=1)
-        gl.warp_specialize([
-            (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
-                             M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
-            (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                              W_KMAJOR, GROUP_M, NUM_PROGS)),
-            (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs,
-                                   gu_ready, gu_empty, DG, DU, Y, M, N, ACT, ROUND, STORE_Y,
-                                   EVEN_M, True, GROUP_M, NUM_PROGS)),
-            (_gu_load_partition, (g_desc, u_desc, gu_bufs, gu_ready, gu_empty, M, N, GROUP_M,
-                                  NUM_PROGS)),
-        ], [1, EPI_WARPS, 1], [LOAD_REGS, EPI_REGS, LOAD_REGS])
-    else:
-        gl.warp_specialize([
-            (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
-                             M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
-            (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
-                              W_KMAJOR, GROUP_M, NUM_PROGS)),
-            (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs,
-                                   gu_ready, gu_ready, DG, DU, Y, M, N, ACT, ROUND, STORE_Y,
-                                   EVEN_M, False, GROUP_M, NUM_PROGS)),
-        ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
+    gl.warp_specialize([
+        (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
+                         M, N, K, BLOCK_K, W_KMAJOR, GROUP_M, NUM_PROGS)),
+        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ab_ready, ab_empty, M, N, K,
+                          W_KMAJOR, GROUP_M, NUM_PROGS)),
+        (_epilogue_partition, (dh_bufs, dh_ready, dh_empty, g_desc, u_desc, gu_bufs, gu_ready,
+                               DG, DU, Y, M, N, ACT, ROUND, STORE_Y, EVEN_M, GROUP_M,
+                               NUM_PROGS)),
+    ], [1, EPI_WARPS], [LOAD_REGS, EPI_REGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +206,7 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
     u = tma_descriptor(up, [tile.bm, tile.bn // tile.split])
     args = (a, b, g, u, dg, du, y if y is not None else dg, m, n, k)
     kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None,
-                  EVEN_M=m % tile.bm == 0, PREFETCH_NEXT=tile.prefetch_next, W_KMAJOR=w_kmajor,
+                  EVEN_M=m % tile.bm == 0, W_KMAJOR=w_kmajor,
                   **ws_launch_kwargs(tile, progs))
     return launcher(swiglu_bwd_gemm_kernel, (programs,), args, kwargs)
 

@@ -50,26 +50,6 @@ def test_fused_gemm_equals_cublas_and_the_pass(activation, shape):
 
 
 @needs_hopper
-@pytest.mark.parametrize("shape", [(1000, 520, 768), (8192, 896, 4864)])
-def test_prefetching_next_tile_gives_the_same_result(shape):
-    """The variant whose own loader warp fetches g, u a tile ahead (a sweep candidate,
-    GemmTile.prefetch_next) writes exactly what the default does: ragged and real shapes."""
-    from dataclasses import replace
-
-    from chronicals_fx.kernels import swiglu_gemm
-
-    dy, w, g, u = _inputs(*shape)
-    outs = []
-    for tile in (swiglu_gemm.DEFAULT_TILE, replace(swiglu_gemm.DEFAULT_TILE, prefetch_next=True)):
-        out = [torch.full_like(g, float("nan")) for _ in range(3)]
-        swiglu_gemm.make_launch(dy, w, g, u, *out, 0, tile)()
-        outs.append(out)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
-    assert all(torch.isfinite(t).all() for t in outs[0])
-
-
-@needs_hopper
 def test_swiglu_linear_backward_takes_the_fused_gemm():
     """Through autograd: gradients with the fused GEMM equal those without (dW_down bit for
     bit: the same y through the same cuBLAS GEMM), and the fused kernel did run."""
