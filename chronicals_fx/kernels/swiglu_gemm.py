@@ -53,7 +53,8 @@ from .swiglu import swiglu_bwd_math
 # registers, 16 values a thread a piece, no spills. The tile's g, u (64 KB) sit in shared memory
 # beside a 4-deep ring (128 KB) and one dh tile (32 KB): 224 KB of 227. Session 14 call 5 (H200,
 # M=8192 K=896 N=4864): 201.5 µs against 225.5 with a 3-deep ring and two dh tiles, 313.4 with 2
-# and two; cuBLAS + the pass 234.4 (207.3 without writing y).
+# and two; cuBLAS + the pass 234.4 (207.3 without writing y). Session 15 call 1: 203.6 here,
+# 3323 at M=16384 K=4096 N=14336 (the 3-deep ring 4103).
 DEFAULT_TILE = GemmTile(dh_bufs=1)
 
 
