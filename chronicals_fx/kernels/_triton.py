@@ -23,7 +23,9 @@ def round_to(v, CODE: tl.constexpr):
 
     bf16 rounding is done on the bits (round to nearest, ties to even: add 0x7FFF plus the
     lowest kept bit, clear the low half) because Triton's interpreter truncates on
-    ``.to(tl.bfloat16)``; on the GPU both agree, and NaN and inf pass through unchanged.
+    ``.to(tl.bfloat16)``; on the GPU both agree. inf passes through; a NaN is kept as it is,
+    since the addition would carry a NaN's payload into the exponent or the sign (CUDA's
+    canonical NaN 0x7FFFFFFF became -0.0, 0x7F800001 inf: a NaN hidden from the loss).
     CODE 3 is bf16 through the hardware conversion, for kernels that never run interpreted
     (four integer instructions a value fewer: it matters where the epilogue is ALU-bound).
     """
@@ -31,7 +33,7 @@ def round_to(v, CODE: tl.constexpr):
     if CODE == 1:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
     elif CODE == 2:
         # through the bits, so the compiler cannot fold the fp32→fp16→fp32 round trip away
         half = v.to(tl.float16).to(tl.uint16, bitcast=True)

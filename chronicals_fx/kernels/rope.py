@@ -49,38 +49,15 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, launchable
-
-
-@triton.jit
-def _round(v, CODE: tl.constexpr):
-    """Round fp32 ``v`` to bf16 (CODE 1) or fp16 (CODE 2) precision, to nearest even, kept in
-    fp32; CODE 0 keeps fp32.
-
-    Spelled on the bits (add half an ulp minus one plus the lowest kept bit, clear the rest):
-    with a ``.to(bf16).to(fp32)`` round trip the kernel did not reproduce eager's roundings on an
-    H200 (Triton 3.6; its error matched one final rounding, as if the round trip were folded
-    away), and Triton's interpreter truncates instead of rounding. fp16: exact in fp16's normal range; below it (|v| < 2⁻¹⁴, subnormal in fp16) the
-    native conversion is used, which may round less often than eager (error < 2⁻²⁴).
-    """
-    if CODE == 1:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        v = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    elif CODE == 2:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (0xFFF + ((bits >> 13) & 1))
-        r = ((bits >> 13) << 13).to(tl.float32, bitcast=True)
-        r = tl.where(tl.abs(v) < 6.103515625e-05, v.to(tl.float16).to(tl.float32), r)
-        v = tl.where(tl.abs(r) > 65504.0, v * float("inf"), r)  # fp16 overflows to ±inf
-    return v
+from ._triton import ROUND_CODES, launchable, round_to
 
 
 @triton.jit
 def _to(v, DTYPE: tl.constexpr):
-    """fp32 ``v`` stored as DTYPE, rounded to nearest even (see _round)."""
+    """fp32 ``v`` stored as DTYPE, rounded to nearest even (see _triton.round_to: rounded on
+    the bits, as the interpreter truncates)."""
     if DTYPE == tl.bfloat16:
-        out = _round(v, 1).to(DTYPE)  # exact: already a bf16 value (the interpreter truncates)
+        out = round_to(v, 1).to(DTYPE)  # exact: already a bf16 value (the interpreter truncates)
     else:
         out = v.to(DTYPE)
     return out
@@ -89,11 +66,11 @@ def _to(v, DTYPE: tl.constexpr):
 @triton.jit
 def _rotate(x_i, x_j, c_i, c_j, s_i, s_j, ROUND: tl.constexpr):
     """y_i = rnd(rnd(x_i·c_i) − rnd(x_j·s_i)),  y_j = rnd(rnd(x_j·c_j) + rnd(x_i·s_j))."""
-    a = _round(x_i * c_i, ROUND)
-    b = _round(x_j * s_i, ROUND)
-    c = _round(x_j * c_j, ROUND)
-    d = _round(x_i * s_j, ROUND)
-    return _round(a - b, ROUND), _round(c + d, ROUND)
+    a = round_to(x_i * c_i, ROUND)
+    b = round_to(x_j * s_i, ROUND)
+    c = round_to(x_j * c_j, ROUND)
+    d = round_to(x_i * s_j, ROUND)
+    return round_to(a - b, ROUND), round_to(c + d, ROUND)
 
 
 @triton.jit
@@ -154,7 +131,7 @@ def rope_kernel(
     HALF: tl.constexpr,         # cos/sin hold one angle per pair (width R/2), else width R
     INTERLEAVED: tl.constexpr,  # pairs (2p, 2p+1), else (p, p + R/2)
     BACKWARD: tl.constexpr,     # rotate by −θ: (s_i, s_j) → (−s_j, −s_i)
-    ROUND: tl.constexpr,        # rounding code of the products and the sum (see _round)
+    ROUND: tl.constexpr,        # rounding code of the products and the sum (see _triton.round_to)
     HAS_PASS: tl.constexpr,     # R < D
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_P: tl.constexpr,      # next power of two ≥ R/2
