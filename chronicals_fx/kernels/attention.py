@@ -164,11 +164,13 @@ def _doc_attn_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    # No guard for l_i = 0: every stored row attends at least to itself (only padding rows,
+    # never stored, allow nothing), so l_i = 0 means every allowed score was −inf (an inf in q
+    # or k): out = 0/0 = NaN and lse = −inf there, as eager's softmax gives, not a silent 0
+    out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + (b * H + h) * T + offs_m, lse, mask=row_ok)
 
 

@@ -144,8 +144,16 @@ def _transform(x, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         # tanh(y) = 1 − 2 / (exp(2y) + 1): finite for every y (exp overflows to inf → 1).
         t = 1.0 - 2.0 / (tl.exp(2.0 * x * (scale / softcap)) + 1.0)
-        return softcap * t, scale * (1.0 - t * t)
-    return x * scale, scale + 0.0 * x
+        z = softcap * t
+        dz = scale * (1.0 - t * t)
+    else:
+        # ∂z/∂x = s for every x, ±inf included (as a tensor s + 0·x it was NaN at an infinite
+        # logit: a token banned by a −inf bias got d = NaN where eager's is 0). One return:
+        # Triton requires every return of a function to have one type; a constexpr branch
+        # not taken is not compiled.
+        z = x * scale
+        dz = scale
+    return z, dz
 
 
 @triton.jit

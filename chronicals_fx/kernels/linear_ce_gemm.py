@@ -344,8 +344,11 @@ def tile_stats_reference(x: Tensor, bn: int, scale: float, softcap: float, smoot
     c, vocab = x.shape
     t = triton.cdiv(vocab, bn)
     z, _ = _transform_torch(x.float(), scale, softcap)
-    z = torch.nn.functional.pad(z, (0, t * bn - vocab), value=float("-inf")).view(c, t, bn)
-    m = z.amax(2)
-    s = torch.exp(z - m[..., None]).sum(2)
-    zsum = torch.where(torch.isinf(z), 0.0, z).sum(2) if smoothing else None
+    pad = t * bn - vocab
+    # as the epilogue: the max starts at −FLT_MAX (a tile of −inf logits: m = −FLT_MAX, s = 0,
+    # not exp(−inf − (−inf)) = NaN), and Σ z skips the padding only (a −inf logit counts)
+    zp = torch.nn.functional.pad(z, (0, pad), value=float("-inf")).view(c, t, bn)
+    m = zp.amax(2).clamp(min=_M_FLOOR.value)
+    s = torch.exp(zp - m[..., None]).sum(2)
+    zsum = torch.nn.functional.pad(z, (0, pad)).view(c, t, bn).sum(2) if smoothing else None
     return m, s, zsum
