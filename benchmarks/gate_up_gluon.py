@@ -36,9 +36,10 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from chronicals_fx.kernels._gluon import (GemmTile, launcher, mma_partition, num_sms,
                                           piece_layout, tile_walk, tma_descriptor,
-                                          ws_launch_kwargs)
+                                          ws_gemm_buffers, ws_launch_kwargs)
 from chronicals_fx.kernels._triton import ROUND_CODES, round_to, tile_coords
 from chronicals_fx.kernels.swiglu import _act
+from chronicals_fx.kernels.swiglu_gemm import _store_piece
 
 
 @gluon.jit
@@ -68,13 +69,6 @@ def _load_partition(x_desc, wg_desc, wu_desc, a_bufs, b_bufs, ab_ready, ab_empty
             tma.async_copy_global_to_shared(wu_desc, [pid_n * HALF, ki * BLOCK_K], bar,
                                             b.slice(HALF, HALF, dim=0))
             prod += 1
-
-
-@gluon.jit
-def _store(X, x, at, offs, rows_left, layout: gl.constexpr):
-    rows = gl.arange(0, offs.shape[0], layout=gl.SliceLayout(1, layout))
-    gl.store(X + at + offs, x.to(X.dtype.element_ty),
-             mask=gl.expand_dims(rows < rows_left, 1))
 
 
 @gluon.jit
@@ -108,9 +102,9 @@ def _epilogue_partition(dh_bufs, dh_ready, dh_empty, G, U, Y, M, N,
             a = round_to(_act(g.to(gl.float32), ACT), ROUND)
             y = round_to(a * u.to(gl.float32), ROUND)
             at = base + j * WIDTH
-            _store(G, g, at, offs, rows_left, layout)
-            _store(U, u, at, offs, rows_left, layout)
-            _store(Y, y, at, offs, rows_left, layout)
+            _store_piece(G, g, at, offs, rows_left, False, layout)
+            _store_piece(U, u, at, offs, rows_left, False, layout)
+            _store_piece(Y, y, at, offs, rows_left, False, layout)
         tiles += 1
 
 
@@ -124,25 +118,9 @@ def gate_up_swiglu_kernel(
     NUM_PROGS: gl.constexpr, EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr,
     LOAD_REGS: gl.constexpr,
 ):
-    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    HALF: gl.constexpr = wg_desc.block_type.shape[0]
-    dtype: gl.constexpr = x_desc.dtype
-    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * HALF, BLOCK_K], dtype)
-    b_bufs = gl.allocate_shared_memory(dtype, [STAGES, 2 * HALF, BLOCK_K], b_layout)
-    dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 2 * HALF], dtype)
-    dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, 2 * HALF], dh_layout)
-    ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ab_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    dh_ready = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
-    dh_empty = gl.allocate_shared_memory(gl.int64, [DH_BUFS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ab_ready.index(i), count=1)
-        mbarrier.init(ab_empty.index(i), count=1)
-    for i in gl.static_range(DH_BUFS):
-        mbarrier.init(dh_ready.index(i), count=1)
-        mbarrier.init(dh_empty.index(i), count=1)
+    a_bufs, b_bufs, dh_bufs, ab_ready, ab_empty, dh_ready, dh_empty = ws_gemm_buffers(
+        x_desc, wg_desc, STAGES, DH_BUFS, True, B_PARTS=2)
 
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empty,
