@@ -23,7 +23,7 @@ def round_to(v, CODE: tl.constexpr):
 
     bf16 rounding is done on the bits (round to nearest, ties to even: add 0x7FFF plus the
     lowest kept bit, clear the low half) because Triton's interpreter truncates on
-    ``.to(tl.bfloat16)``; on the GPU both agree. inf passes through; a NaN is kept as it is,
+    ``.to(tl.bfloat16)``; fp16 too, because the compiler folds a conversion round trip. inf passes through; a NaN is kept as it is,
     since the addition would carry a NaN's payload into the exponent or the sign (CUDA's
     canonical NaN 0x7FFFFFFF became -0.0, 0x7F800001 inf: a NaN hidden from the loss).
     CODE 3 is bf16 through the hardware conversion, for kernels that never run interpreted
@@ -35,9 +35,19 @@ def round_to(v, CODE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
     elif CODE == 2:
-        # through the bits, so the compiler cannot fold the fp32→fp16→fp32 round trip away
-        half = v.to(tl.float16).to(tl.uint16, bitcast=True)
-        v = half.to(tl.float16, bitcast=True).to(tl.float32)
+        # fp16 on the bits as well: a conversion round trip (even through a bitcast to int16)
+        # is folded away once its result feeds arithmetic (H200, Triton 3.6: RoPE's rounded
+        # products became FMAs). Normal range: keep 10 mantissa bits, ties to even.
+        bits = v.to(tl.uint32, bitcast=True)
+        r = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        # Below 2⁻¹⁴ fp16 is subnormal, a fixed quantum of 2⁻²⁴: the fp32 ulp of 0.5, so
+        # adding and subtracting 0.5 rounds |v| to it, ties to even; the sign is put back
+        # by its bit (−0 stays −0).
+        a = tl.abs(v)
+        tiny = ((a + 0.5) - 0.5).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+        r = tl.where(a < 6.103515625e-05, tiny.to(tl.float32, bitcast=True), r)
+        r = tl.where(tl.abs(r) > 65504.0, v * float("inf"), r)  # past fp16's max: ±inf
+        v = tl.where(v != v, v, r)
     elif CODE == 3:
         # bf16 by the hardware conversion (round to nearest even, two values an instruction,
         # then a shift back): compiled kernels only, as the interpreter truncates

@@ -1,5 +1,5 @@
-"""Document-attention Triton kernels under TRITON_INTERPRET=1 (CPU) against float64
-references; the references against autograd of dense masked softmax attention."""
+"""Document-attention Triton kernels (under TRITON_INTERPRET=1 on CPU, natively on a GPU)
+against float64 references; the references against autograd of dense masked softmax attention."""
 
 from __future__ import annotations
 
@@ -78,20 +78,20 @@ CASES = [  # (B, Hq, Hk, T, D, document lengths per row)
 @pytest.mark.parametrize("B,H,HK,T,D,lengths", CASES)
 def test_triton_kernels_vs_float64(B, H, HK, T, D, lengths):
     torch.manual_seed(T)
-    q, k, v = (torch.randn(B, h, T, D) for h in (H, HK, HK))
+    q, k, v = (torch.randn(B, h, T, D, device=DEVICE) for h in (H, HK, HK))
     # strided K/V as transformers makes them: [B, T, Hk, D] viewed as [B, Hk, T, D]
     k = k.transpose(1, 2).contiguous().transpose(1, 2)
-    bounds = A.document_bounds(_documents(lengths), B)
+    bounds = A.document_bounds(_documents(lengths).to(DEVICE), B)
     scale = D ** -0.5
-    out = torch.full((B, H, T, D), float("nan"))
-    lse = torch.full((B, H, T), float("nan"))
+    out = torch.full((B, H, T, D), float("nan"), device=DEVICE)
+    lse = torch.full((B, H, T), float("nan"), device=DEVICE)
     A.document_attention_forward(q, k, v, bounds[0], out, lse, scale)
     ref_out, ref_lse = A.document_attention_reference(q.double(), k.double(), v.double(), bounds,
                                                       scale)
     assert _rel(out, ref_out) < 1e-5
     assert (lse.double() - ref_lse).abs().max() < 1e-5
 
-    do = torch.randn(B, H, T, D)
+    do = torch.randn(B, H, T, D, device=DEVICE)
     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
     A.document_attention_backward(do, q, k, v, out, lse, bounds[0], bounds[1], dq, dk, dv, scale)
     want = A.document_attention_backward_reference(do.double(), q.double(), k.double(),

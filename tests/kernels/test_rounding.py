@@ -34,10 +34,22 @@ EDGES = [0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x3F808000, 0x3F818000,
          0x00000001, 0x80008000, 0x00018000, 0x00000000, 0x80000000, 0x7F800000, 0xFF800000]
 
 
+# fp16's own edges: its largest finite value 65504, the overflow tie 65520 (rounds to inf) and
+# values either side, its smallest normal 2⁻¹⁴, subnormal ties (2.5 · 2⁻²⁴, 3.5 · 2⁻²⁴)
+HALF_EDGES = [65504.0, 65519.0, 65520.0, 65521.0, -65520.0, 2.0 ** -14, 2.0 ** -14 - 2.0 ** -26,
+              2.5 * 2.0 ** -24, 3.5 * 2.0 ** -24, -2.5 * 2.0 ** -24, 2.0 ** -25, 1.0 + 2.0 ** -11,
+              1.0 + 3 * 2.0 ** -11]
+
+
+def _inputs() -> torch.Tensor:
+    return torch.cat([_from_bits(NANS + EDGES), torch.tensor(HALF_EDGES),
+                      torch.randn(4096) * 1e3, torch.randn(4096) * 1e-39,
+                      torch.randn(4096) * 1e-6, torch.randn(4096) * 3e4]).to(DEVICE)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_specials_round_as_torch_rounds(dtype):
-    x = torch.cat([_from_bits(NANS + EDGES), torch.randn(4096) * 1e3,
-                   torch.randn(4096) * 1e-39]).to(DEVICE)
+    x = _inputs()
     y = torch.empty_like(x)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), ROUND_CODES[dtype], 1024)
     want = x.to(dtype).float()
@@ -46,3 +58,24 @@ def test_specials_round_as_torch_rounds(dtype):
     assert not lost, f"NaN in, not NaN out: {lost}"
     assert torch.equal(y.isnan(), nan)
     assert torch.equal(y[~nan], want[~nan])
+
+
+@triton.jit
+def _products_kernel(A, B, C, D, Y, n, CODE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a, b, c, d = (tl.load(p + offs, mask=mask) for p in (A, B, C, D))
+    y = round_to(round_to(a * b, CODE) - round_to(c * d, CODE), CODE)
+    tl.store(Y + offs, y, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounded_products_are_not_contracted(dtype):
+    """rnd(rnd(a·b) − rnd(c·d)), RoPE's and SwiGLU's pattern, equals eager in ``dtype``: the
+    compiler may not fold a rounding away and fuse the products into an FMA (it did for fp16
+    on an H200 while the rounding was a conversion round trip)."""
+    a, b, c, d = (torch.randn(1 << 14).to(dtype).to(DEVICE) for _ in range(4))
+    y = torch.empty(a.shape, device=DEVICE)
+    _products_kernel[(triton.cdiv(a.numel(), 1024),)](*(t.float() for t in (a, b, c, d)), y,
+                                                      a.numel(), ROUND_CODES[dtype], 1024)
+    assert torch.equal(y, (a * b - c * d).float())
