@@ -8,11 +8,16 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton import knobs
 
 # Rounding points are passed to kernels as small integer constexprs (a torch/Triton dtype as
-# a constexpr would have to survive Inductor's code generation): 0 = keep fp32, 1 = round to
-# bf16, 2 = round to fp16. Kernels compute in fp32 and round where eager rounds.
-ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# a constexpr would have to survive Inductor's code generation): 0 = keep fp32, 1 or 3 = round
+# to bf16, 2 = round to fp16. Kernels compute in fp32 and round where eager rounds. bf16 is
+# CODE 3 (the hardware conversion: two values an instruction, NaN kept) in compiled kernels
+# and CODE 1 (on the bits, with a NaN guard) under the interpreter, which truncates on
+# conversion.
+INTERPRETED = bool(knobs.runtime.interpret)  # TRITON_INTERPRET, read as Triton reads it
+ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1 if INTERPRETED else 3, torch.float16: 2}
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -23,11 +28,12 @@ def round_to(v, CODE: tl.constexpr):
 
     bf16 rounding is done on the bits (round to nearest, ties to even: add 0x7FFF plus the
     lowest kept bit, clear the low half) because Triton's interpreter truncates on
-    ``.to(tl.bfloat16)``; fp16 too, because the compiler folds a conversion round trip. inf passes through; a NaN is kept as it is,
-    since the addition would carry a NaN's payload into the exponent or the sign (CUDA's
-    canonical NaN 0x7FFFFFFF became -0.0, 0x7F800001 inf: a NaN hidden from the loss).
-    CODE 3 is bf16 through the hardware conversion, for kernels that never run interpreted
-    (four integer instructions a value fewer: it matters where the epilogue is ALU-bound).
+    ``.to(tl.bfloat16)``; fp16 too, because the compiler folds a conversion round trip. inf
+    passes through; a NaN is kept as it is, since the addition would carry a NaN's payload into
+    the exponent or the sign (CUDA's canonical NaN 0x7FFFFFFF became -0.0, 0x7F800001 inf: a
+    NaN hidden from the loss).
+    CODE 3 is bf16 through the hardware conversion, for compiled kernels (ROUND_CODES picks
+    it outside the interpreter): four integer instructions and the NaN guard a value fewer.
     """
     v = v.to(tl.float32)  # Inductor may pass float scalars as fp64, promoting what they touch
     if CODE == 1:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chronicals_fx.kernels._triton import ROUND_CODES, round_to
+from chronicals_fx.kernels._triton import INTERPRETED, ROUND_CODES, round_to
 from tests.conftest import DEVICE
 
 
@@ -47,11 +47,16 @@ def _inputs() -> torch.Tensor:
                       torch.randn(4096) * 1e-6, torch.randn(4096) * 3e4]).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_specials_round_as_torch_rounds(dtype):
+# every code a kernel can be given: bf16 on the bits (1) and, compiled, by conversion (3)
+CODES = [(torch.bfloat16, 1), (torch.float16, 2)] + ([] if INTERPRETED else [(torch.bfloat16, 3)])
+assert set(CODES) >= set(ROUND_CODES.items()) - {(torch.float32, 0)}
+
+
+@pytest.mark.parametrize("dtype,code", CODES)
+def test_specials_round_as_torch_rounds(dtype, code):
     x = _inputs()
     y = torch.empty_like(x)
-    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), ROUND_CODES[dtype], 1024)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), code, 1024)
     want = x.to(dtype).float()
     nan = want.isnan()
     lost = [hex(b) for b, is_nan in zip(NANS, y.isnan().tolist()) if not is_nan]
@@ -64,18 +69,21 @@ def test_specials_round_as_torch_rounds(dtype):
 def _products_kernel(A, B, C, D, Y, n, CODE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    a, b, c, d = (tl.load(p + offs, mask=mask) for p in (A, B, C, D))
+    a = tl.load(A + offs, mask=mask)
+    b = tl.load(B + offs, mask=mask)
+    c = tl.load(C + offs, mask=mask)
+    d = tl.load(D + offs, mask=mask)
     y = round_to(round_to(a * b, CODE) - round_to(c * d, CODE), CODE)
     tl.store(Y + offs, y, mask=mask)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rounded_products_are_not_contracted(dtype):
+@pytest.mark.parametrize("dtype,code", CODES)
+def test_rounded_products_are_not_contracted(dtype, code):
     """rnd(rnd(a·b) − rnd(c·d)), RoPE's and SwiGLU's pattern, equals eager in ``dtype``: the
     compiler may not fold a rounding away and fuse the products into an FMA (it did for fp16
     on an H200 while the rounding was a conversion round trip)."""
     a, b, c, d = (torch.randn(1 << 14).to(dtype).to(DEVICE) for _ in range(4))
     y = torch.empty(a.shape, device=DEVICE)
     _products_kernel[(triton.cdiv(a.numel(), 1024),)](*(t.float() for t in (a, b, c, d)), y,
-                                                      a.numel(), ROUND_CODES[dtype], 1024)
+                                                      a.numel(), code, 1024)
     assert torch.equal(y, (a * b - c * d).float())

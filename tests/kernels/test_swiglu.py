@@ -328,6 +328,8 @@ class _Captured(Exception):
     pass
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traces the CUDA path on CPU; on a GPU "
+                    "test_compiled_in_place_backward_saves_two_tensors_on_gpu runs it natively")
 def test_cuda_path_backward_graph_writes_into_saved_inputs(monkeypatch):
     """The CUDA path's backward graph, traced on CPU (never launched): AOTAutograd turns the
     kernel's write into a functional call that clones g and u; after Inductor's post-grad
