@@ -237,27 +237,18 @@ def mma_partition(a_bufs, b_bufs, ab_ready, ab_empty, dh_bufs, dh_ready, dh_empt
 
 @gluon.jit
 def ws_gemm_buffers(a_desc, b_desc, STAGES: gl.constexpr, DH_BUFS: gl.constexpr,
-                    W_KMAJOR: gl.constexpr, B_PARTS: gl.constexpr = 1):
+                    W_KMAJOR: gl.constexpr):
     """Shared memory and barriers of the warp-specialized GEMM: the STAGES-deep A/B ring, DH_BUFS
-    result tiles [BM, BN] in the dtype, and their ready/empty mbarriers, initialized. B_PARTS > 1
-    (K-major B only): each B slot holds B_PARTS of ``b_desc``'s blocks stacked along N, filled by
-    as many TMA loads (benchmarks/gate_up_gluon.py: W_gate's rows over W_up's)."""
+    result tiles [BM, BN] in the dtype, and their ready/empty mbarriers, initialized."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     if W_KMAJOR:
-        BLOCK_N: gl.constexpr = B_PARTS * b_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     else:
-        gl.static_assert(B_PARTS == 1, "B in parts: K-major B only")
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
     dtype: gl.constexpr = a_desc.dtype
     gl.static_assert(STAGES >= 2, "at least two stages")
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    if B_PARTS == 1:
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape,
-                                           b_desc.layout)
-    else:
-        BLOCK_K: gl.constexpr = b_desc.block_type.shape[1]
-        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
     dh_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
     dh_bufs = gl.allocate_shared_memory(dtype, [DH_BUFS, BLOCK_M, BLOCK_N], dh_layout)
     ab_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
