@@ -49,15 +49,17 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._triton import ROUND_CODES, launchable, round_to
+from ._triton import INTERPRETED, ROUND_CODES, launchable, round_to
+
+_INTERPRETED = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
 def _to(v, DTYPE: tl.constexpr):
-    """fp32 ``v`` stored as DTYPE, rounded to nearest even (see _triton.round_to: rounded on
-    the bits, as the interpreter truncates)."""
-    if DTYPE == tl.bfloat16:
-        out = round_to(v, 1).to(DTYPE)  # exact: already a bf16 value (the interpreter truncates)
+    """fp32 ``v`` stored as DTYPE, rounded to nearest even: the conversion does it when compiled;
+    the interpreter truncates to bf16, so there the value is rounded first (round_to)."""
+    if _INTERPRETED and DTYPE == tl.bfloat16:
+        out = round_to(v, 1).to(DTYPE)  # exact: already a bf16 value
     else:
         out = v.to(DTYPE)
     return out
