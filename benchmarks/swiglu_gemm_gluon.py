@@ -390,8 +390,9 @@ WS_CONFIGS = [
 # Host side
 # ---------------------------------------------------------------------------------------------
 def _round_code(dtype: torch.dtype, hw_round: bool) -> int:
-    """round_to's code for ``dtype``; 3 (bf16 by the cvt instruction) where asked."""
-    return 3 if hw_round and dtype == torch.bfloat16 else ROUND_CODES[dtype]
+    """round_to's code for ``dtype``: bf16 by the cvt instruction (3) where asked, else on the
+    bits (1)."""
+    return (3 if hw_round else 1) if dtype == torch.bfloat16 else ROUND_CODES[dtype]
 
 
 def _common(dy: Tensor, w: Tensor, tile: GluonTile, w_kmajor: bool, m: int, n: int):

@@ -202,7 +202,9 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
     b = tma_descriptor(weight, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
     progs = num_sms(dy.device)
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
-    rounding = 3 if tile.hw_round and gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
+    # bf16: by the cvt instruction (CODE 3) unless the tile asks for the bit rounding (CODE 1)
+    bf16_code = 3 if tile.hw_round else 1
+    rounding = bf16_code if gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
     g = tma_descriptor(gate, [tile.bm, tile.bn // tile.split])
     u = tma_descriptor(up, [tile.bm, tile.bn // tile.split])
     args = (a, b, g, u, dg, du, y if y is not None else dg, m, n, k)
