@@ -5,8 +5,11 @@ PTX shows whether the compiler kept every rounding."""
 
 from __future__ import annotations
 
-import re
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import triton
 import triton.language as tl
 
 from chronicals_fx.kernels._triton import INTERPRETED, ROUND_CODES, round_to
+from tests.kernels.compiled_ptx import KERNELS, ROUNDING_MARKS, products_kernel
 from tests.conftest import DEVICE
 
 
@@ -69,18 +73,6 @@ def test_specials_round_as_torch_rounds(dtype, code):
     assert torch.equal(y[~nan], want[~nan])
 
 
-@triton.jit
-def _products_kernel(A, B, C, D, Y, n, CODE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    a = tl.load(A + offs, mask=mask)
-    b = tl.load(B + offs, mask=mask)
-    c = tl.load(C + offs, mask=mask)
-    d = tl.load(D + offs, mask=mask)
-    y = round_to(round_to(a * b, CODE) - round_to(c * d, CODE), CODE)
-    tl.store(Y + offs, y, mask=mask)
-
-
 @pytest.mark.parametrize("dtype,code", CODES)
 def test_rounded_products_are_not_contracted(dtype, code):
     """rnd(rnd(a·b) − rnd(c·d)), RoPE's and SwiGLU's pattern, equals eager in ``dtype``: the
@@ -88,94 +80,32 @@ def test_rounded_products_are_not_contracted(dtype, code):
     on an H200 while the rounding was a conversion round trip)."""
     a, b, c, d = (torch.randn(1 << 14).to(dtype).to(DEVICE) for _ in range(4))
     y = torch.empty(a.shape, device=DEVICE)
-    _products_kernel[(triton.cdiv(a.numel(), 1024),)](*(t.float() for t in (a, b, c, d)), y,
+    products_kernel[(triton.cdiv(a.numel(), 1024),)](*(t.float() for t in (a, b, c, d)), y,
                                                       a.numel(), code, 1024)
     assert torch.equal(y, (a * b - c * d).float())
 
 
-# ---------------------------------------------------------------------------------------------
-# The same patterns compiled for sm_90a here, without a GPU: the H200 failure above came from the
-# compiler, not the arithmetic, so CI (interpreter only) checks the generated PTX. Each code
-# leaves its own marks, (instruction pattern, values rounded by one): the mask clearing 16
-# (bf16, CODE 1) or 13 (fp16) low bits; for CODE 3 a conversion to bf16, or the compiler's
-# native bf16 multiply where the operands are bf16 values (an exact product rounded once: the
-# same value as rounding the fp32 product).
-# ---------------------------------------------------------------------------------------------
-ROUNDING_MARKS = {
-    1: [(r"and\.b32\s.*-65536;", 1)],
-    2: [(r"and\.b32\s.*-8192;", 1)],
-    3: [(r"cvt\.rn\.bf16x2\.f32\s", 2), (r"cvt\.rn\.bf16\.f32\s", 1),
-        (r"(mul|add|sub|fma)(\.rn)?\.bf16x2\s", 2), (r"(mul|add|sub|fma)(\.rn)?\.bf16\s", 1)],
-}
 
 
-def _compiled_functions(monkeypatch, module) -> None:
-    """Under TRITON_INTERPRET=1 ``@triton.jit`` makes interpreted functions, which Triton's
-    compiler can't take: put JITFunctions of them in ``module``'s namespace."""
-    for name, value in list(vars(module).items()):
-        if type(value).__name__ == "InterpretedFunction":
-            monkeypatch.setattr(module, name, triton.JITFunction(value.fn))
-
-
-def _sm90_ptx(kernel, *args, **kwargs) -> str:
-    """PTX of ``kernel`` launched with ``args`` (CPU tensors do), compiled for sm_90a."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, _ = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, None)
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    return compile(src, target=target, options=options.__dict__).asm["ptx"]
-
-
-def _roundings(ptx: str, code: int) -> int:
-    """Values rounded to ``code``'s precision, counted by their marks in ``ptx``."""
-    return sum(per * sum(1 for line in ptx.splitlines() if re.search(pattern, line))
-               for pattern, per in ROUNDING_MARKS[code])
+@pytest.fixture(scope="module")
+def compiled_roundings() -> dict:
+    """tests/kernels/compiled_ptx.py's counts, from a process without the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.compiled_ptx"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("code", sorted(ROUNDING_MARKS))
-def test_compiled_products_keep_every_rounding(monkeypatch, code):
-    """rnd(rnd(a·b) − rnd(c·d)) for sm_90a: no FMA, and three roundings for every value a
-    thread holds (1024 values over 4 warps: 8). With fp16 as a conversion round trip, Triton
-    removed all three."""
-    _compiled_functions(monkeypatch, sys.modules[__name__])
-    x = torch.empty(1024)
-    kernel = globals()["_products_kernel"]
-    ptx = _sm90_ptx(kernel, x, x, x, x, x, 1024, code, 1024, num_warps=4)
-    assert "fma.rn.f32" not in ptx
-    assert _roundings(ptx, code) >= 3 * 8
-
-
-@pytest.mark.parametrize("dtype,code", [(torch.float16, 2), (torch.bfloat16, 1),
-                                        (torch.bfloat16, 3)])
-def test_compiled_rope_rounds_every_product(monkeypatch, dtype, code):
-    """RoPE's kernel for sm_90a at the shape that failed on an H200 (fp16, D=64): each rotated
-    pair, rnd(rnd(x_i·c_i) − rnd(x_j·s_i)) and rnd(rnd(x_j·c_j) + rnd(x_i·s_j)), keeps its six
-    roundings and has no FMA (with fp16 as a conversion round trip: no rounding, 20 FMAs)."""
-    from triton.runtime.jit import JITFunction
-
-    from chronicals_fx.kernels import _triton, rope as K
-    _compiled_functions(monkeypatch, K)
-    _compiled_functions(monkeypatch, _triton)
-    monkeypatch.setattr(K, "round_to", _triton.round_to)
-    monkeypatch.setattr(K, "launchable", lambda kernel, like: kernel)
-    monkeypatch.setitem(K.ROUND_CODES, dtype, code)
-    launches = []
-    monkeypatch.setattr(JITFunction, "run",
-                        lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw)))
-    B, T, HQ, HK, D = 2, 33, 12, 4, 64
-    q, k = torch.empty(B, T, HQ, D, dtype=dtype), torch.empty(B, T, HK, D, dtype=dtype)
-    cos = torch.empty(1, T, D // 2, dtype=dtype)
-    K.rope_launch(q, k, cos, cos, torch.empty_like(q), torch.empty_like(k), interleaved=False,
-                  half=True, round_dtype=dtype)
-    (kernel, args, kwargs), = launches
-    ptx = _sm90_ptx(kernel, *args, **kwargs)
-    assert "fma.rn.f32" not in ptx
-    # one program rotates a token's (BLOCK_HQ + BLOCK_HK) heads × BLOCK_P pairs
-    pairs = (kwargs["BLOCK_HQ"] + kwargs["BLOCK_HK"]) * kwargs["BLOCK_P"]
-    assert _roundings(ptx, code) >= 6 * pairs // (32 * kwargs["num_warps"])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_compiled_kernels_keep_their_roundings(compiled_roundings, kernel, code):
+    """Compiled for sm_90a (no GPU needed), each rounding kernel keeps as many roundings per
+    thread as its eager formula has for the values the thread holds; the rounding pattern and
+    RoPE's rotation have no FMA (with fp16 as a conversion round trip, RoPE's kernel lost a third
+    of its roundings)."""
+    found = compiled_roundings[f"{kernel}-code{code}"]
+    assert found["roundings"] >= found["expected"], found
+    if kernel in ("products", "rope"):
+        assert found["fma"] == 0, found

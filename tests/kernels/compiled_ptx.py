@@ -1,0 +1,166 @@
+"""Rounding kernels compiled for sm_90a without a GPU, their roundings counted in the PTX.
+
+The interpreter runs a kernel's Python, not the compiler's output, and the compiler may drop a
+rounding the Python does (Triton folded fp16's conversion round trip: RoPE's rounded products
+became FMAs on an H200). Each rounding code leaves its own marks, (instruction pattern, values
+rounded by one): the mask clearing 16 (bf16 on the bits, CODE 1) or 13 (fp16, CODE 2) low bits;
+a conversion to bf16 (CODE 3) or fp16 (CODE 2, below its normal range and by a conversion round
+trip as it once was), or native arithmetic in that type, which the compiler picks where the
+operands are already of it (an exact product rounded once: the same value).
+
+Run in a process of its own, ``TRITON_INTERPRET=0 python -m tests.kernels.compiled_ptx``:
+under the interpreter Triton's own ``@jit`` library functions (``tl.sum``) are interpreted
+ones, which the compiler can't take. Prints a JSON object, case → {"roundings": found in the
+PTX, "expected": the kernel's roundings per thread, "fma": fp32 FMAs}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+import triton
+import triton.language as tl
+
+from chronicals_fx.kernels._triton import round_to
+
+def _conversions(half: str) -> list[tuple[str, int]]:
+    """Marks of rounding to ``half`` ("bf16", "f16") by the hardware: conversions, and native
+    arithmetic in it (one or two values an instruction)."""
+    return [(rf"cvt\.rn\.{half}x2\.f32\s", 2), (rf"cvt\.rn\.{half}\.f32\s", 1),
+            (rf"(mul|add|sub|fma)(\.rn)?\.{half}x2\s", 2),
+            (rf"(mul|add|sub|fma)(\.rn)?\.{half}\s", 1)]
+
+
+ROUNDING_MARKS = {
+    1: [(r"and\.b32\s.*-65536;", 1)],
+    2: [(r"and\.b32\s.*-8192;", 1), *_conversions("f16")],
+    3: _conversions("bf16"),
+}
+CODES = {1: torch.bfloat16, 2: torch.float16, 3: torch.bfloat16}
+
+
+@triton.jit
+def products_kernel(A, B, C, D, Y, n, CODE: tl.constexpr, BLOCK: tl.constexpr):
+    """y = rnd(rnd(a·b) − rnd(c·d)): RoPE's and SwiGLU's pattern."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(A + offs, mask=mask)
+    b = tl.load(B + offs, mask=mask)
+    c = tl.load(C + offs, mask=mask)
+    d = tl.load(D + offs, mask=mask)
+    y = round_to(round_to(a * b, CODE) - round_to(c * d, CODE), CODE)
+    tl.store(Y + offs, y, mask=mask)
+
+
+def roundings(ptx: str, code: int) -> int:
+    """Values rounded to ``code``'s precision, counted by their marks in ``ptx``."""
+    return sum(per * sum(1 for line in ptx.splitlines() if re.search(pattern, line))
+               for pattern, per in ROUNDING_MARKS[code])
+
+
+def sm90_ptx(kernel, *args, **kwargs) -> str:
+    """PTX of ``kernel`` launched with ``args`` (CPU tensors do), compiled for sm_90a."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, _ = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, None)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return compile(src, target=target, options=options.__dict__).asm["ptx"]
+
+
+def launched_ptx(launch) -> tuple[str, dict]:
+    """PTX and launch options of the one kernel ``launch()`` starts (on CPU tensors: the
+    launch is caught before it runs)."""
+    from triton.runtime.jit import JITFunction
+    launches = []
+    run = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw))
+    try:
+        launch()
+    finally:
+        JITFunction.run = run
+    (kernel, args, kwargs), = launches
+    return sm90_ptx(kernel, *args, **kwargs), kwargs
+
+
+# Each case, given a dtype and its rounding code: (a launch on CPU tensors, the roundings one
+# program does, from its launch options).
+def _products(dtype, code):
+    x = torch.empty(1024)
+
+    def launch():
+        products_kernel[(1,)](x, x, x, x, x, 1024, code, 1024, num_warps=4)
+    return launch, lambda kw: 3 * 1024
+
+
+def _rope(dtype, code):
+    """The shape that failed on an H200 (fp16, D=64): a program rotates a token's (BLOCK_HQ +
+    BLOCK_HK) heads × BLOCK_P pairs, six roundings a pair (four products, a sum, a difference)."""
+    from chronicals_fx.kernels import rope as K
+    B, T, HQ, HK, D = 2, 33, 12, 4, 64
+    q, k = torch.empty(B, T, HQ, D, dtype=dtype), torch.empty(B, T, HK, D, dtype=dtype)
+    cos = torch.empty(1, T, D // 2, dtype=dtype)
+
+    def launch():
+        K.rope_launch(q, k, cos, cos, torch.empty_like(q), torch.empty_like(k),
+                      interleaved=False, half=True, round_dtype=dtype)
+    return launch, lambda kw: 6 * (kw["BLOCK_HQ"] + kw["BLOCK_HK"]) * kw["BLOCK_P"]
+
+
+def _swiglu(backward: bool):
+    """BLOCK elements a program: the forward rounds act(g) and y, the backward act(g), dy·u,
+    dg and du."""
+    def case(dtype, code):
+        from chronicals_fx.kernels import swiglu as S
+        g = torch.empty(64, 2048, dtype=dtype)
+
+        def launch():
+            if backward:
+                S.swiglu_backward(g, g, g, torch.empty_like(g), torch.empty_like(g), 0)
+            else:
+                S.swiglu_forward(g, g, torch.empty_like(g), 0)
+        return launch, lambda kw: (4 if backward else 2) * kw["BLOCK"]
+    return case
+
+
+def _rms_norm(dtype, code):
+    """The forward as HF Llama's in ``dtype``: rnd(x·r) and rnd(that · w) for each value of
+    the BLOCK_M × BLOCK_H tile."""
+    from chronicals_fx.kernels import rmsnorm as R
+    x = torch.empty(64, 896, dtype=dtype)
+
+    def launch():
+        R.rms_norm_forward(x, torch.empty(896, dtype=dtype), torch.empty_like(x), 1e-6, 0.0,
+                           dtype, dtype, dtype)
+    return launch, lambda kw: 2 * kw["BLOCK_M"] * kw["BLOCK_H"]
+
+
+KERNELS = {"products": _products, "rope": _rope, "swiglu_forward": _swiglu(False),
+           "swiglu_backward": _swiglu(True), "rms_norm_forward": _rms_norm}
+
+
+def measure() -> dict:
+    from chronicals_fx.kernels import _triton
+    out = {}
+    for name, case in KERNELS.items():
+        for code, dtype in CODES.items():
+            _triton.ROUND_CODES[dtype] = code     # what the launchers pass for this dtype
+            launch, per_program = case(dtype, code)
+            ptx, kwargs = launched_ptx(launch)
+            out[f"{name}-code{code}"] = {
+                "roundings": roundings(ptx, code),
+                "expected": per_program(kwargs) // (32 * kwargs.get("num_warps", 4)),
+                "fma": ptx.count("fma.rn.f32"),
+            }
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure()))
