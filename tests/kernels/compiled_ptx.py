@@ -26,11 +26,15 @@ import triton.language as tl
 from chronicals_fx.kernels._triton import round_to
 
 def _conversions(half: str) -> list[tuple[str, int]]:
-    """Marks of rounding to ``half`` ("bf16", "f16") by the hardware: conversions, and native
-    arithmetic in it (one or two values an instruction)."""
+    """Marks of rounding to ``half`` ("bf16", "f16") by the hardware: conversions (the stores'
+    included), and native arithmetic in it (one or two values an instruction)."""
     return [(rf"cvt\.rn\.{half}x2\.f32\s", 2), (rf"cvt\.rn\.{half}\.f32\s", 1),
-            (rf"(mul|add|sub|fma)(\.rn)?\.{half}x2\s", 2),
-            (rf"(mul|add|sub|fma)(\.rn)?\.{half}\s", 1)]
+            (rf"\b(mul|add|sub)(\.rn)?\.{half}x2\s", 2),
+            (rf"\b(mul|add|sub)(\.rn)?\.{half}\s", 1)]
+
+
+# an FMA in any precision rounds a product and a sum once, where eager rounds twice
+FMA = re.compile(r"\bfma\.rn(\.ftz)?(\.sat)?\.(f32|f16|bf16)(x2)?\b")
 
 
 ROUNDING_MARKS = {
@@ -43,13 +47,15 @@ CODES = {1: torch.bfloat16, 2: torch.float16, 3: torch.bfloat16}
 
 @triton.jit
 def products_kernel(A, B, C, D, Y, n, CODE: tl.constexpr, BLOCK: tl.constexpr):
-    """y = rnd(rnd(a·b) − rnd(c·d)): RoPE's and SwiGLU's pattern."""
+    """y = rnd(rnd(a·b) − rnd(c·d)) in fp32 ``Y`` from a, b, c, d of the rounding's dtype:
+    RoPE's and SwiGLU's pattern, with the operands from which the compiler can form
+    half-precision arithmetic."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    a = tl.load(A + offs, mask=mask)
-    b = tl.load(B + offs, mask=mask)
-    c = tl.load(C + offs, mask=mask)
-    d = tl.load(D + offs, mask=mask)
+    a = tl.load(A + offs, mask=mask).to(tl.float32)
+    b = tl.load(B + offs, mask=mask).to(tl.float32)
+    c = tl.load(C + offs, mask=mask).to(tl.float32)
+    d = tl.load(D + offs, mask=mask).to(tl.float32)
     y = round_to(round_to(a * b, CODE) - round_to(c * d, CODE), CODE)
     tl.store(Y + offs, y, mask=mask)
 
@@ -90,14 +96,15 @@ def launched_ptx(launch) -> tuple[str, dict]:
     return sm90_ptx(kernel, *args, **kwargs), kwargs
 
 
-# Each case, given a dtype and its rounding code: (a launch on CPU tensors, the roundings one
-# program does, from its launch options).
+# Each case, given a dtype and its rounding code: (a launch on CPU tensors, the marks one program
+# leaves, from its launch options and whether its stores' conversions count: 1 or 0 a store).
 def _products(dtype, code):
-    x = torch.empty(1024)
+    """Three roundings a value; the output is fp32 (no store conversion)."""
+    x, y = torch.empty(1024, dtype=dtype), torch.empty(1024)
 
     def launch():
-        products_kernel[(1,)](x, x, x, x, x, 1024, code, 1024, num_warps=4)
-    return launch, lambda kw: 3 * 1024
+        products_kernel[(1,)](x, x, x, x, y, 1024, code, 1024, num_warps=4)
+    return launch, lambda kw, stores: 3 * 1024
 
 
 def _rope(dtype, code):
@@ -111,12 +118,13 @@ def _rope(dtype, code):
     def launch():
         K.rope_launch(q, k, cos, cos, torch.empty_like(q), torch.empty_like(k),
                       interleaved=False, half=True, round_dtype=dtype)
-    return launch, lambda kw: 6 * (kw["BLOCK_HQ"] + kw["BLOCK_HK"]) * kw["BLOCK_P"]
+    return launch, lambda kw, stores: ((6 + 2 * stores)
+                                       * (kw["BLOCK_HQ"] + kw["BLOCK_HK"]) * kw["BLOCK_P"])
 
 
 def _swiglu(backward: bool):
-    """BLOCK elements a program: the forward rounds act(g) and y, the backward act(g), dy·u,
-    dg and du."""
+    """BLOCK elements a program: the forward rounds act(g) and y and stores y, the backward
+    rounds act(g), dy·u, dg and du and stores dg, du."""
     def case(dtype, code):
         from chronicals_fx.kernels import swiglu as S
         g = torch.empty(64, 2048, dtype=dtype)
@@ -126,20 +134,22 @@ def _swiglu(backward: bool):
                 S.swiglu_backward(g, g, g, torch.empty_like(g), torch.empty_like(g), 0)
             else:
                 S.swiglu_forward(g, g, torch.empty_like(g), 0)
-        return launch, lambda kw: (4 if backward else 2) * kw["BLOCK"]
+        roundings, stored = (4, 2) if backward else (2, 1)
+        return launch, lambda kw, stores: (roundings + stored * stores) * kw["BLOCK"]
     return case
 
 
 def _rms_norm(dtype, code):
-    """The forward as HF Llama's in ``dtype``: rnd(x·r) and rnd(that · w) for each value of
-    the BLOCK_M × BLOCK_H tile."""
+    """The forward as HF Llama's in ``dtype``: rnd(x·r), rnd(that · w) and the output's
+    rounding for each value of the BLOCK_M × BLOCK_H tile, then its store (the weight's
+    rounding, per column, is not counted)."""
     from chronicals_fx.kernels import rmsnorm as R
     x = torch.empty(64, 896, dtype=dtype)
 
     def launch():
         R.rms_norm_forward(x, torch.empty(896, dtype=dtype), torch.empty_like(x), 1e-6, 0.0,
                            dtype, dtype, dtype)
-    return launch, lambda kw: 2 * kw["BLOCK_M"] * kw["BLOCK_H"]
+    return launch, lambda kw, stores: (3 + stores) * kw["BLOCK_M"] * kw["BLOCK_H"]
 
 
 KERNELS = {"products": _products, "rope": _rope, "swiglu_forward": _swiglu(False),
@@ -154,10 +164,12 @@ def measure() -> dict:
             _triton.ROUND_CODES[dtype] = code     # what the launchers pass for this dtype
             launch, per_program = case(dtype, code)
             ptx, kwargs = launched_ptx(launch)
+            # codes 2 and 3 count conversions, so a store to the half dtype shows as one more
+            stores = int(code != 1)
             out[f"{name}-code{code}"] = {
                 "roundings": roundings(ptx, code),
-                "expected": per_program(kwargs) // (32 * kwargs.get("num_warps", 4)),
-                "fma": ptx.count("fma.rn.f32"),
+                "expected": per_program(kwargs, stores) // (32 * kwargs.get("num_warps", 4)),
+                "fma": len(FMA.findall(ptx)),
             }
     return out
 
