@@ -87,11 +87,14 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
             if engine == "ddp":
                 wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
             else:
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
 
+                # a CPU mesh: without one FSDP2 shards onto the accelerator when there is one
+                mesh = init_device_mesh("cpu", (WORLD,))
                 for layer in model.model.layers:
-                    fully_shard(layer)
-                wrapped = fully_shard(model)
+                    fully_shard(layer, mesh=mesh)
+                wrapped = fully_shard(model, mesh=mesh)
             chronicals.optimize(wrapped, strict=True,
                                 compiler="eager" if checkpointing else "aot_eager")
             losses = _train(wrapped, _batches(STEPS), rank, WORLD)
@@ -237,6 +240,7 @@ def test_loraplus_groups_of_a_fully_sharded_peft_model():
     one), and a step moves exactly the factors it should: B starts at 0, so A's first
     gradient is 0 and only B changes."""
     from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from chronicals_fx.runtime import create_loraplus_optimizer
@@ -247,9 +251,10 @@ def test_loraplus_groups_of_a_fully_sharded_peft_model():
     try:
         model = get_peft_model(tiny_causal_lm("llama"),
                                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        mesh = init_device_mesh("cpu", (1,))   # not the accelerator's, when there is one
         for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2, ratio=16.0)
         groups = {g["name"]: g for g in opt.param_groups}
         assert {n: (g["lr"], len(g["params"])) for n, g in groups.items()} == {

@@ -90,13 +90,15 @@ def test_cuda_graphs_mode_refused_for_fsdp2_models():
     """FSDP2 gathers parameters into new memory each step: CUDA graphs would be recorded
     again every step, so optimize() refuses the mode there with the reason."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-        fully_shard(model[0])
-        fully_shard(model)
+        mesh = init_device_mesh("cpu", (1,))   # not the accelerator's, when there is one
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
         for cuda_graphs in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"},
                             {"triton.cudagraphs": True}):
             with pytest.raises(ValueError, match="FSDP2"):
