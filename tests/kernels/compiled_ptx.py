@@ -10,8 +10,9 @@ operands are already of it (an exact product rounded once: the same value).
 
 Run in a process of its own, ``TRITON_INTERPRET=0 python -m tests.kernels.compiled_ptx``:
 under the interpreter Triton's own ``@jit`` library functions (``tl.sum``) are interpreted
-ones, which the compiler can't take. Prints a JSON object, case → {"roundings": found in the
-PTX, "expected": the kernel's roundings per thread, "fma": fp32 FMAs}.
+ones, which the compiler can't take. Prints a JSON object, case → {"roundings": marks found in
+the PTX, "expected": the kernel's rounding points and stores per thread, "fma": FMAs in any
+precision}.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from chronicals_fx.kernels._triton import round_to
 
+
 def _conversions(half: str) -> list[tuple[str, int]]:
     """Marks of rounding to ``half`` ("bf16", "f16") by the hardware: conversions (the stores'
     included), and native arithmetic in it (one or two values an instruction)."""
@@ -35,7 +37,6 @@ def _conversions(half: str) -> list[tuple[str, int]]:
 
 # an FMA in any precision rounds a product and a sum once, where eager rounds twice
 FMA = re.compile(r"\bfma\.rn(\.ftz)?(\.sat)?\.(f32|f16|bf16)(x2)?\b")
-
 
 ROUNDING_MARKS = {
     1: [(r"and\.b32\s.*-65536;", 1)],
