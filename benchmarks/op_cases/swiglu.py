@@ -97,11 +97,39 @@ def cases(device: str, dtype: torch.dtype) -> list[OpCase]:
     out.append(OpCase("swiglu", f"silu fused gate_up chunk N={n} I={i}", 8 * n * i * size,
                       fused_inputs, fused))
     out.append(_after_projections(device, dtype, 16384, 4096, 14336))
+    out.append(_after_fused_projection(device, dtype, 8192, 3072, 8192))
     return out
 
 
 def eager_mlp_gate(x, w_gate, w_up):
     return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+
+
+def eager_mlp_fused_gate(x, w_gate_up):
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _after_fused_projection(device: str, dtype: torch.dtype, n: int, h: int, i: int) -> OpCase:
+    """Phi-3's gate_up_proj: one projection to [N, 2I], chunked. The pass's op gets the halves
+    as views; its backward returns dg and du, which the chunk's backward concatenates (a copy
+    Inductor's own kernel avoids by writing the [N, 2I] gradient directly)."""
+    from chronicals_fx.backend import chronicals_backend
+    from chronicals_fx.config import Config
+
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+        w = (torch.randn(2 * i, h, generator=g) * h ** -0.5).to(device, dtype).requires_grad_()
+        return x, w
+
+    backend = functools.partial(chronicals_backend, options=Config(passes=("swiglu",)))
+    variants = {"eager": eager_mlp_fused_gate,
+                "inductor": torch.compile(eager_mlp_fused_gate, dynamic=False),
+                "chronicals_compiled": torch.compile(eager_mlp_fused_gate, backend=backend,
+                                                     dynamic=False)}
+    return OpCase("swiglu", f"silu after a fused gate_up projection N={n} H={h} I={i}",
+                  8 * n * i * dtype.itemsize, inputs, variants, flops=3 * 2 * 2 * n * h * i)
 
 
 def _after_projections(device: str, dtype: torch.dtype, n: int, h: int, i: int) -> OpCase:
