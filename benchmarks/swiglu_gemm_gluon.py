@@ -54,10 +54,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from benchmarks import offline_compile
 from benchmarks.swiglu_gemm_tma import (GROUP_M, _check, _column_piece, _launcher,
                                         _swiglu_bwd_math)
 from chronicals_fx.kernels import swiglu_gemm
-from chronicals_fx.kernels._triton import ROUND_CODES, tile_coords
+from chronicals_fx.kernels._triton import tile_coords
 from chronicals_fx.kernels._gluon import GL_DTYPES, GemmTile, num_sms, tma_descriptor, wgmma_layout
 
 SMEM_LIMIT = 232448          # bytes of shared memory one program may use on sm_90 (227 KiB)
@@ -389,12 +390,6 @@ WS_CONFIGS = [
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _round_code(dtype: torch.dtype, hw_round: bool) -> int:
-    """round_to's code for ``dtype``: bf16 by the cvt instruction (3) where asked, else on the
-    bits (1)."""
-    return (3 if hw_round else 1) if dtype == torch.bfloat16 else ROUND_CODES[dtype]
-
-
 def _common(dy: Tensor, w: Tensor, tile: GluonTile, w_kmajor: bool, m: int, n: int):
     assert dy.dtype in GL_DTYPES, dy.dtype
     assert tile.bn % tile.split == 0 and tile.split in (1, 2, 4)
@@ -423,7 +418,7 @@ def make_fused_gluon_launch(dy: Tensor, w: Tensor, g: Tensor, u: Tensor, dg: Ten
     yd = tma_descriptor(y if y is not None else dg, piece)
     return _launcher(swiglu_bwd_gemm_gluon_kernel, programs,
                      (a, b, gd, ud, dgd, dud, yd, m, n, k), dict(
-                         ACT=activation, ROUND=_round_code(g.dtype, tile.hw_round),
+                         ACT=activation, ROUND=swiglu_gemm.round_code(g.dtype, tile.hw_round),
                          STORE_Y=y is not None,
                          SPLIT=tile.split, STAGES=tile.stages, OUT_BUFS=tile.out_bufs,
                          PEEL=tile.peel, W_KMAJOR=w_kmajor, GROUP_M=GROUP_M, NUM_PROGS=progs,
@@ -465,21 +460,7 @@ def compile_offline(launch, arch: int = 90):
     """Compile what ``launch`` (from make_*_gluon_launch, built on any tensors: CPU ones do)
     would run, for ``cuda:arch`` (90: sm_90a), without a driver. Returns the CompiledKernel
     (``asm["ptx"]``, ``asm["cubin"]``, ``metadata.shared``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as triton_compile
-    from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    kernel, args, kwargs = launch.kernel, launch.args, launch.kwargs
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, _ = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, None)
-    src = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton_compile(src, target=target, options=options.__dict__)
+    return offline_compile.compile_offline(launch.kernel, launch.args, launch.kwargs, arch)
 
 
 def ptxas_usage(compiled, arch: str = "sm_90a") -> dict:

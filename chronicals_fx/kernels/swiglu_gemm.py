@@ -187,6 +187,12 @@ def unusable(dy: Tensor, weight: Tensor, gate: Tensor) -> str | None:
     return None
 
 
+def round_code(dtype: torch.dtype, hw_round: bool) -> int:
+    """round_to's code for ``dtype`` in this kernel (never interpreted): bf16 by the cvt
+    instruction (3), or on the bits (1) where the tile asks for it (a sweep's ``hw_round``)."""
+    return (3 if hw_round else 1) if dtype == torch.bfloat16 else ROUND_CODES[dtype]
+
+
 def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor, du: Tensor,
                 y: Tensor | None, activation: int, tile: GemmTile = DEFAULT_TILE,
                 w_kmajor: bool = False):
@@ -202,9 +208,7 @@ def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor
     b = tma_descriptor(weight, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
     progs = num_sms(dy.device)
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
-    # bf16: by the cvt instruction (CODE 3) unless the tile asks for the bit rounding (CODE 1)
-    bf16_code = 3 if tile.hw_round else 1
-    rounding = bf16_code if gate.dtype == torch.bfloat16 else ROUND_CODES[gate.dtype]
+    rounding = round_code(gate.dtype, tile.hw_round)
     g = tma_descriptor(gate, [tile.bm, tile.bn // tile.split])
     u = tma_descriptor(up, [tile.bm, tile.bn // tile.split])
     args = (a, b, g, u, dg, du, y if y is not None else dg, m, n, k)

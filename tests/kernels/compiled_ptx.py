@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.offline_compile import compile_offline
 from chronicals_fx.kernels._triton import round_to
 
 
@@ -69,17 +70,7 @@ def roundings(ptx: str, code: int) -> int:
 
 def sm90_ptx(kernel, *args, **kwargs) -> str:
     """PTX of ``kernel`` launched with ``args`` (CPU tensors do), compiled for sm_90a."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, _ = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, None)
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    return compile(src, target=target, options=options.__dict__).asm["ptx"]
+    return compile_offline(kernel, args, kwargs, arch=90).asm["ptx"]
 
 
 def launched_ptx(launch) -> tuple[str, dict]:
