@@ -538,7 +538,9 @@ def _offline_main() -> int:
                         launch = make_fused_gluon_launch(dy, w, *outs, tile, 0, w_kmajor)
                     ck = compile_offline(launch)
                     r = ptxas_usage(ck)
-                    est = tile.smem_bytes(kind == "fused")
+                    # (the warp-specialized tiles have no estimate of their own)
+                    est = (tile.smem_bytes(kind == "fused") if isinstance(tile, GluonTile)
+                           else "none")
                     print(f"ok   {name:<62} regs {r['regs']} spill st/ld {r['spill_stores']}/"
                           f"{r['spill_loads']} B, smem {r['smem_triton']} B "
                           f"({r['smem_triton'] / 1024:.1f} KiB; estimate {est}), "
