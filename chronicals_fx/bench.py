@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 from tabulate import tabulate
 
@@ -124,26 +125,35 @@ def run_interleaved(args) -> list[dict]:
     variant reads the same batches in the same order as a run of its own."""
     from chronicals_fx.workload import Trainer, byte_batches
 
+    started = time.perf_counter()
     runs = []
     for variant in args.variants:
         model = build_variant(args, variant)
         runs.append((variant, model, Trainer(model, lr=args.lr),
                      byte_batches(args.batch, args.seq, device=_device())))
-    for _variant, _model, trainer, batches in runs:     # warm-up: compilation, autotuning
+    for variant, _model, trainer, batches in runs:     # warm-up: compilation, autotuning
         for _ in range(min(args.warmup, args.steps)):
             trainer.step(next(batches))
+        _progress(f"{variant} built and warmed up", started)
     timed = max(0, args.steps - args.warmup)
     rounds = max(1, args.interleave)
     for r in range(rounds):
         for _variant, _model, trainer, batches in (runs if r % 2 == 0 else runs[::-1]):
             for _ in range(timed // rounds + (r < timed % rounds)):
                 trainer.step(next(batches))
+        _progress(f"round {r + 1} of {rounds} timed", started)
     results = []
     for variant, model, trainer, _batches in runs:
         stats = trainer.stats(args.warmup)
         stats.peak_gib = float("nan")          # the process's peak, not this variant's
         results.append(_result(variant, model, stats))
     return results
+
+
+def _progress(what: str, started: float) -> None:
+    """A line on the worker's stdout, which the parent passes through: a run cut short by a
+    time limit still shows how far it got."""
+    print(f"  [{time.perf_counter() - started:6.0f} s] {what}", flush=True)
 
 
 def with_lora(model, rank: int):
@@ -220,13 +230,13 @@ def main(argv=None) -> int:
         if args.passes is not None:
             cmd += ["--passes", *args.passes]
         variant = variant or "interleaved: " + " ".join(args.variants)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             attempt = f"_run{run // len(args.variants) + 1}" if args.repeat > 1 else ""
             log = os.path.join(os.path.dirname(args.json or path),
                                f"train_{file_safe(variant)}{attempt}.log")
             with open(log, "w") as f:
-                f.write(proc.stdout + proc.stderr)
+                f.write(proc.stderr)
             lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
             error = lines[-1][:300] if lines else f"exit {proc.returncode}"
             print(f"{variant}: failed ({log}): {error}", flush=True)
