@@ -29,6 +29,7 @@ torch.compile. A variant whose run did not train (non-finite loss, zero grad nor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -114,9 +115,24 @@ def run_variant(args) -> dict:
     from chronicals_fx.workload import byte_batches, train
 
     model = build_variant(args, args.variant)
-    stats = train(model, byte_batches(args.batch, args.seq, device=_device()), args.steps,
-                  lr=args.lr, warmup_steps=args.warmup)
+    with _clock_sampler() as clock:
+        stats = train(model, byte_batches(args.batch, args.seq, device=_device()), args.steps,
+                      lr=args.lr, warmup_steps=args.warmup, clock=clock)
     return _result(args.variant, model, stats)
+
+
+def _clock_sampler():
+    """The GPU's clock sampled during the steps (gpu_clock.py); samples nothing on a CPU."""
+    import torch
+
+    from chronicals_fx.gpu_clock import ClockSampler
+
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    # nvidia-smi numbers the GPUs as the driver does and CUDA_VISIBLE_DEVICES may renumber
+    # them: the UUID is the name both agree on.
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    return ClockSampler(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
 
 
 def run_interleaved(args) -> list[dict]:
@@ -137,14 +153,15 @@ def run_interleaved(args) -> list[dict]:
         _progress(f"{variant} built and warmed up", started)
     timed = max(0, args.steps - args.warmup)
     rounds = max(1, args.interleave)
-    for r in range(rounds):
-        for _variant, _model, trainer, batches in (runs if r % 2 == 0 else runs[::-1]):
-            for _ in range(timed // rounds + (r < timed % rounds)):
-                trainer.step(next(batches))
-        _progress(f"round {r + 1} of {rounds} timed", started)
+    with _clock_sampler() as clock:
+        for r in range(rounds):
+            for _variant, _model, trainer, batches in (runs if r % 2 == 0 else runs[::-1]):
+                for _ in range(timed // rounds + (r < timed % rounds)):
+                    trainer.step(next(batches))
+            _progress(f"round {r + 1} of {rounds} timed", started)
     results = []
     for variant, model, trainer, _batches in runs:
-        stats = trainer.stats(args.warmup)
+        stats = trainer.stats(args.warmup, clock)
         stats.peak_gib = float("nan")          # the process's peak, not this variant's
         results.append(_result(variant, model, stats))
     return results
@@ -289,10 +306,16 @@ def merged_runs(results: list[dict]) -> list[dict]:
             out.append({**ok[0], "problems": problems})
             continue
         tps = [r["tokens_per_s"] for r in ok]
-        timed = [ms for r in ok for ms in r["step_ms"][r["warmup_steps"]:]]
+
+        def median_of_timed(key: str) -> float:
+            values = [v for r in ok for v in r.get(key, [])[r["warmup_steps"]:] if v == v]
+            return statistics.median(values) if values else float("nan")
+
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),
-                    "median_step_ms": statistics.median(timed) if timed else float("nan"),
+                    "median_step_ms": median_of_timed("step_ms"),
+                    "median_host_ms": median_of_timed("host_ms"),
+                    "median_sm_mhz": median_of_timed("sm_mhz"),
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})
@@ -307,7 +330,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["variant"], "failed", "", "", "", "", "", "", r["error"][:60]))
+            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", r["error"][:60]))
             continue
         gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
                    for a, b in zip(losses, eager_losses))
@@ -317,11 +340,15 @@ def summary_table(results: list[dict]) -> str:
             low, high = r["tokens_per_s_range"]
             tps += f" ({low:,.0f}–{high:,.0f}, {len(r['runs_losses'])} runs)"
         rows.append((r["variant"], tps, f"{r['median_step_ms']:.1f}",
-                     f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
+                     f"{r.get('median_host_ms', float('nan')):.1f}",
+                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
                      f"{r['tokens_per_s'] / compile_tps:.3f}x" if compile_tps else "",
                      "; ".join(r["problems"]) or "trained"))
-    return tabulate(rows, headers=("variant", "tok/s", "step ms", "peak GiB", "loss first→last",
+    # host ms: the median time to enqueue a step (close to step ms: the host sets the pace);
+    # SM MHz: the GPU's clock while the steps ran (gpu_clock.py; nan without nvidia-smi).
+    return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz",
+                                   "peak GiB", "loss first→last",
                                    "min grad norm", "max |Δloss| vs eager", "vs compile",
                                    "proof"))
 

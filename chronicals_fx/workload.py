@@ -109,6 +109,12 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
+    # Time to enqueue the step's work (until the optimizer step returns, before the final sync).
+    # Close to step_ms: the host sets the pace; well below it: the GPU does.
+    host_ms: list[float] = field(default_factory=list)
+    # The GPU's SM clock and power while each step ran (NaN where not sampled: gpu_clock.py).
+    sm_mhz: list[float] = field(default_factory=list)
+    power_w: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
     warmup_steps: int = 0
     peak_gib: float = 0.0
@@ -120,6 +126,14 @@ class TrainStats:
     @property
     def median_step_ms(self) -> float:
         return statistics.median(self.timed_ms) if self.timed_ms else float("nan")
+
+    @property
+    def median_host_ms(self) -> float:
+        return _median(self.host_ms[self.warmup_steps:])
+
+    @property
+    def median_sm_mhz(self) -> float:
+        return _median(self.sm_mhz[self.warmup_steps:])
 
     @property
     def tokens_per_s(self) -> float:
@@ -142,7 +156,14 @@ class TrainStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "median_step_ms": self.median_step_ms,
+                "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
+
+
+def _median(values: list[float]) -> float:
+    """The median of the values that are numbers (NaN when none is)."""
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
 
 
 class Trainer:
@@ -163,6 +184,8 @@ class Trainer:
                                                         fused=self.device.type == "cuda")
         self.max_grad_norm = max_grad_norm
         self.step_ms: list[float] = []
+        self.host_ms: list[float] = []
+        self.spans: list[tuple[float, float]] = []  # each step's (start, end), perf_counter
         self.tokens_per_step = 0
         self._losses: list[torch.Tensor] = []
         self._norms: list[torch.Tensor] = []
@@ -180,15 +203,24 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._losses.append(loss.detach())
+        enqueued = time.perf_counter()
         _sync(self.device)
-        self.step_ms.append((time.perf_counter() - start) * 1000)
+        end = time.perf_counter()
+        self.host_ms.append((enqueued - start) * 1000)
+        self.step_ms.append((end - start) * 1000)
+        self.spans.append((start, end))
         self.tokens_per_step = _real_tokens(batch)
 
-    def stats(self, warmup_steps: int) -> TrainStats:
+    def stats(self, warmup_steps: int, clock=None) -> TrainStats:
         """The steps so far, the first ``warmup_steps`` untimed; peak memory is the device's
-        (the process's, where several trainers share it)."""
-        stats = TrainStats(step_ms=list(self.step_ms), tokens_per_step=self.tokens_per_step,
-                           warmup_steps=warmup_steps)
+        (the process's, where several trainers share it). ``clock``: a
+        :class:`~chronicals_fx.gpu_clock.ClockSampler` that ran during the steps."""
+        stats = TrainStats(step_ms=list(self.step_ms), host_ms=list(self.host_ms),
+                           tokens_per_step=self.tokens_per_step, warmup_steps=warmup_steps)
+        if clock is not None:
+            during = [clock.during(start, end) for start, end in self.spans]
+            stats.sm_mhz = [mhz for mhz, _ in during]
+            stats.power_w = [watts for _, watts in during]
         stats.losses = [float(x) for x in torch.stack(self._losses).float().cpu()]
         stats.grad_norms = [float(x) for x in torch.stack(self._norms).float().cpu()]
         if self.device.type == "cuda":
@@ -198,8 +230,9 @@ class Trainer:
 
 def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-4,
           warmup_steps: int = 2, max_grad_norm: float = 1.0, progress: str | None = None,
-          optimizer: torch.optim.Optimizer | None = None) -> TrainStats:
-    """``steps`` steps of a :class:`Trainer` on ``batches``; the first ``warmup_steps`` untimed."""
+          optimizer: torch.optim.Optimizer | None = None, clock=None) -> TrainStats:
+    """``steps`` steps of a :class:`Trainer` on ``batches``; the first ``warmup_steps`` untimed
+    (``clock``: as :meth:`Trainer.stats`)."""
     trainer = Trainer(model, lr=lr, max_grad_norm=max_grad_norm, optimizer=optimizer)
     iterator = range(steps)
     if progress:
@@ -208,7 +241,7 @@ def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-
         iterator = tqdm(iterator, desc=progress, unit="step", leave=False)
     for _ in iterator:
         trainer.step(next(batches))
-    return trainer.stats(warmup_steps)
+    return trainer.stats(warmup_steps, clock)
 
 
 def _real_tokens(batch: dict) -> int:

@@ -1,0 +1,79 @@
+"""The GPU's SM clock and power, sampled in the background while a benchmark runs.
+
+A GPU lowers its clock when it reaches its power or temperature limit, and a step then takes
+longer for reasons that have nothing to do with the code measured (session 17: both variants'
+steps rose by up to 10% late in some runs). Each timed step gets the median of the samples
+taken while it ran, so a table can show whether two variants ran at the same clock.
+
+``nvidia-smi`` in loop mode is the sampler: it is present wherever the driver is, and it costs
+the training process nothing (a separate process; a thread here only reads its lines). Where it
+is missing (a CPU machine) the sampler records nothing and every step's clock is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+
+QUERY = "clocks.sm,power.draw"
+
+
+def parse_sample(line: str) -> tuple[float, float] | None:
+    """(SM MHz, power W) from one ``--format=csv,noheader,nounits`` line of :data:`QUERY`;
+    None for anything else (a header, an error message, "[N/A]")."""
+    fields = [f.strip() for f in line.split(",")]
+    if len(fields) != 2:
+        return None
+    try:
+        return float(fields[0]), float(fields[1])
+    except ValueError:
+        return None
+
+
+class ClockSampler:
+    """``with ClockSampler(gpu) as clock:`` samples every ``period_ms`` until the block ends;
+    :meth:`during` gives a time span's median clock and power. ``gpu``: nvidia-smi's ``--id``
+    (an index in the driver's numbering, a UUID "GPU-…" or a PCI bus id)."""
+
+    def __init__(self, gpu: int | str = 0, period_ms: int = 20):
+        self.command = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={QUERY}",
+                        "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+        self.samples: list[tuple[float, float, float]] = []   # (perf_counter, MHz, W)
+        self._process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> "ClockSampler":
+        if shutil.which(self.command[0]) is None:
+            return self
+        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        # The line's arrival time stands for its sample's time: nvidia-smi writes each line as
+        # it takes the sample, a few ms at most before this thread reads it.
+        for line in self._process.stdout:
+            sample = parse_sample(line)
+            if sample is not None:
+                self.samples.append((time.perf_counter(), *sample))
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+            self._reader.join(timeout=5)
+
+    def during(self, start: float, end: float) -> tuple[float, float]:
+        """Median (SM MHz, power W) of the samples taken in [start, end] (perf_counter times);
+        NaN where none was (a span shorter than the period, or no sampler)."""
+        inside = [(mhz, watts) for t, mhz, watts in self.samples if start <= t <= end]
+        if not inside:
+            return math.nan, math.nan
+        return (statistics.median(m for m, _ in inside),
+                statistics.median(w for _, w in inside))

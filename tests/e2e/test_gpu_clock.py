@@ -1,0 +1,96 @@
+"""The benchmark's GPU-clock sampler (chronicals_fx/gpu_clock.py) and the per-step figures the
+bench derives from it, without a GPU: a stand-in ``nvidia-smi`` on PATH prints the samples."""
+
+import math
+import os
+import stat
+import time
+
+import pytest
+
+from chronicals_fx.gpu_clock import ClockSampler, parse_sample
+
+
+def test_parse_sample_takes_only_well_formed_lines():
+    assert parse_sample("1980, 512.31\n") == (1980.0, 512.31)
+    assert parse_sample("clocks.current.sm [MHz], power.draw [W]") is None   # a header
+    assert parse_sample("1755, [N/A]") is None
+    assert parse_sample("No devices were found") is None
+
+
+def test_during_takes_the_median_of_the_samples_inside_the_span():
+    clock = ClockSampler()
+    clock.samples = [(1.0, 1980.0, 600.0), (2.0, 1700.0, 700.0), (3.0, 1750.0, 690.0),
+                     (4.0, 1980.0, 400.0)]
+    assert clock.during(1.5, 3.5) == (1725.0, 695.0)
+    assert all(math.isnan(v) for v in clock.during(0.0, 0.5))   # no sample in the span
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """An ``nvidia-smi`` that checks it was asked for the sampler's query and prints a sample
+    every 10 ms (the loop mode's output) until it is terminated."""
+    script = tmp_path / "nvidia-smi"
+    script.write_text("#!/bin/sh\n"
+                      'case "$*" in *--query-gpu=clocks.sm,power.draw*) ;; *) exit 3;; esac\n'
+                      'echo "clocks.current.sm [MHz], power.draw [W]"\n'
+                      "while true; do echo '1830, 650.5'; sleep 0.01; done\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return script
+
+
+def test_sampler_reads_the_loop_and_stops_it(fake_nvidia_smi):
+    with ClockSampler("GPU-0") as clock:
+        start = time.perf_counter()
+        deadline = start + 10
+        while len(clock.samples) < 3 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        end = time.perf_counter()
+    assert len(clock.samples) >= 3                       # the header line is not a sample
+    assert clock.during(start, end) == (1830.0, 650.5)
+    assert clock._process.poll() is not None              # the loop ended with the block
+
+
+def test_sampler_without_nvidia_smi_records_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))            # no nvidia-smi here
+    with ClockSampler() as clock:
+        pass
+    assert clock.samples == []
+    assert all(math.isnan(v) for v in clock.during(0.0, time.perf_counter()))
+
+
+def test_trainer_gives_each_step_its_clock_and_host_time():
+    """Trainer.stats maps each step's span to the sampler's figures; host_ms (the time to
+    enqueue the step) is recorded for every step and never exceeds the step's time."""
+    import torch
+
+    from chronicals_fx.workload import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+
+    class Output:
+        def __init__(self, loss):
+            self.loss = loss
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, labels):
+            return Output(self.inner(input_ids).pow(2).mean())
+
+    trainer = Trainer(Wrapped())
+    for _ in range(3):
+        trainer.step({"input_ids": torch.randn(2, 4), "labels": torch.zeros(2)})
+    clock = ClockSampler()
+    (s0, e0), (s1, e1), _ = trainer.spans
+    clock.samples = [((s0 + e0) / 2, 1900.0, 500.0), ((s1 + e1) / 2, 1600.0, 690.0)]
+    stats = trainer.stats(warmup_steps=1, clock=clock)
+    assert stats.sm_mhz[:2] == [1900.0, 1600.0] and math.isnan(stats.sm_mhz[2])
+    assert stats.power_w[:2] == [500.0, 690.0]
+    assert stats.median_sm_mhz == 1600.0                  # timed steps only, NaN skipped
+    assert len(stats.host_ms) == 3
+    assert all(0 < h <= s for h, s in zip(stats.host_ms, stats.step_ms))
