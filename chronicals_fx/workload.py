@@ -110,7 +110,9 @@ class TrainStats:
     grad_norms: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
     # Time to enqueue the step's work (until the optimizer step returns, before the final sync).
-    # Close to step_ms: the host sets the pace; well below it: the GPU does.
+    # step_ms − host_ms is how far the GPU trails the host at the step's end: near zero, the
+    # host sets the pace. (CUDA's launch queue holds about a thousand launches, so a GPU-bound
+    # step's host time includes waits for queue slots: the gap is then the queued work's time.)
     host_ms: list[float] = field(default_factory=list)
     # The GPU's SM clock and power while each step ran (NaN where not sampled: gpu_clock.py).
     sm_mhz: list[float] = field(default_factory=list)
