@@ -436,23 +436,6 @@ def make_plain_gluon_launch(dy: Tensor, w: Tensor, dh: Tensor, tile: GluonTile,
         W_KMAJOR=w_kmajor, GROUP_M=GROUP_M, NUM_PROGS=progs, **opts))
 
 
-def fused_gluon(dy: Tensor, w: Tensor, g: Tensor, u: Tensor, config: GluonTile = GluonTile(),
-                activation: int = 0, w_kmajor: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(dg, du, y) of the SwiGLU backward around dh = dy @ W (W [K, N], or [N, K] when
-    ``w_kmajor``), in one Gluon kernel. CUDA, compute capability 9.x."""
-    dg, du, y = (torch.empty_like(g) for _ in range(3))
-    make_fused_gluon_launch(dy, w, g, u, dg, du, y, config, activation, w_kmajor)()
-    return dg, du, y
-
-
-def plain_gluon(dy: Tensor, w: Tensor, config: GluonTile = GluonTile(),
-                w_kmajor: bool = False) -> Tensor:
-    n = w.shape[0] if w_kmajor else w.shape[1]
-    dh = torch.empty(dy.shape[0], n, dtype=dy.dtype, device=dy.device)
-    make_plain_gluon_launch(dy, w, dh, config, w_kmajor)()
-    return dh
-
-
 # ---------------------------------------------------------------------------------------------
 # Offline compilation (no GPU): the launch's specialization, compiled for a given target
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``chronicals demo | explain | bench`` — the command line.
+"""``chronicals demo | explain | bench | run`` — the command line.
 
     chronicals demo                 optimize and train a small model on the embedded corpus,
                                     eager vs optimized side by side (CPU works; GPU when present)

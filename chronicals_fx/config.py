@@ -15,7 +15,8 @@ OP_NAMES: tuple[str, ...] = ("rmsnorm", "swiglu", "rope", "attention", "linear_c
 DEFAULT_PASSES: tuple[str, ...] = OP_NAMES
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
-_ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "triton")  # kernels.attention.BACKENDS
+# Config.attention_backend's choices (kernels/attention.py dispatches on them)
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "triton")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class Config:
     swiglu_save_hidden: bool = False
     # SwiGLU with the down projection taken in, on Hopper: its backward's dh = dy W_down GEMM
     # carries the SwiGLU backward in its epilogue (one warp-specialized Gluon kernel; dh never
-    # reaches memory). H200, bf16, Qwen2.5-0.5B's down projection at 8k tokens: 222 µs against
-    # 236 for cuBLAS + the SwiGLU kernel (session 10). Results equal the unfused path's up to
+    # reaches memory). H200, bf16, Qwen2.5-0.5B's down projection at 8k tokens: 201.5 µs against
+    # 234.4 for cuBLAS + the SwiGLU kernel (the default tile, session 14). Results equal the unfused path's up to
     # the GEMM's fp32 accumulation order. Off, or off Hopper: cuBLAS + the SwiGLU kernel.
     swiglu_fused_gemm: bool = True
     # LoRA: adapters whose A products read one input (q/k/v of a layer, gate/up) share one GEMM
@@ -81,8 +82,8 @@ class Config:
         if self.compiler not in _COMPILERS:
             raise ValueError(f"compiler must be one of {_COMPILERS}, got {self.compiler!r}")
         object.__setattr__(self, "inductor", dict(self.inductor))
-        if self.attention_backend not in _ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {_ATTENTION_BACKENDS}, "
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                              f"got {self.attention_backend!r}")
 
     @classmethod

@@ -92,20 +92,8 @@ def install() -> bool:
         return original(self, gm, example_inputs, *args, **compiler_configs)
 
     setattr(compile_fn, _INSTALLED, True)
-    compile_fn.__wrapped_original__ = original   # type: ignore[attr-defined]
     DDPOptimizer.compile_fn = compile_fn
     return True
-
-
-def uninstall() -> None:
-    """Put DDPOptimizer's own ``compile_fn`` back (for tests)."""
-    try:
-        from torch._dynamo.backends.distributed import DDPOptimizer
-    except ImportError:
-        return
-    original = getattr(DDPOptimizer.compile_fn, "__wrapped_original__", None)
-    if original is not None:
-        DDPOptimizer.compile_fn = original
 
 
 def chronicals_bound(fn: Any, call_kwargs: dict | None = None

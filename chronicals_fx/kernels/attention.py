@@ -83,10 +83,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
+from ..config import ATTENTION_BACKENDS as BACKENDS
 from ._triton import launchable
 
 MAX_HEAD_DIM = 256          # the Triton kernel keeps a [BLOCK, head_dim] tile per operand
-BACKENDS = ("sdpa", "cudnn", "flash", "triton")  # Config.attention_backend chooses among these
 
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2

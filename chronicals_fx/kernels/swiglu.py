@@ -51,7 +51,6 @@ from ._post_grad import ChainedPostGradPass
 from ._triton import ROUND_CODES, autograd_graph_kept, launch_of, launchable, round_to
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 
 # Elements per program and warps: 2048 elements over 4 warps is 16 per thread, two 16-byte bf16
 # vector loads per tensor; large enough that per-program overhead vanishes, small enough to keep

@@ -1,7 +1,7 @@
 """The pass pipeline: each op is one module here with ``NAME`` and ``run(gm, ctx)``.
 
 Adding an op means adding ``passes/X.py`` (how to find it), ``kernels/X.py`` (how to compute
-it), and one line in :data:`PIPELINE`. (``lora`` has no kernel: it moves fp32 adapter products
+it), one line in :data:`PIPELINE` and its name in ``config.OP_NAMES``. (``lora`` has no kernel: it moves fp32 adapter products
 to the model's dtype, cuBLAS computes them.)
 """
 
