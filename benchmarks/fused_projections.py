@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+
+from benchmarks.harness import graphed_ms
 
 N = 8192
 CASES = (  # name, hidden, output widths, bias
@@ -33,7 +34,7 @@ def fused(x, weights, biases):
     return list(y.split([w.shape[0] for w in weights], dim=-1))
 
 
-def graphed_ms(fn, x, weights, biases, grads) -> float:
+def fwd_bwd_ms(fn, x, weights, biases, grads) -> float:
     params = [x, *weights, *(b for b in biases if b is not None)]
 
     def step():
@@ -42,16 +43,7 @@ def graphed_ms(fn, x, weights, biases, grads) -> float:
         outs = fn(x, weights, biases)
         torch.autograd.backward(outs, grads)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):                       # compile, autotune, warm the allocator
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    return graphed_ms(step, rep=200)
 
 
 def main() -> None:
@@ -67,7 +59,7 @@ def main() -> None:
         flop = 6 * N * hidden * sum(widths)
         times = {}
         for label, fn in (("one GEMM each", separate), ("concatenated", fused)):
-            times[label] = graphed_ms(torch.compile(fn), x, weights, biases, grads)
+            times[label] = fwd_bwd_ms(torch.compile(fn), x, weights, biases, grads)
         base = times["one GEMM each"]
         for label, ms in times.items():
             print(f"{name:<22} {label:<14} {ms * 1e3:8.1f} us  {flop / ms / 1e9:5.0f} TFLOP/s  "
@@ -75,4 +67,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
     main()

@@ -77,32 +77,39 @@ def matmul_tflops(device="cuda", n=8192) -> float:
     return 2 * n**3 / ms / 1e9
 
 
-def _time(fn, inputs, grad_outputs) -> tuple[float, str]:
-    """Median ms of forward+backward, replayed from a CUDA graph so that host-side dispatch
-    (autograd, op dispatch) doesn't hide the kernels' own time; falls back to plain launches
-    for variants that can't be captured (the note says so)."""
+def graphed_ms(step: Callable[[], object], rep: int = 100) -> float:
+    """Median ms of ``step`` replayed from a CUDA graph: host-side work (Python, autograd, op
+    dispatch, launch cost) is out of the number, which is the kernels' own time. ``step`` runs
+    three times first, on a side stream as capture requires (compilation, autotuning and the
+    allocator's first blocks must not happen during capture), then once under capture.
+    ``rep``: milliseconds of replays do_bench times."""
     from triton.testing import do_bench
 
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+
+
+def _time(fn, inputs, grad_outputs) -> tuple[float, str]:
+    """Median ms of forward+backward from a CUDA graph (:func:`graphed_ms`); falls back to plain
+    launches for variants that can't be captured (the note says so)."""
+    from triton.testing import do_bench
+
+    def step():
+        _run(fn, inputs, grad_outputs)   # which sets the inputs' grads to None first
+
     try:
-        for t in inputs:
-            t.grad = None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _run(fn, inputs, grad_outputs)  # warm the capture stream
-        torch.cuda.current_stream().wait_stream(side)
-        for t in inputs:
-            t.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _run(fn, inputs, grad_outputs)
-        ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-        del graph
-        return ms, ""
+        return graphed_ms(step), ""
     except Exception as exc:
         torch.cuda.synchronize()
-        ms = do_bench(lambda: _run(fn, inputs, grad_outputs), warmup=25, rep=100,
-                      return_mode="median")
+        ms = do_bench(step, warmup=25, rep=100, return_mode="median")
         return ms, f"no CUDA graph ({type(exc).__name__})"
 
 

@@ -55,19 +55,16 @@ import argparse
 import functools
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-from chronicals_fx.bench import file_safe
+from chronicals_fx.bench import file_safe, spawn_worker
 
 # NVLink multicast (NVLS) is unavailable on the lent GPU machines: NCCL and symmetric memory
 # must not try it. Set here so every torchrun job inherits it.
 _ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 ENGINES = ("ddp", "fsdp2")
-VARIANTS = ("eager", "compile", "chronicals")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,7 +129,6 @@ def run_worker(args) -> dict | None:
     import torch.distributed as dist
 
     import chronicals
-    from chronicals_fx.bench import variant_options
     from chronicals_fx.workload import (
         build_model,
         byte_batches,
@@ -180,29 +176,7 @@ def run_worker(args) -> dict | None:
                         reshard_after_forward=not args.no_reshard)
         wrapped = fully_shard(model)
     variant = args.variant
-    report = None
-    if variant.partition("@")[0] == "compile":
-        if args.compile_scope == "layers":
-            if variant_options(variant):
-                raise ValueError("--compile-scope layers takes no compile@ variant options")
-            _compile_layers_and_head(model, wrapped, compiler)
-        else:
-            wrapped.compile(backend=compiler, **variant_options(variant))
-    elif variant.startswith("chronicals"):
-        options = {"compiler": compiler, **variant_options(variant)}
-        if args.compile_scope == "layers":
-            from chronicals_fx.backend import chronicals_backend
-
-            if "mode" in options:
-                raise ValueError("--compile-scope layers takes no mode= variant option")
-            report = chronicals.Report()   # the layer graph's and the head graph's
-            _compile_layers_and_head(model, wrapped, functools.partial(
-                chronicals_backend, options=chronicals.Config.from_options(options),
-                on_report=report.extend))
-        else:
-            chronicals.optimize(wrapped, **options)
-    elif variant != "eager":
-        raise ValueError(f"unknown variant {variant!r}")
+    report = _apply_variant(args, model, wrapped, compiler)
 
     def shard():  # this rank's rows of each global batch (the reference: all of them)
         rows = args.batch
@@ -246,6 +220,40 @@ def run_worker(args) -> dict | None:
     if args.engine != "single":
         dist.destroy_process_group()
     return result if rank == 0 else None
+
+
+def _apply_variant(args, model, wrapped, compiler):
+    """Compile or optimize ``wrapped`` (``model`` inside DDP/FSDP2, or ``model`` itself) as
+    ``args.variant`` asks, with ``compiler`` compiling; the chronicals report of a per-layer run
+    (the layer graph's and the head graph's), else None."""
+    import chronicals
+    from chronicals_fx.bench import compile_variant, variant_options
+
+    variant = args.variant
+    report = None
+    if variant.partition("@")[0] == "compile":
+        if args.compile_scope == "layers":
+            if variant_options(variant):
+                raise ValueError("--compile-scope layers takes no compile@ variant options")
+            _compile_layers_and_head(model, wrapped, compiler)
+        else:
+            compile_variant(wrapped, variant, backend=compiler)
+    elif variant.startswith("chronicals"):
+        options = {"compiler": compiler, **variant_options(variant)}
+        if args.compile_scope == "layers":
+            from chronicals_fx.backend import chronicals_backend
+
+            if "mode" in options:
+                raise ValueError("--compile-scope layers takes no mode= variant option")
+            report = chronicals.Report()   # the layer graph's and the head graph's
+            _compile_layers_and_head(model, wrapped, functools.partial(
+                chronicals_backend, options=chronicals.Config.from_options(options),
+                on_report=report.extend))
+        else:
+            chronicals.optimize(wrapped, **options)
+    elif variant != "eager":
+        raise ValueError(f"unknown variant {variant!r}")
+    return report
 
 
 def _profile(args, wrapped, batches, optimizer, stats, rank: int, world: int) -> str | None:
@@ -367,36 +375,17 @@ def _profile_args(args, logdir: str) -> list[str]:
 
 
 def _launch(cmd: list[str], name: str, args, logdir: str, timeout: float) -> dict:
-    """Run one job in its own process group (killed whole on timeout); its JSON or an error."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-        path = tmp.name
+    """Run one job; its JSON or an error. Its log is kept either way (what every rank printed:
+    chronicals' counts and declines)."""
     env = {**os.environ, **_ENV}
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
-    start = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--worker", path], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        output += f"\n[killed after {timeout:.0f} s]"
-    seconds = time.perf_counter() - start
-    log = os.path.join(logdir, f"multi_gpu_{name}.log")
-    with open(log, "w") as f:
-        f.write(output)
-    try:
-        with open(path) as f:
-            result = json.load(f)
-        os.unlink(path)
-        result["wall_s"] = seconds
-        return result
-    except (OSError, ValueError):
-        lines = output.splitlines()
-        errors = [ln for ln in lines if "Error" in ln or "killed after" in ln] or lines
-        return {"error": (errors[-1] if errors else f"exit {proc.returncode}")[:300],
-                "log": log, "wall_s": seconds}
+    # a session of its own: the timeout kills torchrun's ranks with it
+    worker = spawn_worker(cmd, os.path.join(logdir, f"multi_gpu_{name}.log"), timeout=timeout,
+                          own_session=True, keep_log=True, env=env)
+    if worker.error:
+        return {"error": worker.error, "log": worker.log, "wall_s": worker.seconds}
+    return {**worker.result, "wall_s": worker.seconds}
 
 
 def main(argv=None) -> int:

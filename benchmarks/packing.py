@@ -56,10 +56,8 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -435,8 +433,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _worker_cmd(args, variant: str, path: str) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.packing", "--worker", path, "--variant", variant]
+def _worker_cmd(args, variant: str) -> list[str]:
+    cmd = [sys.executable, "-m", "benchmarks.packing", "--variant", variant]
     for key in ("model", "seq", "batch", "steps", "warmup", "lr", "seed", "check_compiler",
                 "check_docs", "device"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -444,35 +442,18 @@ def _worker_cmd(args, variant: str, path: str) -> list[str]:
 
 
 def _spawn(args, variant: str) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-        path = tmp.name
+    from chronicals_fx.bench import log_dir, spawn_worker
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(_worker_cmd(args, variant, path), capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=args.timeout)
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code = "timeout"
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-    seconds = time.perf_counter() - start
-    if code != 0:
-        folder = os.path.dirname(os.path.abspath(args.json or path))
-        os.makedirs(folder, exist_ok=True)
-        log = os.path.join(folder, f"packing_{variant}.log")
-        with open(log, "w") as f:
-            f.write(stdout + stderr)
-        lines = [ln for ln in stderr.splitlines() if "Error" in ln] or stderr.splitlines()
-        error = lines[-1][:300] if lines else f"exit {code}"
-        print(f"{variant}: failed after {seconds:.0f} s ({log}): {error}", flush=True)
-        return {"variant": variant, "error": error, "seconds": seconds}
-    with open(path) as f:
-        result = json.load(f)
-    os.unlink(path)
-    result["seconds"] = seconds
-    return result
+    worker = spawn_worker(_worker_cmd(args, variant),
+                          os.path.join(log_dir(args.json), f"packing_{variant}.log"),
+                          timeout=args.timeout, env=env, cwd=ROOT)
+    if worker.error:
+        print(f"{variant}: failed after {worker.seconds:.0f} s ({worker.log}): {worker.error}",
+              flush=True)
+        return {"variant": variant, "error": worker.error, "seconds": worker.seconds}
+    return {**worker.result, "seconds": worker.seconds}
 
 
 def main(argv=None) -> int:

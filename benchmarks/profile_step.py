@@ -62,19 +62,9 @@ def main(argv=None) -> int:
                         "the kernel the GPU was waiting for)")
     args = p.parse_args(argv)
 
-    import chronicals
-    from chronicals_fx.bench import variant_options, with_lora
-    from chronicals_fx.workload import build_model, byte_batches
+    from chronicals_fx.workload import byte_batches
 
-    model = build_model(args.model, dtype=torch.bfloat16, device="cuda")
-    if args.lora:
-        model = with_lora(model, args.lora)
-    if args.variant.partition("@")[0] == "compile":
-        model.compile(**variant_options(args.variant))
-    elif args.variant.startswith("chronicals"):
-        chronicals.optimize(model, **variant_options(args.variant))
-    elif args.variant != "eager":
-        raise SystemExit(f"unknown variant {args.variant!r}")
+    model = variant_model(args)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, fused=True)
     batches = byte_batches(args.batch, args.seq, device="cuda")
@@ -121,6 +111,24 @@ def main(argv=None) -> int:
                 f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")],
         extra=[dynamo_counters()]))
     return 0
+
+
+def variant_model(args, device: str = "cuda"):
+    """``args.variant``'s model (bf16), LoRA-wrapped with ``args.lora``, compiled or optimized."""
+    import chronicals
+    from chronicals_fx.bench import compile_variant, variant_options, with_lora
+    from chronicals_fx.workload import build_model
+
+    model = build_model(args.model, dtype=torch.bfloat16, device=device)
+    if args.lora:
+        model = with_lora(model, args.lora)
+    if args.variant.partition("@")[0] == "compile":
+        compile_variant(model, args.variant)
+    elif args.variant.startswith("chronicals"):
+        chronicals.optimize(model, **variant_options(args.variant))
+    elif args.variant != "eager":
+        raise SystemExit(f"unknown variant {args.variant!r}")
+    return model
 
 
 def dynamo_counters(brief: bool = False) -> str:

@@ -20,21 +20,12 @@ import os
 import torch
 import triton
 from tabulate import tabulate
-from triton.testing import do_bench
 
+from benchmarks.harness import graphed_ms
 from chronicals_fx.kernels import rmsnorm as K
 
 SHAPES = ((8192, 896), (16384, 4096), (8192 * 2, 128))
 HEADERS = ("shape", "pass", "BLOCK_M", "warps", "progs/SM", "µs", "GB/s")
-
-
-def graphed_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=20, rep=100, return_mode="median")
 
 
 def main() -> None:
@@ -140,10 +131,11 @@ def prefetch_sweep() -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    modes = {"": main, "terms": backward_terms, "prefetch": prefetch_sweep}
-    mode = sys.argv[1] if sys.argv[1:] else ""
-    if mode not in modes:
-        raise SystemExit(f"unknown mode {mode!r}: one of {sorted(m for m in modes if m)}")
-    modes[mode]()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", choices=("terms", "prefetch"),
+                        help="terms: the backward as a decoder runs it, and dW's reduction; "
+                             "prefetch: the backward with and without PREFETCH (default: the "
+                             "tile sweep of every shape)")
+    {None: main, "terms": backward_terms, "prefetch": prefetch_sweep}[parser.parse_args().mode]()

@@ -11,9 +11,8 @@ cost (hundreds of µs for this many arguments) hides the kernels.
 from __future__ import annotations
 
 import torch
-from triton.testing import do_bench
 
-from benchmarks.harness import copy_bandwidth_gbps
+from benchmarks.harness import copy_bandwidth_gbps, graphed_ms
 from chronicals_fx.kernels import rope as K
 
 SHAPES = ((8, 1024, 14, 2, 64), (4, 4096, 32, 8, 128))
@@ -41,16 +40,14 @@ def main() -> None:
                                   round_dtype=bf16, tile=tile, num_warps=warps)
                     K.rope_launch(qo, ko, cos, sin, dq, dk, interleaved=False, half=True,
                                   round_dtype=bf16, backward=True, tile=tile, num_warps=warps)
-                step()  # compile outside the capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+                ms = graphed_ms(step)
                 gbps = ideal / ms / 1e6
                 print(f"tile={tile} warps={warps}: {ms * 1e3:.1f} us  {gbps:.0f} GB/s "
                       f"{100 * gbps / copy:.0f}% copy", flush=True)
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
     main()

@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
-from benchmarks.harness import copy_bandwidth_gbps
+from benchmarks.harness import copy_bandwidth_gbps, graphed_ms
 from chronicals_fx.kernels import swiglu as K
 
 SHAPES = ((8192, 4864), (16384, 14336))
 BLOCKS = (1024, 2048, 4096, 8192)
 WARPS = (4, 8, 16)
 SILU = K.ACTIVATIONS["silu"]
-
-
-def graphed_ms(step) -> float:
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def inductor_backward(dy, g, u, with_y: bool):
@@ -84,4 +74,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
     main()

@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from tabulate import tabulate
-
-VARIANTS = ("eager", "compile", "liger", "liger_compile", "chronicals")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +95,7 @@ def build_variant(args, variant: str):
 
         _apply_liger_kernel_to_instance(model=model.get_base_model() if args.lora else model)
     if variant.partition("@")[0] in ("compile", "liger_compile"):
-        model.compile(**compile_kwargs(variant_options(variant)))
+        compile_variant(model, variant)
     if variant.startswith("chronicals"):
         options = {} if args.passes is None else {"passes": tuple(args.passes)}
         options.update(variant_options(variant))
@@ -215,6 +216,114 @@ def compile_kwargs(options: dict) -> dict:
     return {"mode": mode} if mode else {"options": options} if options else {}
 
 
+def compile_variant(model, variant: str, **kwargs) -> None:
+    """``model.compile`` for a ``compile@...`` variant, ``kwargs`` (``backend=``) besides: the one
+    place a variant name becomes torch.compile's arguments, for this module and the benchmarks
+    that build the same variants (profile_step, multi_gpu)."""
+    model.compile(**kwargs, **compile_kwargs(variant_options(variant)))
+
+
+@dataclasses.dataclass
+class WorkerRun:
+    """One worker process, as :func:`spawn_worker` saw it."""
+
+    result: Any                # what it wrote to its JSON file; None if nothing readable
+    error: str | None          # why it failed (None: it did not)
+    log: str | None            # the log file, if one was written
+    seconds: float
+    returncode: int | None     # None: killed at the time limit
+
+
+KILLED = "[killed after"
+_GRACE_S = 10   # for a signalled worker to end and its output to close
+
+
+def spawn_worker(cmd: list[str], log: str, *, show_stdout: bool = False,
+                 timeout: float | None = None, own_session: bool = False, keep_log: bool = False,
+                 env: dict | None = None, cwd: str | None = None) -> WorkerRun:
+    """Run ``cmd --worker <temporary .json>`` and read what the worker wrote there.
+
+    The worker failed if it wrote no readable JSON. A non-zero exit after writing it (a crash or
+    hang at teardown: NCCL, Triton, CUDA) does not undo a measurement that completed; its log is
+    written all the same. Its output goes to ``log`` when it failed or exited non-zero, or
+    always with ``keep_log``; the error is the output's last line naming an ``Error`` (or the
+    kill), else its last line. The output is its stdout and stderr together; with
+    ``show_stdout`` its stdout passes through to this process's as it comes (progress lines),
+    and only stderr is kept.
+
+    ``timeout``: seconds before the worker is killed. ``own_session``: the worker runs in a
+    session of its own, all of which the timeout kills (torchrun and its ranks); without it only
+    the worker is killed, but a signal to this process's group (the time limit of whatever runs
+    this) still reaches it, which a session of its own would outlive."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        path = tmp.name
+    start = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "--worker", path], text=True, env=env, cwd=cwd,
+                            stdout=None if show_stdout else subprocess.PIPE,
+                            stderr=subprocess.PIPE if show_stdout else subprocess.STDOUT,
+                            start_new_session=own_session)
+
+    def signal_worker(sig):
+        with contextlib.suppress(ProcessLookupError):   # it may have ended meanwhile
+            if own_session:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            killed = ""
+        except subprocess.TimeoutExpired:
+            killed = f"\n{KILLED} {timeout:.0f} s]"
+            # torchrun starts each rank in a session of its own, out of reach of a signal to
+            # its group: SIGTERM has it stop them (it passes the signal on), then SIGKILL takes
+            # what is left of the group.
+            for sig in (signal.SIGTERM, signal.SIGKILL) if own_session else (signal.SIGKILL,):
+                signal_worker(sig)
+                try:
+                    out, err = proc.communicate(timeout=_GRACE_S)
+                    break
+                except subprocess.TimeoutExpired as exc:
+                    partial = exc
+            else:   # what escaped the kill holds the pipe: keep what was written so far
+                out, err = (b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+                            for b in (partial.stdout, partial.stderr))
+                killed += " (some of its processes outlived the kill)"
+        except BaseException:   # ^C: the worker must not run on without its parent
+            signal_worker(signal.SIGTERM if own_session else signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=_GRACE_S)
+            raise
+        seconds = time.perf_counter() - start
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            result = None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    output = (err if show_stdout else out) + killed
+    error = None
+    if result is None:
+        lines = output.splitlines()
+        errors = [ln for ln in lines if "Error" in ln or ln.startswith(KILLED)] or lines
+        error = (errors[-1] if errors else f"exit {proc.returncode}")[:300]
+    written = None
+    if result is None or proc.returncode != 0 or keep_log:
+        os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+        with open(log, "w") as f:
+            f.write(output)
+        written = log
+    return WorkerRun(result, error, written, seconds, None if killed else proc.returncode)
+
+
+def log_dir(json_path: str | None) -> str:
+    """Where a run's logs go: next to its ``--json``, else in the temp dir."""
+    return os.path.dirname(os.path.abspath(json_path)) if json_path else tempfile.gettempdir()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
@@ -236,9 +345,7 @@ def main(argv=None) -> int:
     results = []
     for run, variant in enumerate([None] if args.interleave
                                   else args.variants * max(1, args.repeat)):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-            path = tmp.name
-        cmd = [sys.executable, "-m", "chronicals_fx.bench", "--worker", path,
+        cmd = [sys.executable, "-m", "chronicals_fx.bench",
                "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
                "--lora", str(args.lora), "--layers", str(args.layers)]
@@ -247,22 +354,16 @@ def main(argv=None) -> int:
         if args.passes is not None:
             cmd += ["--passes", *args.passes]
         variant = variant or "interleaved: " + " ".join(args.variants)
-        proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            attempt = f"_run{run // len(args.variants) + 1}" if args.repeat > 1 else ""
-            log = os.path.join(os.path.dirname(args.json or path),
-                               f"train_{file_safe(variant)}{attempt}.log")
-            with open(log, "w") as f:
-                f.write(proc.stderr)
-            lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or proc.stderr.splitlines()
-            error = lines[-1][:300] if lines else f"exit {proc.returncode}"
-            print(f"{variant}: failed ({log}): {error}", flush=True)
-            results.append({"variant": variant, "error": error})
+        attempt = f"_run{run // len(args.variants) + 1}" if args.repeat > 1 else ""
+        log = os.path.join(log_dir(args.json), f"train_{file_safe(variant)}{attempt}.log")
+        # the worker's stdout passes through: its progress lines show as they come
+        worker = spawn_worker(cmd, log, show_stdout=True)
+        if worker.error:
+            print(f"{variant}: failed ({worker.log}): {worker.error}", flush=True)
+            results.append({"variant": variant, "error": worker.error})
             _save(args, header, results)
             continue
-        with open(path) as f:
-            got = json.load(f)
-        os.unlink(path)
+        got = worker.result
         for r in got if isinstance(got, list) else [got]:
             results.append(r)
             print(f"{r['variant']}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, "

@@ -1,4 +1,5 @@
-"""The end-to-end benchmark's variant names: a pass set and backend options per variant."""
+"""The end-to-end benchmark's variant names (a pass set and backend options per variant), and the
+worker processes that bench, packing and multi_gpu run."""
 
 import pytest
 
@@ -92,3 +93,169 @@ def test_repeated_runs_merge_into_means_and_ranges():
     assert math.isnan(untimed[0]["median_step_ms"])
     failing = merged_runs([{"variant": "liger", "error": "boom"}] * 2)
     assert failing[0]["error"] == "all 2 runs failed: boom"
+
+
+def _build_bench(variant):
+    from argparse import Namespace
+
+    from chronicals_fx.bench import build_variant
+
+    build_variant(Namespace(model="tiny-llama", layers=0, lora=0, passes=None), variant)
+    return {}
+
+
+def _build_profile_step(variant):
+    from argparse import Namespace
+
+    from benchmarks.profile_step import variant_model
+
+    variant_model(Namespace(model="tiny-llama", lora=0, variant=variant), device="cpu")
+    return {}
+
+
+def _build_multi_gpu(variant):
+    from argparse import Namespace
+
+    import torch
+
+    from benchmarks.multi_gpu import _apply_variant
+
+    model = torch.nn.Linear(4, 4)
+    _apply_variant(Namespace(variant=variant, compile_scope="model"), model, model, "inductor")
+    return {"backend": "inductor"}
+
+
+@pytest.mark.parametrize("build", [_build_bench, _build_profile_step, _build_multi_gpu],
+                         ids=["bench", "profile_step", "multi_gpu"])
+def test_compile_variants_reach_torch_compile_as_bench_parses_them(build, monkeypatch):
+    """Every benchmark that builds ``compile@...`` variants hands torch.compile ``mode`` as such
+    and Inductor's settings under ``options`` (profile_step and multi_gpu once spread them as
+    keyword arguments: ``compile@cpp_wrapper=true`` was a TypeError there)."""
+    import torch
+
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for variant, want in (("compile", {}),
+                          ("compile@cpp_wrapper=true", {"options": {"cpp_wrapper": True}}),
+                          ("compile@mode=reduce-overhead", {"mode": "reduce-overhead"})):
+        calls.clear()
+        extra = build(variant)
+        assert calls == [{**extra, **want}], variant
+
+
+_WORKER = """
+import json, sys, time
+path = sys.argv[sys.argv.index("--worker") + 1]
+what = sys.argv[1]
+print("progress line", flush=True)
+if what == "ok":
+    json.dump({"tokens_per_s": 1.0}, open(path, "w"))
+elif what == "teardown":
+    json.dump({"tokens_per_s": 2.0}, open(path, "w"))
+    print("RuntimeError: at exit", file=sys.stderr)
+    sys.exit(3)
+elif what == "fail":
+    print("ValueError: the first", file=sys.stderr)
+    print("torch.OutOfMemoryError: the real one", file=sys.stderr)
+    print("exiting", file=sys.stderr)
+    sys.exit(1)
+elif what == "hang":
+    time.sleep(60)
+"""
+
+
+def _worker(what):
+    import sys
+
+    return [sys.executable, "-c", _WORKER, what]
+
+
+def test_worker_process_result_failure_log_and_timeout(tmp_path, capfd):
+    """bench, packing and multi_gpu run their workers through one function: the worker's JSON,
+    or the last line naming an Error with the output in the log; a worker that wrote its JSON
+    and then exited non-zero keeps its result (and its log); a timeout kills it and says so."""
+    from chronicals_fx.bench import spawn_worker
+
+    ok = spawn_worker(_worker("ok"), str(tmp_path / "ok.log"))
+    assert ok.result == {"tokens_per_s": 1.0} and ok.error is None and ok.log is None
+    assert ok.returncode == 0 and not (tmp_path / "ok.log").exists()
+
+    kept = spawn_worker(_worker("ok"), str(tmp_path / "logs" / "kept.log"), keep_log=True)
+    assert kept.result == {"tokens_per_s": 1.0}
+    assert (tmp_path / "logs" / "kept.log").read_text().strip() == "progress line"
+
+    failed = spawn_worker(_worker("fail"), str(tmp_path / "fail.log"))
+    assert failed.result is None and failed.returncode == 1
+    assert failed.error == "torch.OutOfMemoryError: the real one"
+    assert failed.log == str(tmp_path / "fail.log")
+    assert "progress line" in (tmp_path / "fail.log").read_text()   # stdout and stderr together
+
+    teardown = spawn_worker(_worker("teardown"), str(tmp_path / "teardown.log"))
+    assert teardown.result == {"tokens_per_s": 2.0} and teardown.error is None
+    assert teardown.returncode == 3 and "at exit" in (tmp_path / "teardown.log").read_text()
+
+    for own_session in (False, True):
+        hung = spawn_worker(_worker("hang"), str(tmp_path / "hang.log"), timeout=1,
+                            own_session=own_session)
+        assert hung.result is None and hung.returncode is None
+        assert hung.error == "[killed after 1 s]" and hung.seconds < 30
+
+    capfd.readouterr()
+    shown = spawn_worker(_worker("fail"), str(tmp_path / "shown.log"), show_stdout=True)
+    assert "progress line" in capfd.readouterr().out    # passed through as it came
+    assert shown.error == "torch.OutOfMemoryError: the real one"
+    assert "progress line" not in (tmp_path / "shown.log").read_text()
+
+
+_LAUNCHER = """
+import os, signal, subprocess, sys, time
+# like torchrun: the rank in a session of its own, holding the launcher's output pipe
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                        start_new_session=True)
+print(f"rank {rank.pid}", flush=True)
+if sys.argv[1] == "forwards":   # torchrun passes SIGTERM on to its ranks
+    signal.signal(signal.SIGTERM, lambda *_: (os.killpg(rank.pid, signal.SIGTERM), sys.exit(1)))
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["forwards", "does_not"])
+def test_worker_timeout_reaches_ranks_in_sessions_of_their_own(launcher, tmp_path, monkeypatch):
+    """multi_gpu's torchrun puts each rank in a session of its own: a SIGKILL of torchrun's group
+    left the ranks running and the driver blocked on the pipe they held. SIGTERM lets the
+    launcher stop them; what escapes even that no longer blocks the driver."""
+    import os
+    import re
+    import signal
+    import sys
+
+    from chronicals_fx import bench
+
+    monkeypatch.setattr(bench, "_GRACE_S", 1)
+    log = tmp_path / "w.log"
+    run = bench.spawn_worker([sys.executable, "-c", _LAUNCHER, launcher], str(log), timeout=3,
+                             own_session=True)
+    rank = int(re.search(r"rank (\d+)", log.read_text()).group(1))
+    try:
+        assert run.result is None and run.seconds < 20
+        if launcher == "forwards":
+            assert run.error == "[killed after 3 s]" and not _running(rank)
+        else:
+            assert run.error == "[killed after 3 s] (some of its processes outlived the kill)"
+    finally:
+        if _running(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper in a container may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
