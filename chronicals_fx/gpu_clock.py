@@ -41,7 +41,7 @@ class ClockSampler:
 
     def __init__(self, gpu: int | str = 0, period_ms: int = 20):
         self.command = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={QUERY}",
-                        "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+                        "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"]
         self.samples: list[tuple[float, float, float]] = []   # (perf_counter, MHz, W)
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
