@@ -1,0 +1,277 @@
+"""Model zoo: tiny random Hugging Face families beyond tests/tiny_models.py's FAMILIES, through
+the whole pipeline (every default pass, strict=True).
+
+For each family: loss and every parameter gradient equal eager's (fp32); each op's match count
+is what the config implies (and the matches sit at the modules the architecture has); what the
+kernels must not serve — sliding windows shorter than the sequence, tanh soft-capped scores —
+is declined with its reason, never turned into plain causal attention.
+
+Built from configs (no downloads), T = 16 tokens and sliding windows of 4, so windows bind.
+Compiled with aot_eager (AOTAutograd traces forward and backward through the ops' registered
+autograd, as Inductor would), as the convergence suite does, to stay fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import transformers
+
+import chronicals
+from chronicals_fx.config import OP_NAMES
+from tests.tiny_models import assert_same_training_signal, batch
+
+T = 16        # tokens per row of every batch here
+WINDOW = 4    # sliding windows bind: WINDOW < T
+# tests/tiny_models.py's _COMMON dimensions; GQA (4 query heads over 2 KV heads) and head_dim
+# where the family has them. use_cache=False: the training setting (the mask is built in the
+# graph, where the attention pass must prove it or decline).
+DIMS = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, use_cache=False)
+GQA = dict(num_key_value_heads=2, head_dim=12)
+SOFTCAP_REASON = "tanh soft-capping of the scores"
+
+
+def tiny(config_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random fp32 model of ``config_name`` (skipped where this transformers lacks it), with
+    every 1-D parameter (norm weights, biases) moved off its init value, as tiny_causal_lm
+    does: a kernel that ignores a norm weight cannot pass."""
+    config_class = getattr(transformers, config_name, None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    config = config_class(**{**DIMS, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def window_of(config, layer: int) -> int | None:
+    """The sliding window layer ``layer`` attends within; None for full attention."""
+    types = getattr(config, "layer_types", None)
+    if types and types[layer] == "sliding_attention":
+        return config.sliding_window
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# What each architecture implies
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    config: str
+    overrides: dict
+    norms_per_layer: int          # RMSNorm modules in each decoder layer
+    final_norm: bool = True       # an RMSNorm after the last layer
+    gated_mlp: bool = True        # act(gate) * up: one swiglu site per layer
+    layers: str = "model.layers"  # module path of the decoder layers
+    attn: str = "self_attn"       # attention module's name inside a layer
+    # (op, where-suffix, text): every match of op at a module ending in where-suffix has text
+    # in its detail (and there is at least one such match)
+    details: Callable[[object], list[tuple[str, str, str]]] = field(default=lambda c: [])
+
+
+FAMILIES = {
+    # 4 norms a layer (input, post-attention, pre- and post-feedforward; Gemma's 1 + w), GeGLU
+    # (tanh GELU), sliding window on even layers, tanh soft-capping of the attention scores
+    # (every layer declines) and of the final logits (fused into the loss).
+    "gemma2": Family("Gemma2Config", dict(GQA, sliding_window=WINDOW,
+                                          attn_logit_softcapping=50.0,
+                                          final_logit_softcapping=30.0),
+                     norms_per_layer=4,
+                     details=lambda c: [("linear_cross_entropy", "lm_head",
+                                         f"softcap={c.final_logit_softcapping:g}"),
+                                        ("rmsnorm", "norm", "weight 1+w"),
+                                        ("swiglu", "mlp", "gelu_tanh")]),
+    # The same without score soft-capping: the full-attention layer is proven causal, the
+    # sliding one (window 4 < 16 tokens) declines. Gemma 2 runs eager attention.
+    "gemma2_no_score_softcap": Family("Gemma2Config", dict(GQA, sliding_window=WINDOW,
+                                                           attn_logit_softcapping=None,
+                                                           final_logit_softcapping=30.0),
+                                      norms_per_layer=4,
+                                      details=lambda c: [("attention", "self_attn", "eager")]),
+    # Gemma 3 text: Gemma 2's 4 norms + per-head q_norm and k_norm (over head_dim) a layer;
+    # a sliding and a full layer (the default pattern, 5 sliding : 1 full, would make both of
+    # 2 layers sliding); local and global RoPE bases.
+    "gemma3": Family("Gemma3TextConfig", dict(GQA, sliding_window=WINDOW,
+                                              layer_types=["sliding_attention",
+                                                           "full_attention"]),
+                     norms_per_layer=6,
+                     details=lambda c: [("rmsnorm", "q_norm", f"H={c.head_dim},"),
+                                        ("rmsnorm", "k_norm", f"H={c.head_dim},"),
+                                        ("rmsnorm", "norm", "weight 1+w")]),
+    # OLMo 2: no input norm; post-attention and post-feedforward norms, and q_norm / k_norm over
+    # the whole q / k projection (heads · head_dim), not per head.
+    "olmo2": Family("Olmo2Config", dict(GQA, eos_token_id=2), norms_per_layer=4,
+                    details=lambda c: [
+                        ("rmsnorm", "q_norm", f"H={c.num_attention_heads * c.head_dim},"),
+                        ("rmsnorm", "k_norm", f"H={c.num_key_value_heads * c.head_dim},")]),
+    # Granite: Llama's layout with multipliers on the embeddings, the residual branches and the
+    # scores, and logits divided by logits_scaling (a constant scale folded into the loss).
+    "granite": Family("GraniteConfig", dict(GQA, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                            attention_multiplier=0.1, logits_scaling=4.0),
+                      norms_per_layer=2,
+                      details=lambda c: [("linear_cross_entropy", "lm_head",
+                                          f"scale={1 / c.logits_scaling:g}")]),
+    # GPT-NeoX: LayerNorm (with bias, mean-centred: not an RMSNorm), a non-gated GELU MLP,
+    # fused QKV, no GQA, rotary on a fraction of head_dim: only RoPE, attention and the loss.
+    "gpt_neox": Family("GPTNeoXConfig",
+                       dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.5}),
+                       norms_per_layer=0, final_norm=False, gated_mlp=False,
+                       layers="gpt_neox.layers", attn="attention",
+                       details=lambda c: [("rope", "attention", "partial R=%d" % int(
+                           c.hidden_size // c.num_attention_heads
+                           * c.rope_parameters["partial_rotary_factor"]))]),
+    # Qwen2 with its sliding window on layers from max_window_layers on: layer 0 full
+    # (proven causal), layer 1 a window of 4 (declined). SDPA (the default) and eager.
+    "qwen2_sliding": Family("Qwen2Config", dict(GQA, use_sliding_window=True,
+                                                sliding_window=WINDOW, max_window_layers=1),
+                            norms_per_layer=2),
+    "qwen2_sliding_eager": Family("Qwen2Config", dict(GQA, use_sliding_window=True,
+                                                      sliding_window=WINDOW, max_window_layers=1,
+                                                      attn_implementation="eager"),
+                                  norms_per_layer=2,
+                                  details=lambda c: [("attention", "self_attn", "eager")]),
+}
+
+
+@dataclass
+class Expected:
+    counts: dict[str, int]
+    declined_counts: dict[str, int]
+    where: dict[str, list[str]]                  # op -> module paths of its matches, sorted
+    declined: dict[str, tuple[str, ...]]         # attention module -> acceptable reasons
+
+
+def expected(family: Family, config) -> Expected:
+    """Counts and sites from the config alone (RMSNorm sites are cross-checked against the
+    model's modules by the caller)."""
+    L = config.num_hidden_layers
+    layers = [f"{family.layers}.{i}" for i in range(L)]
+    attn = [f"{layer}.{family.attn}" for layer in layers]
+    declined: dict[str, tuple[str, ...]] = {}
+    for i, where in enumerate(attn):
+        reasons = []
+        if getattr(config, "attn_logit_softcapping", None):
+            reasons.append(SOFTCAP_REASON)
+        w = window_of(config, i)
+        if w is not None and w < T:
+            reasons.append(f"sliding window of {w} tokens")
+        if reasons:
+            declined[where] = tuple(reasons)
+    matched_attn = [a for a in attn if a not in declined]
+    rmsnorm = family.norms_per_layer * L + int(family.final_norm)
+    counts = dict.fromkeys(OP_NAMES, 0)
+    counts.update(rmsnorm=rmsnorm, swiglu=L if family.gated_mlp else 0, rope=L,
+                  attention=len(matched_attn), linear_cross_entropy=1)
+    declined_counts = dict.fromkeys(OP_NAMES, 0)
+    declined_counts["attention"] = len(declined)
+    where = {"swiglu": sorted(f"{layer}.mlp" for layer in layers) if family.gated_mlp else [],
+             "rope": sorted(attn), "attention": sorted(matched_attn),
+             "linear_cross_entropy": ["lm_head"], "lora": []}
+    return Expected(counts, declined_counts, where, declined)
+
+
+def rmsnorm_modules(model) -> list[str]:
+    return sorted(name for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm"))
+
+
+def check_report(report, exp: Expected, model, family: Family) -> None:
+    text = str(report)
+    assert report.graphs == 1, text
+    assert report.counts == exp.counts, text
+    assert report.declined_counts == exp.declined_counts, text
+    # the architecture's RMSNorm modules are exactly the rmsnorm sites
+    norms = rmsnorm_modules(model)
+    assert len(norms) == exp.counts["rmsnorm"], norms
+    sites = {op: sorted(m.where for m in report.matches if m.op == op) for op in OP_NAMES}
+    assert sites["rmsnorm"] == norms, text
+    for op, where in exp.where.items():
+        assert sites[op] == where, (op, text)
+    for d in report.declines:
+        assert d.op == "attention" and d.where in exp.declined, text
+        assert any(r in d.reason for r in exp.declined[d.where]), (d, text)
+    for op, suffix, detail in family.details(model.config):
+        found = [m for m in report.matches if m.op == op and m.where.endswith(suffix)]
+        assert found, (op, suffix, text)
+        for m in found:
+            assert detail in m.detail, (m, detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every family: parity, exact counts, declines with reasons
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_parity_counts_and_declines(name):
+    family = FAMILIES[name]
+    eager = tiny(family.config, **family.overrides)
+    optimized = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager")
+    inputs = batch(seq=T)
+    assert_same_training_signal(eager, optimized, inputs)
+    check_report(chronicals.report_of(optimized), expected(family, eager.config), eager, family)
+    # the fused loss drops the [N, V] logits in training
+    assert optimized(**inputs).logits is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows: the windows above bind at this length (so parity above would catch a window
+# served as plain causal attention); a window as long as the sequence is plain causal, one
+# token shorter is not.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gemma2_no_score_softcap", "gemma3", "qwen2_sliding"])
+def test_windows_bind_at_this_length(name):
+    family = FAMILIES[name]
+    inputs = batch(seq=T)
+    windowed = tiny(family.config, **family.overrides)
+    unbound = tiny(family.config, **{**family.overrides, "sliding_window": T})
+    loss_w, loss_u = windowed(**inputs).loss, unbound(**inputs).loss
+    assert (loss_w - loss_u).abs() > 1e-3, (loss_w, loss_u)
+
+
+@pytest.mark.parametrize("window,causal", [(T, True), (T - 1, False)])
+def test_qwen2_window_against_sequence_length(window, causal):
+    """Every layer sliding (max_window_layers=0): i − j ≤ w − 1 always holds for w = T (a
+    redundant window: plain causal), and fails at (T − 1, 0) for w = T − 1 (declined)."""
+    eager = tiny("Qwen2Config", **GQA, use_sliding_window=True, sliding_window=window,
+                 max_window_layers=0)
+    assert [window_of(eager.config, i) for i in range(2)] == [window, window]
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager")
+    assert_same_training_signal(eager, optimized, batch(seq=T))
+    report = chronicals.report_of(optimized)
+    layers = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    if causal:
+        assert [m.where for m in report.matches if m.op == "attention"] == layers, str(report)
+        assert all("mask proven causal" in m.detail for m in report.matches
+                   if m.op == "attention"), str(report)
+        assert not report.declines, str(report)
+    else:
+        assert report.counts["attention"] == 0, str(report)
+        assert [(d.op, d.where) for d in report.declines] == [("attention", w) for w in layers]
+        assert all(f"sliding window of {window} tokens" in d.reason for d in report.declines)
+
+
+def test_qwen2_sliding_with_kv_cache_config_default():
+    """use_cache=True (the config's default, also in training): transformers hands the full
+    layer's SDPA is_causal=True with no mask and native GQA — already the fused kernel, left
+    alone uncounted (passes/attention.py) — and builds the sliding layer's mask in the graph:
+    declined, never served as causal."""
+    eager = tiny("Qwen2Config", **GQA, use_sliding_window=True, sliding_window=WINDOW,
+                 max_window_layers=1, use_cache=True)
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager")
+    assert_same_training_signal(eager, optimized, batch(seq=T))
+    report = chronicals.report_of(optimized)
+    assert report.counts["attention"] == 0, str(report)
+    [decline] = report.declines
+    assert decline.where == "model.layers.1.self_attn", str(report)
+    assert f"sliding window of {WINDOW} tokens" in decline.reason, str(report)
+    assert report.counts["rmsnorm"] == 5 and report.counts["swiglu"] == 2, str(report)
+    assert report.counts["rope"] == 2 and report.counts["linear_cross_entropy"] == 1, str(report)
