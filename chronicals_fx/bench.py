@@ -130,10 +130,15 @@ def _clock_sampler():
 
     if not torch.cuda.is_available():
         return contextlib.nullcontext()
-    # nvidia-smi numbers the GPUs as the driver does and CUDA_VISIBLE_DEVICES may renumber
-    # them: the UUID is the name both agree on.
-    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-    return ClockSampler(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    # nvidia-smi numbers the GPUs as the driver does, and CUDA_VISIBLE_DEVICES may renumber
+    # them: torch's own mapping to the driver's index (what torch.cuda.clock_rate uses), else
+    # the UUID, the name both agree on.
+    device = torch.cuda.current_device()
+    try:
+        return ClockSampler(torch.cuda._get_nvml_device_index(device))
+    except Exception:  # noqa: BLE001 (a private helper: absent, or needing pynvml for UUIDs)
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return ClockSampler(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
 
 
 def run_interleaved(args) -> list[dict]:
