@@ -31,6 +31,10 @@ sliding windows shorter than the sequence, offsets, unions, tanh soft-capping of
 a scale that is not a constant, intermediates used elsewhere (e.g. returned attention weights).
 A softmax over another axis, or a product that is not ``P·v``, is not attention: no report.
 
+Under ``torch.autocast`` q and k may be fp32 (RoPE with fp32 cos/sin) and v bf16/fp16: autocast
+casts all three to its dtype at SDPA and at the matmuls, and the rewrite makes those casts
+explicit (:func:`_autocast_dtype`).
+
 SDPA calls that are already ``is_causal``/unmasked with K/V of Hk heads are left alone (not
 counted: nothing would change) unless a backend other than SDPA's default is configured.
 """
@@ -50,6 +54,7 @@ from ..kernels import attention as kernels
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
     OUTER_NODE,
+    call_before,
     canon,
     fake_call,
     is_kind,
@@ -88,6 +93,7 @@ class _Site:
     mask_role: str = "sdpa"      # how the mask acts: see _MaskAnalyzer.classify
     is_causal: bool = False      # SDPA's own flag
     repeated: bool = False       # K/V arrived through repeat_kv
+    autocast_casts: tuple[str, ...] = ()   # which of q, k, v the rewrite cast (_cast_inputs)
     matched: list[Node] = field(default_factory=list)
     internal: list[Node] = field(default_factory=list)
 
@@ -122,8 +128,9 @@ def run(gm: GraphModule, ctx) -> None:
         if reason:
             ctx.declined(node, reason)
             continue
+        dtype = _compute_dtype(site)
         backend = "document" if kind == "document" else kernels.select_backend(
-            tensor_value(site.q), tensor_value(site.k), tensor_value(site.v), kind == "causal",
+            *(tensor_value(n).to(dtype) for n in (site.q, site.k, site.v)), kind == "causal",
             site.dropout_p, ctx.config.attention_backend)
         if (site.spelling == "sdpa" and site.mask is None and not site.repeated
                 and backend == "sdpa"):
@@ -1217,10 +1224,11 @@ def _kernel_declines(site: _Site, kind: str) -> str | None:
             return f"device {t.device.type}"
         if any(static_int(s) is None for s in t.shape):
             return "symbolic shapes"
-    if not (q.dtype == k.dtype == v.dtype):
-        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
     out = tensor_value(site.output)
-    if out is None or out.dtype != q.dtype or tuple(out.shape) != (*q.shape[:3], v.shape[-1]):
+    if not (q.dtype == k.dtype == v.dtype) and _autocast_dtype(site) is None:
+        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if (out is None or out.dtype != _compute_dtype(site)
+            or tuple(out.shape) != (*q.shape[:3], v.shape[-1])):
         return "output dtype or shape differs from the attention of q, k, v"
     B, H, Tq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or H % k.shape[1]:
@@ -1240,6 +1248,38 @@ def _kernel_declines(site: _Site, kind: str) -> str | None:
     return None
 
 
+def _autocast_dtype(site: _Site) -> torch.dtype | None:
+    """The low precision autocast computes this attention in, where q, k and v differ in dtype.
+
+    Under ``torch.autocast``, RoPE leaves q and k in fp32 (cos and sin are fp32) while v comes
+    out of its projection in bf16/fp16; SDPA and the matmuls of the eager spelling then cast
+    all three to autocast's dtype, which is the output's. That is the only way a graph holds
+    attention over mixed dtypes (without autocast, SDPA and matmul refuse them): the rewrite
+    makes those casts explicit. None for any other mix."""
+    dtypes = {tensor_value(n).dtype for n in (site.q, site.k, site.v)}
+    out = tensor_value(site.output)
+    if len(dtypes) < 2 or out is None or out.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return out.dtype if dtypes <= {torch.float32, out.dtype} else None
+
+
+def _compute_dtype(site: _Site) -> torch.dtype:
+    return _autocast_dtype(site) or tensor_value(site.q).dtype
+
+
+def _cast_inputs(gm: GraphModule, site: _Site) -> None:
+    """q, k, v cast to the dtype autocast computes in, before the attention (see
+    :func:`_autocast_dtype`); nothing where they already agree."""
+    dtype = _autocast_dtype(site)
+    if dtype is None:
+        return
+    for name in ("q", "k", "v"):
+        node = getattr(site, name)
+        if tensor_value(node).dtype != dtype:
+            setattr(site, name, call_before(gm.graph, site.output, "to", (node, dtype)))
+            site.autocast_casts += (name,)
+
+
 def _insert_bounds(gm: GraphModule, doc: Node, batch: int) -> Node:
     """Document bounds of the batch, computed once right after the document ids."""
     for user in doc.users:
@@ -1252,6 +1292,7 @@ def _insert_bounds(gm: GraphModule, doc: Node, batch: int) -> Node:
 
 
 def _rewrite(gm: GraphModule, site: _Site, kind: str, backend: str, bounds: Node | None) -> None:
+    _cast_inputs(gm, site)
     args = (site.q, site.k, site.v, site.scale, site.dropout_p, kind != "none", backend)
     kwargs = {"bounds": bounds} if bounds is not None else {}
     site.output = replace_with_call(gm.graph, site.output, kernels.attention, args, kwargs,
@@ -1281,6 +1322,8 @@ def _describe(site: _Site, kind: str, backend: str) -> str:
     parts.append("document kernel" if backend == "document" else f"backend {backend}")
     if site.repeated:
         parts.append("GQA without repeat_kv")
+    if site.autocast_casts:
+        parts.append(f"autocast's casts of {'/'.join(site.autocast_casts)} to {_short(q.dtype)} made explicit")
     if site.dropout_p:
         parts.append(f"dropout {site.dropout_p:g}")
     if site.spelling == "eager" and q.dtype != torch.float32:

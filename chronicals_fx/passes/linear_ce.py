@@ -17,6 +17,10 @@ place of V), so the op sees h [N, H] rows in the same order as the logits rows. 
 the loss stays: HF's ``loss / num_items_in_batch`` under gradient accumulation is the "sum"
 loss divided afterwards.
 
+Under ``torch.autocast`` the linear's operands are fp32 and its logits bf16/fp16: autocast casts
+h, W (and b) down and multiplies there; the rewrite makes those casts explicit and the op
+takes the low-precision operands (:func:`_autocast_dtype`).
+
 Logits that are a graph output (HF returns them beside the loss): see docs/linear_ce.md.
 Training (the loss needs a gradient) with ``keep_logits=False`` (the default): the output is
 replaced by ``None`` — ``outputs.logits is None``, as with Liger and Cut Cross-Entropy — so the
@@ -408,10 +412,10 @@ def _accept(site: _Site) -> None:
         raise _Decline("targets are not int64 class indices of shape [N] "
                        f"({labels.dtype}, rank {labels.dim()})")
     dtypes = {h.dtype, w.dtype, x.dtype} | ({tensor_value(site.bias).dtype} if site.bias is not None else set())
-    if len(dtypes) != 1:
-        raise _Decline(f"mixed dtypes {sorted(map(str, dtypes))} (autocast?)")
-    if h.dtype not in KERNEL_DTYPES:
-        raise _Decline(f"dtype {h.dtype} (kernel: fp32, bf16, fp16)")
+    if len(dtypes) != 1 and _autocast_dtype(site) is None:
+        raise _Decline(f"mixed dtypes {sorted(map(str, dtypes))}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise _Decline(f"dtype {x.dtype} (kernel: fp32, bf16, fp16)")
     devices = {h.device, w.device, labels.device}
     if len(devices) != 1 or h.device.type not in ("cuda", "cpu"):
         raise _Decline(f"device(s) {sorted(map(str, devices))}")
@@ -422,6 +426,18 @@ def _accept(site: _Site) -> None:
         for user in node.users:
             if user not in allowed and user.op != "output":
                 raise _Decline(f"logits {node.name} also feed {user.name}: they are computed anyway")
+
+
+def _autocast_dtype(site: _Site) -> torch.dtype | None:
+    """The low precision of an autocast linear: fp32 hidden, weight (and bias), bf16/fp16
+    logits. ``torch.autocast`` casts the operands to its dtype and multiplies there; the rewrite
+    makes those casts explicit, so the fused op gets what the linear's GEMM got (and autograd
+    takes the gradients back to fp32 through the casts, as it does under autocast)."""
+    operands = [site.hidden, site.weight] + ([site.bias] if site.bias is not None else [])
+    low = tensor_value(site.linear).dtype
+    if low not in (torch.bfloat16, torch.float16):
+        return None
+    return low if all(tensor_value(n).dtype == torch.float32 for n in operands) else None
 
 
 def _returned_logits(gm: GraphModule, site: _Site) -> list[Node]:
@@ -505,15 +521,19 @@ def _rewrite(gm: GraphModule, site: _Site, dropped: list[Node]) -> Node:
     def insert(target, args, meta_from: Node) -> Node:
         return call_before(graph, site.loss, target, args, meta_from=meta_from)
 
-    weight = site.weight
+    weight, h, bias = site.weight, site.hidden, site.bias
+    autocast = _autocast_dtype(site)
+    if autocast is not None:
+        weight, h = (insert("to", (n, autocast), site.loss) for n in (weight, h))
+        bias = None if bias is None else insert("to", (bias, autocast), site.loss)
+        site.notes.append(f"autocast's casts of the operands to {_short(autocast)} made explicit")
     if site.weight_t:
         weight = insert(torch.t, (weight,), site.loss)
-    h = site.hidden
     for node in site.shape_ops:
         h = _replay(insert, node, h, hidden_size, vocab)
     if tensor_value(h).dim() != 2:
         h = insert(torch.reshape, (h, (-1, hidden_size)), site.loss)
-    args = (h, weight, site.bias, site.labels, site.ignore_index, site.reduction,
+    args = (h, weight, bias, site.labels, site.ignore_index, site.reduction,
             site.label_smoothing, site.scale, site.softcap, 0.0, site.out_dtype)
     if any(site.needs):
         target = torch.ops.chronicals.linear_cross_entropy_grad_in_forward.default
