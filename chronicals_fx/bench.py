@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the variant list R times over, round-robin, each run its own "
                         "process; the table gives means and ranges")
+    p.add_argument("--autocast", action="store_true",
+                   help="mixed precision as HF Trainer's bf16=True: fp32 weights, the forward "
+                        "under torch.autocast(bf16) (default: a bf16 model on a GPU)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -84,9 +87,11 @@ def build_variant(args, variant: str):
     from chronicals_fx.workload import build_model
 
     device = _device()
-    # bf16 on the GPU, as trained; fp32 on a CPU (a smoke run: the fused kernels are GPU-only)
+    # bf16 on the GPU, as trained, or fp32 under autocast (--autocast); fp32 on a CPU (a smoke
+    # run: the fused kernels are GPU-only)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    model = build_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+    low = device == "cuda" and not args.autocast
+    model = build_model(args.model, dtype=torch.bfloat16 if low else torch.float32,
                         device=device, **overrides)
     if args.lora:
         model = with_lora(model, args.lora)
@@ -118,8 +123,15 @@ def run_variant(args) -> dict:
     model = build_variant(args, args.variant)
     with _clock_sampler() as clock:
         stats = train(model, byte_batches(args.batch, args.seq, device=_device()), args.steps,
-                      lr=args.lr, warmup_steps=args.warmup, clock=clock)
+                      lr=args.lr, warmup_steps=args.warmup, clock=clock,
+                      autocast=_autocast_dtype(args))
     return _result(args.variant, model, stats)
+
+
+def _autocast_dtype(args):
+    import torch
+
+    return torch.bfloat16 if args.autocast else None
 
 
 def _clock_sampler():
@@ -151,7 +163,7 @@ def run_interleaved(args) -> list[dict]:
     runs = []
     for variant in args.variants:
         model = build_variant(args, variant)
-        runs.append((variant, model, Trainer(model, lr=args.lr),
+        runs.append((variant, model, Trainer(model, lr=args.lr, autocast=_autocast_dtype(args)),
                      byte_batches(args.batch, args.seq, device=_device())))
     for variant, _model, trainer, batches in runs:     # warm-up: compilation, autotuning
         for _ in range(min(args.warmup, args.steps)):
@@ -343,6 +355,7 @@ def main(argv=None) -> int:
     header = (f"# {card}  torch {torch.__version__}  model {args.model}"
               f"{f' ({args.layers} layers)' if args.layers else ''}  B={args.batch} T={args.seq}  steps {args.steps} (warm-up {args.warmup})"
               f"  {'LoRA r=' + str(args.lora) if args.lora else 'full FT'}"
+              f"{'  fp32 weights under autocast(bf16)' if args.autocast else ''}"
               f"{f'  interleaved in one process over {args.interleave} rounds' if args.interleave else ''}")
     print(header, flush=True)
     if args.interleave and args.repeat > 1:
@@ -354,6 +367,7 @@ def main(argv=None) -> int:
                "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
                "--lora", str(args.lora), "--layers", str(args.layers)]
+        cmd += ["--autocast"] if args.autocast else []
         cmd += (["--interleave", str(args.interleave), "--variants", *args.variants]
                 if variant is None else ["--variant", variant])
         if args.passes is not None:

@@ -178,8 +178,11 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, lr: float = 3e-4, max_grad_norm: float = 1.0,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 autocast: torch.dtype | None = None):
         self.model = model
+        # mixed precision as HF Trainer's bf16=True/fp16=True: the forward under torch.autocast
+        self.autocast = autocast
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=lr,
@@ -196,7 +199,9 @@ class Trainer:
     def step(self, batch: dict) -> None:
         _sync(self.device)
         start = time.perf_counter()
-        loss = self.model(**batch).loss
+        with torch.autocast(self.device.type, dtype=self.autocast,
+                            enabled=self.autocast is not None):
+            loss = self.model(**batch).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the ranks' partial norms
@@ -232,10 +237,12 @@ class Trainer:
 
 def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-4,
           warmup_steps: int = 2, max_grad_norm: float = 1.0, progress: str | None = None,
-          optimizer: torch.optim.Optimizer | None = None, clock=None) -> TrainStats:
+          optimizer: torch.optim.Optimizer | None = None, clock=None,
+          autocast: torch.dtype | None = None) -> TrainStats:
     """``steps`` steps of a :class:`Trainer` on ``batches``; the first ``warmup_steps`` untimed
-    (``clock``: as :meth:`Trainer.stats`)."""
-    trainer = Trainer(model, lr=lr, max_grad_norm=max_grad_norm, optimizer=optimizer)
+    (``clock``: as :meth:`Trainer.stats`; ``autocast``: as :class:`Trainer`)."""
+    trainer = Trainer(model, lr=lr, max_grad_norm=max_grad_norm, optimizer=optimizer,
+                      autocast=autocast)
     iterator = range(steps)
     if progress:
         from tqdm.auto import tqdm

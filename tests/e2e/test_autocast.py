@@ -177,7 +177,8 @@ def test_fp32_model_under_cuda_autocast_trains_like_eager_with_every_pass():
         if variant == "chronicals":
             report = chronicals.report_of(model)
             assert not report.declines, str(report)
-            assert report.counts["attention"] == 4 and report.counts["linear_cross_entropy"] == 1
+            # attention: transformers may call SDPA is_causal already (left alone, uncounted)
+            assert report.counts["rmsnorm"] == 9 and report.counts["linear_cross_entropy"] == 1
     eager, ours = losses["eager"], losses["chronicals"]
     assert ours[-1] < ours[0] - 0.5                       # it learned
     for a, b in zip(eager, ours):
