@@ -259,3 +259,32 @@ def _running(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_autocast_runs_fp32_weights_under_autocast(tmp_path, monkeypatch):
+    """``--autocast``: the worker builds fp32 weights and runs the forward under
+    torch.autocast(bf16) (its linears then produce bf16), and the header says so."""
+    import json
+
+    import torch
+
+    from chronicals_fx import bench, workload
+
+    seen = []
+    real_step = workload.Trainer.step
+
+    def step(self, batch):
+        seen.append((self.autocast, next(self.model.parameters()).dtype))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(workload.Trainer, "step", step)
+    args = bench._parser().parse_args(["--model", "tiny-llama", "--batch", "2", "--seq", "32",
+                                       "--steps", "2", "--warmup", "1", "--autocast",
+                                       "--variant", "eager"])
+    result = bench.run_variant(args)
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert result["problems"] == [] and len(result["losses"]) == 2
+    assert bench.main(["--model", "tiny-llama", "--batch", "2", "--seq", "32", "--steps", "2",
+                       "--warmup", "1", "--autocast", "--variants", "eager",
+                       "--json", str(tmp_path / "r.json")]) == 0
+    assert "autocast" in json.loads((tmp_path / "r.json").read_text())["header"]
