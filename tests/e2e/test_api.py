@@ -133,3 +133,23 @@ def test_peft_wrapped_model():
     chronicals.optimize(optimized, strict=True, compiler="aot_eager")
     assert_same_training_signal(eager, optimized, batch())
     assert chronicals.report_of(optimized).counts["rmsnorm"] == 5
+
+
+def test_generate_after_a_training_step_equals_eager_greedy_decoding():
+    """The usual fine-tuning loop samples from the model between steps: ``generate`` (eval
+    mode, KV cache, a growing length: new graphs, symbolic shapes) after a training step gives
+    eager's greedy tokens."""
+    eager = tiny_causal_lm("llama")
+    optimized = chronicals.optimize(copy.deepcopy(eager))
+    inputs = batch()
+    optimized(**inputs).loss.backward()
+    eager.eval()
+    optimized.eval()
+    prompt = inputs["input_ids"][:, :8]
+    with torch.no_grad():
+        expected = eager.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        got = optimized.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert got.shape == (2, 14)
+    assert torch.equal(got, expected)
+    report = chronicals.report_of(optimized)
+    assert report.graphs >= 2 and report.counts["rmsnorm"] >= 10
