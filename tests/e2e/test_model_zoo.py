@@ -275,3 +275,27 @@ def test_qwen2_sliding_with_kv_cache_config_default():
     assert f"sliding window of {WINDOW} tokens" in decline.reason, str(report)
     assert report.counts["rmsnorm"] == 5 and report.counts["swiglu"] == 2, str(report)
     assert report.counts["rope"] == 2 and report.counts["linear_cross_entropy"] == 1, str(report)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_keep_every_pass_but_attention_and_equal_eager(side):
+    """SFT without packing: an attention_mask with padding and -100 labels under the pads. The
+    padding mask is a runtime tensor the attention pass cannot prove, so attention declines
+    with the reason and the original runs; every other pass matches, and loss and every
+    gradient equal eager's."""
+    from tests.tiny_models import tiny_causal_lm
+
+    eager = tiny_causal_lm("qwen2", use_cache=False)
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager")
+    inputs = batch()
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, -5:] = 0 if side == "right" else 1
+    mask[0, :5] = 0 if side == "left" else 1
+    padded = {"input_ids": inputs["input_ids"], "attention_mask": mask,
+              "labels": inputs["labels"].masked_fill(mask == 0, -100)}
+    assert_same_training_signal(eager, optimized, padded)
+    report = chronicals.report_of(optimized)
+    assert report.counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 0,
+                             "linear_cross_entropy": 1, "lora": 0}
+    reasons = [d.reason for d in report.declines]
+    assert len(reasons) == 2 and all("attention_mask" in r for r in reasons), reasons
