@@ -54,6 +54,7 @@ from ..kernels import attention as kernels
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
     OUTER_NODE,
+    autocast_dtype,
     call_before,
     canon,
     fake_call,
@@ -1254,12 +1255,16 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
     Under ``torch.autocast``, RoPE leaves q and k in fp32 (cos and sin are fp32) while v comes
     out of its projection in bf16/fp16; SDPA and the matmuls of the eager spelling then cast
     all three to autocast's dtype, which is the output's. That is the only way a graph holds
-    attention over mixed dtypes (without autocast, SDPA and matmul refuse them): the rewrite
-    makes those casts explicit. None for any other mix."""
+    attention over mixed dtypes but one (without autocast, SDPA and matmul refuse them; eager
+    attention may cast P to v's dtype itself, which the check on autocast leaves alone): the rewrite
+    makes those casts explicit — where autocast is on there (``graph.autocast_dtype``). None
+    for any other mix."""
     dtypes = {tensor_value(n).dtype for n in (site.q, site.k, site.v)}
     out = tensor_value(site.output)
     if len(dtypes) < 2 or out is None or out.dtype not in (torch.bfloat16, torch.float16):
         return None
+    if autocast_dtype(site.output, out.device.type) != out.dtype:
+        return None       # mixed dtypes of the code's own making (a cast before P·v): as is
     return out.dtype if dtypes <= {torch.float32, out.dtype} else None
 
 

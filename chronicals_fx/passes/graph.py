@@ -219,6 +219,34 @@ def tensor_value(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def autocast_dtype(node: Node, device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs low-precision ops in at ``node`` on ``device_type``;
+    None where autocast is off there.
+
+    Two sources: an autocast region of the graph around ``node`` (Dynamo records a
+    ``with torch.autocast(...)`` inside the traced code as ``_enter_autocast`` …
+    ``_exit_autocast`` calls), innermost first; else the state the backend runs under (an
+    autocast around the model's call, as HF Trainer's: Dynamo guards on it, so the graph only
+    ever runs under it)."""
+    from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+
+    open_regions: list[Node] = []
+    for n in node.graph.nodes:
+        if n is node:
+            break
+        if n.op == "call_function" and n.target is _enter_autocast:
+            open_regions.append(n)
+        elif n.op == "call_function" and n.target is _exit_autocast and n.args[0] in open_regions:
+            open_regions.remove(n.args[0])
+    for enter in reversed(open_regions):
+        device, dtype, enabled = (list(enter.args) + [None, True])[:3]
+        if device == device_type:
+            return (dtype or torch.get_autocast_dtype(device_type)) if enabled else None
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

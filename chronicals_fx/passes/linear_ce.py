@@ -55,7 +55,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..kernels._triton import KERNEL_DTYPES
-from .graph import call_before, canon, is_kind, narrower, number, static_int, tensor_value
+from .graph import (autocast_dtype, call_before, canon, is_kind, narrower, number, static_int,
+                    tensor_value)
 
 NAME = "linear_cross_entropy"
 
@@ -434,8 +435,11 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
     makes those casts explicit, so the fused op gets what the linear's GEMM got (and autograd
     takes the gradients back to fp32 through the casts, as it does under autocast)."""
     operands = [site.hidden, site.weight] + ([site.bias] if site.bias is not None else [])
-    low = tensor_value(site.linear).dtype
+    linear = tensor_value(site.linear)
+    low = linear.dtype
     if low not in (torch.bfloat16, torch.float16):
+        return None
+    if autocast_dtype(site.linear, linear.device.type) != low:
         return None
     return low if all(tensor_value(n).dtype == torch.float32 for n in operands) else None
 

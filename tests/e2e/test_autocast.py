@@ -183,3 +183,49 @@ def test_fp32_model_under_cuda_autocast_trains_like_eager_with_every_pass():
     assert ours[-1] < ours[0] - 0.5                       # it learned
     for a, b in zip(eager, ours):
         assert abs(a - b) <= 0.02 * abs(a), (eager, ours)
+
+
+class _ProbabilitiesCastToV(nn.Module):
+    """Eager attention over fp32 q, k and a bf16 v without autocast: the code casts P to v's
+    dtype itself, so its scores are fp32 — not autocast's bf16 inputs."""
+
+    def forward(self, q, k, v):
+        causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
+        scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~causal, -torch.inf)
+        return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+class _AutocastInside(nn.Module):
+    """``with torch.autocast`` inside the traced code (an autocast region of the graph)."""
+
+    def forward(self, q, k, v):
+        causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
+        with torch.autocast(**BF16):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+
+
+def _qkv():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g) for _ in range(3))
+    return q, k, v.to(torch.bfloat16)
+
+
+def test_mixed_dtypes_without_autocast_are_left_as_written():
+    """Mixed dtypes are autocast's casts only where autocast is on: here the scores are fp32
+    by the code's own choice, and casting q and k down would round them, so it declines."""
+    report = chronicals.explain(_ProbabilitiesCastToV(), *_qkv(),
+                                chronicals_options={"passes": ("attention",)})
+    assert report.counts["attention"] == 0
+    assert [d.reason for d in report.declines] == [
+        "mixed dtypes q torch.float32, k torch.float32, v torch.bfloat16"]
+
+
+def test_autocast_entered_inside_the_traced_code_is_seen():
+    module = _AutocastInside()
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    passes=("attention",))
+    q, k, v = _qkv()
+    expected, got = module(q, k, v), optimized(q, k, v)
+    [match] = chronicals.report_of(optimized).matches
+    assert "autocast's casts of q/k to bf16 made explicit" in match.detail
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
