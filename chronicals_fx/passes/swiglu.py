@@ -56,8 +56,9 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.swiglu import ACTIVATIONS
-from .graph import (canon, is_kind, live_canons, narrower, normalize_dim, number, replace_with_call,
-                    scaled_operand, strip_casts, tensor_value, used_outside)
+from .graph import (autocast_dtype, call_before, canon, is_kind, live_canons, narrower,
+                    normalize_dim, number, replace_with_call, scaled_operand, strip_casts,
+                    tensor_value, used_outside)
 
 NAME = "swiglu"
 _LOW = (torch.bfloat16, torch.float16)
@@ -84,6 +85,7 @@ class _Site:
     casts: list[Node] = field(default_factory=list)
     inplace_backward: bool = False
     down_projection: bool = False    # the down projection taken into the op (swiglu_linear)
+    autocast_down: bool = False      # ... with autocast's casts of its W (and b) made explicit
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -427,14 +429,23 @@ def _take_in_down_projection(gm: GraphModule, op: Node, site: _Site, fused_gemm:
     b = linear["bias"]
     if h is None or w is None or out is None or w.dim() != 2 or w.shape[1] != h.shape[-1]:
         return None
-    if not (w.dtype == h.dtype == out.dtype) or w.device != h.device:
+    if b is not None and not (isinstance(b, Node) and tensor_value(b) is not None):
         return None
-    if b is not None and not (isinstance(b, Node) and tensor_value(b) is not None
-                              and tensor_value(b).dtype == h.dtype):
+    if h.dtype != out.dtype or w.device != h.device:
         return None
+    weight = linear["weight"]
+    operands = [w.dtype] + ([tensor_value(b).dtype] if b is not None else [])
+    if any(dtype != h.dtype for dtype in operands):
+        # Under torch.autocast an fp32 W (and b) meets the bf16/fp16 product, and autocast
+        # casts them down for the GEMM: made explicit here, as the attention and loss passes do.
+        if (any(dtype != torch.float32 for dtype in operands)
+                or autocast_dtype(linear.node, h.device.type) != h.dtype):
+            return None
+        weight = call_before(gm.graph, linear.node, "to", (weight, h.dtype))
+        b = None if b is None else call_before(gm.graph, linear.node, "to", (b, h.dtype))
+        site.autocast_down = True
     site.down_projection = True
-    args = (site.gate, site.up, linear["weight"], b, ACTIVATIONS[site.activation],
-            fused_gemm)
+    args = (site.gate, site.up, weight, b, ACTIVATIONS[site.activation], fused_gemm)
     return replace_with_call(gm.graph, linear.node, torch.ops.chronicals.swiglu_linear.default,
                              args, erase=[op])
 
@@ -477,4 +488,6 @@ def _describe(site: _Site) -> str:
         parts.append("backward writes dg, du over g, u")
     if site.down_projection:
         parts.append("down projection taken in: saves g, u only")
+    if site.autocast_down:
+        parts.append("autocast's casts of the down projection's weight made explicit")
     return ", ".join(parts)

@@ -229,3 +229,37 @@ def test_autocast_entered_inside_the_traced_code_is_seen():
     [match] = chronicals.report_of(optimized).matches
     assert "autocast's casts of q/k to bf16 made explicit" in match.detail
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, hidden=16, intermediate=40):
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x)).float().square().mean()
+
+
+def test_down_projection_under_autocast_is_taken_into_swiglu_with_its_casts():
+    """The fp32 down projection meets the bf16 product under autocast: its W and b are cast down
+    explicitly and the projection goes into the SwiGLU op (which saves only g and u). Loss and
+    every weight gradient are eager's bit for bit; x's gradient, the sum of the gate and up
+    branches', within one bf16 rounding (the two bf16 terms are summed in another order)."""
+    module = _GatedMLP()
+    optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
+                                    passes=("swiglu",))
+    x = torch.randn(4, 8, 16)
+    x_e, x_o = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast(**BF16):
+        loss_e, loss_o = module(x_e), optimized(x_o)
+    loss_e.backward()
+    loss_o.backward()
+    [match] = chronicals.report_of(optimized).matches
+    assert "down projection taken in" in match.detail
+    assert "autocast's casts of the down projection's weight made explicit" in match.detail
+    assert torch.equal(loss_o, loss_e)
+    for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
+        assert torch.equal(p_o.grad, p_e.grad), name
+    assert (x_o.grad - x_e.grad).abs().max() <= 2 ** -8 * x_e.grad.abs().max()
