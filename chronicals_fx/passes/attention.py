@@ -1254,11 +1254,10 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
 
     Under ``torch.autocast``, RoPE leaves q and k in fp32 (cos and sin are fp32) while v comes
     out of its projection in bf16/fp16; SDPA and the matmuls of the eager spelling then cast
-    all three to autocast's dtype, which is the output's. That is the only way a graph holds
-    attention over mixed dtypes but one (without autocast, SDPA and matmul refuse them; eager
-    attention may cast P to v's dtype itself, which the check on autocast leaves alone): the rewrite
-    makes those casts explicit — where autocast is on there (``graph.autocast_dtype``). None
-    for any other mix."""
+    all three to autocast's dtype, which is the output's, and the rewrite makes those casts
+    explicit. Only where autocast is on there (``graph.autocast_dtype``): without it, eager
+    attention can still mix dtypes by casting P to v's dtype itself, and its fp32 scores must
+    stay fp32. None for any other mix."""
     dtypes = {tensor_value(n).dtype for n in (site.q, site.k, site.v)}
     out = tensor_value(site.output)
     if len(dtypes) < 2 or out is None or out.dtype not in (torch.bfloat16, torch.float16):
@@ -1328,7 +1327,8 @@ def _describe(site: _Site, kind: str, backend: str) -> str:
     if site.repeated:
         parts.append("GQA without repeat_kv")
     if site.autocast_casts:
-        parts.append(f"autocast's casts of {'/'.join(site.autocast_casts)} to {_short(q.dtype)} made explicit")
+        cast = "/".join(site.autocast_casts)
+        parts.append(f"autocast's casts of {cast} to {_short(q.dtype)} made explicit")
     if site.dropout_p:
         parts.append(f"dropout {site.dropout_p:g}")
     if site.spelling == "eager" and q.dtype != torch.float32:
