@@ -54,7 +54,7 @@ from ..kernels import attention as kernels
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
     OUTER_NODE,
-    autocast_dtype,
+    autocast_cast_dtype,
     call_before,
     canon,
     fake_call,
@@ -94,6 +94,7 @@ class _Site:
     mask_role: str = "sdpa"      # how the mask acts: see _MaskAnalyzer.classify
     is_causal: bool = False      # SDPA's own flag
     repeated: bool = False       # K/V arrived through repeat_kv
+    autocast: torch.dtype | None = None   # the dtype autocast casts q, k, v to (_autocast_dtype)
     autocast_casts: tuple[str, ...] = ()   # which of q, k, v the rewrite cast (_cast_inputs)
     matched: list[Node] = field(default_factory=list)
     internal: list[Node] = field(default_factory=list)
@@ -125,6 +126,7 @@ def run(gm: GraphModule, ctx) -> None:
                 ctx.declined(node, proof)
                 continue
             kind, doc = proof
+        site.autocast = _autocast_dtype(site)
         reason = _kernel_declines(site, kind)
         if reason:
             ctx.declined(node, reason)
@@ -1226,7 +1228,7 @@ def _kernel_declines(site: _Site, kind: str) -> str | None:
         if any(static_int(s) is None for s in t.shape):
             return "symbolic shapes"
     out = tensor_value(site.output)
-    if not (q.dtype == k.dtype == v.dtype) and _autocast_dtype(site) is None:
+    if not (q.dtype == k.dtype == v.dtype) and site.autocast is None:
         return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
     if (out is None or out.dtype != _compute_dtype(site)
             or tuple(out.shape) != (*q.shape[:3], v.shape[-1])):
@@ -1258,23 +1260,22 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
     explicit. Only where autocast is on there (``graph.autocast_dtype``): without it, eager
     attention can still mix dtypes by casting P to v's dtype itself, and its fp32 scores must
     stay fp32. None for any other mix."""
-    dtypes = {tensor_value(n).dtype for n in (site.q, site.k, site.v)}
+    qkv = (site.q, site.k, site.v)
     out = tensor_value(site.output)
-    if len(dtypes) < 2 or out is None or out.dtype not in (torch.bfloat16, torch.float16):
+    if out is None or len({tensor_value(n).dtype for n in qkv}) < 2:
         return None
-    if autocast_dtype(site.output, out.device.type) != out.dtype:
-        return None       # mixed dtypes of the code's own making (a cast before P·v): as is
-    return out.dtype if dtypes <= {torch.float32, out.dtype} else None
+    return autocast_cast_dtype(site.output,
+                               [n for n in qkv if tensor_value(n).dtype != out.dtype])
 
 
 def _compute_dtype(site: _Site) -> torch.dtype:
-    return _autocast_dtype(site) or tensor_value(site.q).dtype
+    return site.autocast or tensor_value(site.q).dtype
 
 
 def _cast_inputs(gm: GraphModule, site: _Site) -> None:
     """q, k, v cast to the dtype autocast computes in, before the attention (see
     :func:`_autocast_dtype`); nothing where they already agree."""
-    dtype = _autocast_dtype(site)
+    dtype = site.autocast
     if dtype is None:
         return
     for name in ("q", "k", "v"):

@@ -55,8 +55,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..kernels._triton import KERNEL_DTYPES
-from .graph import (autocast_dtype, call_before, canon, is_kind, narrower, number, static_int,
-                    tensor_value)
+from .graph import (autocast_cast_dtype, call_before, canon, is_kind, narrower, number,
+                    static_int, tensor_value)
 
 NAME = "linear_cross_entropy"
 
@@ -94,6 +94,7 @@ class _Site:
     out_dtype: torch.dtype = torch.float32
     needs: tuple[bool, bool, bool] = (False, False, False)   # grads of hidden, weight, bias
     notes: list[str] = field(default_factory=list)
+    autocast: torch.dtype | None = None   # autocast's dtype for the linear's fp32 operands
 
 
 class _Decline(Exception):
@@ -413,7 +414,8 @@ def _accept(site: _Site) -> None:
         raise _Decline("targets are not int64 class indices of shape [N] "
                        f"({labels.dtype}, rank {labels.dim()})")
     dtypes = {h.dtype, w.dtype, x.dtype} | ({tensor_value(site.bias).dtype} if site.bias is not None else set())
-    if len(dtypes) != 1 and _autocast_dtype(site) is None:
+    site.autocast = _autocast_dtype(site)
+    if len(dtypes) != 1 and site.autocast is None:
         raise _Decline(f"mixed dtypes {sorted(map(str, dtypes))}")
     if x.dtype not in KERNEL_DTYPES:
         raise _Decline(f"dtype {x.dtype} (kernel: fp32, bf16, fp16)")
@@ -435,13 +437,7 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
     makes those casts explicit, so the fused op gets what the linear's GEMM got (and autograd
     takes the gradients back to fp32 through the casts, as it does under autocast)."""
     operands = [site.hidden, site.weight] + ([site.bias] if site.bias is not None else [])
-    linear = tensor_value(site.linear)
-    low = linear.dtype
-    if low not in (torch.bfloat16, torch.float16):
-        return None
-    if autocast_dtype(site.linear, linear.device.type) != low:
-        return None
-    return low if all(tensor_value(n).dtype == torch.float32 for n in operands) else None
+    return autocast_cast_dtype(site.linear, operands)
 
 
 def _returned_logits(gm: GraphModule, site: _Site) -> list[Node]:
@@ -526,7 +522,7 @@ def _rewrite(gm: GraphModule, site: _Site, dropped: list[Node]) -> Node:
         return call_before(graph, site.loss, target, args, meta_from=meta_from)
 
     weight, h, bias = site.weight, site.hidden, site.bias
-    autocast = _autocast_dtype(site)
+    autocast = site.autocast
     if autocast is not None:
         weight, h = (insert("to", (n, autocast), site.loss) for n in (weight, h))
         bias = None if bias is None else insert("to", (bias, autocast), site.loss)

@@ -56,7 +56,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.swiglu import ACTIVATIONS
-from .graph import (autocast_dtype, call_before, canon, is_kind, live_canons, narrower,
+from .graph import (autocast_cast_dtype, call_before, canon, is_kind, live_canons, narrower,
                     normalize_dim, number, replace_with_call, scaled_operand, strip_casts,
                     tensor_value, used_outside)
 
@@ -434,12 +434,11 @@ def _take_in_down_projection(gm: GraphModule, op: Node, site: _Site, fused_gemm:
     if h.dtype != out.dtype or w.device != h.device:
         return None
     weight = linear["weight"]
-    operands = [w.dtype] + ([tensor_value(b).dtype] if b is not None else [])
-    if any(dtype != h.dtype for dtype in operands):
+    operands = [weight] + ([b] if b is not None else [])
+    if any(tensor_value(n).dtype != h.dtype for n in operands):
         # Under torch.autocast an fp32 W (and b) meets the bf16/fp16 product, and autocast
         # casts them down for the GEMM: made explicit here, as the attention and loss passes do.
-        if (any(dtype != torch.float32 for dtype in operands)
-                or autocast_dtype(linear.node, h.device.type) != h.dtype):
+        if autocast_cast_dtype(linear.node, operands) != h.dtype:
             return None
         weight = call_before(gm.graph, linear.node, "to", (weight, h.dtype))
         b = None if b is None else call_before(gm.graph, linear.node, "to", (b, h.dtype))
