@@ -409,6 +409,8 @@ def merged_runs(results: list[dict]) -> list[dict]:
     averaged away: it is a problem of the variant's record (or the record, if none ran)."""
     import statistics
 
+    from chronicals_fx.workload import median_of_numbers
+
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -428,8 +430,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
         tps = [r["tokens_per_s"] for r in ok]
 
         def median_of_timed(key: str) -> float:
-            values = [v for r in ok for v in r.get(key, [])[r["warmup_steps"]:] if v == v]
-            return statistics.median(values) if values else float("nan")
+            return median_of_numbers([v for r in ok for v in r.get(key, [])[r["warmup_steps"]:]])
 
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),
@@ -461,7 +462,8 @@ def summary_table(results: list[dict]) -> str:
             tps += f" ({low:,.0f}–{high:,.0f}, {len(r['runs_losses'])} runs)"
         rows.append((r["variant"], tps, f"{r['median_step_ms']:.1f}",
                      f"{r.get('median_host_ms', float('nan')):.1f}",
-                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
+                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
+                     f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
                      f"{r['tokens_per_s'] / compile_tps:.3f}x" if compile_tps else "",
                      "; ".join(r["problems"]) or "trained"))

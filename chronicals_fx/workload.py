@@ -131,11 +131,11 @@ class TrainStats:
 
     @property
     def median_host_ms(self) -> float:
-        return _median(self.host_ms[self.warmup_steps:])
+        return median_of_numbers(self.host_ms[self.warmup_steps:])
 
     @property
     def median_sm_mhz(self) -> float:
-        return _median(self.sm_mhz[self.warmup_steps:])
+        return median_of_numbers(self.sm_mhz[self.warmup_steps:])
 
     @property
     def tokens_per_s(self) -> float:
@@ -162,7 +162,7 @@ class TrainStats:
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
-def _median(values: list[float]) -> float:
+def median_of_numbers(values: list[float]) -> float:
     """The median of the values that are numbers (NaN when none is)."""
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else float("nan")

@@ -24,24 +24,29 @@ def _twins(family: str, **overrides):
     return model, copy.deepcopy(model)
 
 
+def _attention_rewritten_equals_reference(reference, optimized):
+    """``optimized`` with the attention pass, both models trained one step under autocast:
+    loss and every gradient bit for bit the reference's. Returns the report."""
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=("attention",))
+    inputs = batch()
+    with torch.autocast(**BF16):
+        loss_r, grads_r = loss_and_grads(reference, inputs)
+        loss_o, grads_o = loss_and_grads(optimized, inputs)
+    assert torch.equal(loss_o, loss_r)
+    assert grads_r.keys() == grads_o.keys()
+    for name in grads_r:
+        assert torch.equal(grads_o[name], grads_r[name]), name
+    return chronicals.report_of(optimized)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_sdpa_under_autocast_is_rewritten_with_the_casts_and_equals_eager(family):
     """q, k (fp32 after RoPE) and v (bf16) cast to bf16 explicitly: the rewritten attention runs
     what autocast ran, so loss and every gradient are eager's bit for bit."""
-    eager, optimized = _twins(family, attn_implementation="sdpa")
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=("attention",))
-    inputs = batch()
-    with torch.autocast(**BF16):
-        loss_e, grads_e = loss_and_grads(eager, inputs)
-        loss_o, grads_o = loss_and_grads(optimized, inputs)
-    report = chronicals.report_of(optimized)
+    report = _attention_rewritten_equals_reference(*_twins(family, attn_implementation="sdpa"))
     assert report.counts["attention"] == 2 and not report.declines, str(report)
     assert all("autocast's casts of q/k to bf16 made explicit" in m.detail
                for m in report.matches)
-    assert torch.equal(loss_o, loss_e)
-    assert grads_e.keys() == grads_o.keys()
-    for name in grads_e:
-        assert torch.equal(grads_o[name], grads_e[name]), name
 
 
 def test_eager_attention_under_autocast_equals_sdpa_on_the_cast_inputs():
@@ -52,17 +57,9 @@ def test_eager_attention_under_autocast_equals_sdpa_on_the_cast_inputs():
     sdpa.config.use_cache = False
     optimized = copy.deepcopy(sdpa)
     optimized.config._attn_implementation = "eager"
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=("attention",))
-    inputs = batch()
-    with torch.autocast(**BF16):
-        loss_s, grads_s = loss_and_grads(sdpa, inputs)
-        loss_o, grads_o = loss_and_grads(optimized, inputs)
-    report = chronicals.report_of(optimized)
+    report = _attention_rewritten_equals_reference(sdpa, optimized)
     assert report.counts["attention"] == 2, str(report)
     assert all(m.detail.startswith("eager bf16") for m in report.matches)
-    assert torch.equal(loss_o, loss_s)
-    for name in grads_s:
-        assert torch.equal(grads_o[name], grads_s[name]), name
 
 
 class _Head(nn.Module):
