@@ -1,0 +1,191 @@
+"""Where a training step's host time goes: the CPU side of what ``profile_step`` shows for the GPU.
+
+    python -m benchmarks.host_profile [--variants compile chronicals] [--steps 3] [--top 25]
+
+A step is host-bound when the host takes longer to enqueue its work than the GPU takes to run it
+(``chronicals bench``'s ``host ms`` near its ``step ms``). For each variant (same model, data and
+optimizer as ``profile_step``), after the warm-up:
+
+1. synchronizing calls inside a step, found by ``torch.cuda.set_sync_debug_mode("warn")``, each
+   with the last frames of the Python stack that made it (a sync makes the host wait for the
+   GPU: host time that is not enqueueing);
+2. under torch.profiler (CPU and CUDA), the CUDA runtime and driver calls per step (launches,
+   copies, allocations, syncs: count and time) and the CPU ops with the most inclusive time
+   (nested ops count in their parents too);
+3. under cProfile, the Python functions with the most own time (C functions such as a
+   launcher's count separately from the Python that calls them).
+
+Each part runs its own steps; the profilers slow the host, so their times are relative, but
+counts are exact. The proof of training (first and last loss, smallest grad norm) closes each
+variant's section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+
+import torch
+
+from benchmarks.profile_step import load_trace, variant_model
+
+RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
+OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", nargs="+", default=["compile", "chronicals"])
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--device", default="cuda", help="cpu: a check of this tool, not a measurement")
+    args = p.parse_args(argv)
+    for variant in args.variants:
+        print(profile_variant(args, variant), flush=True)
+    return 0
+
+
+def profile_variant(args, variant: str) -> str:
+    from chronicals_fx.workload import _sync, byte_batches
+
+    args = argparse.Namespace(**{**vars(args), "variant": variant})
+    device = torch.device(args.device)
+    model = variant_model(args, device=args.device)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device.type == "cuda")
+    batches = byte_batches(args.batch, args.seq, device=args.device)
+    losses, norms = [], []
+
+    def step():
+        loss = model(**next(batches)).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    host_ms, step_ms = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        enqueued = time.perf_counter()
+        _sync(device)
+        host_ms.append((enqueued - start) * 1000)
+        step_ms.append((time.perf_counter() - start) * 1000)
+
+    lines = [f"\n# {variant}  {args.model} B={args.batch} T={args.seq}"
+             f"{f' LoRA r={args.lora}' if args.lora else ''}: step "
+             f"{sorted(step_ms)[len(step_ms) // 2]:.1f} ms, host enqueue "
+             f"{sorted(host_ms)[len(host_ms) // 2]:.1f} ms (median of {args.steps}, no profiler)"]
+    if device.type == "cuda":
+        lines += sync_points(step, args.steps)
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+    lines += host_summary(load_trace(prof), args.steps, args.top)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    profiler.disable()
+    lines += python_hot_spots(profiler, args.steps, args.top)
+
+    values = torch.stack(losses).float().tolist()
+    lines.append(f"# trained: loss {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} steps, "
+                 f"min grad norm {torch.stack(norms).min().item():.3f}")
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def sync_points(step, steps: int) -> list[str]:
+    """The synchronizing CUDA calls made during ``steps`` calls of ``step``, grouped by where
+    they were made (the innermost frames of the stack, this file's left out)."""
+    places: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if f.filename != __file__
+                  and "warnings" not in f.filename]
+        where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                            for f in reversed(frames[-4:]))
+        places[f"{str(message).splitlines()[0][:80]} at {where}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    if not places:
+        return ["synchronizing calls inside the step: none"]
+    lines = [f"synchronizing calls inside the step ({steps} steps):"]
+    lines += [f"{n / steps:6.1f}/step  {place}" for place, n in places.most_common()]
+    return lines
+
+
+def host_summary(events: list[dict], steps: int, top: int) -> list[str]:
+    """CUDA runtime/driver calls per step (count, ms) and the CPU ops with the most inclusive
+    time per step, from a profiled run's Chrome trace events."""
+    runtime: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    ops: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if "dur" not in e:
+            continue
+        table = (runtime if e.get("cat") in RUNTIME_CATEGORIES
+                 else ops if e.get("cat") in OP_CATEGORIES else None)
+        if table is not None:
+            table[e["name"]][0] += 1 / steps
+            table[e["name"]][1] += e["dur"] / 1000 / steps
+    launches = sum(n for name, (n, _) in runtime.items() if "aunch" in name)
+    lines = [f"CUDA runtime/driver calls per step (under the profiler; {launches:.0f} launches):",
+             f"{'calls':>7} {'ms':>8}  name"]
+    for name, (n, ms) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{n:7.0f} {ms:8.2f}  {name[:100]}")
+    lines += [f"CPU ops by inclusive time per step (top {top}):", f"{'calls':>7} {'ms':>8}  name"]
+    for name, (n, ms) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{n:7.0f} {ms:8.2f}  {name[:100]}")
+    return lines
+
+
+def python_hot_spots(profiler: cProfile.Profile, steps: int, top: int) -> list[str]:
+    """The functions with the most own time per step (cProfile's tottime), with their calls."""
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (filename, lineno, name), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append((tottime, cumtime, calls, f"{filename.rsplit('/', 2)[-1]}:{lineno} {name}"))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"Python functions by own time per step (cProfile, {1000 * total / steps:.1f} ms "
+             f"in all; top {top}):", f"{'calls':>7} {'own ms':>8} {'cum ms':>8}  function"]
+    for tottime, cumtime, calls, where in rows[:top]:
+        lines.append(f"{calls / steps:7.0f} {1000 * tottime / steps:8.2f} "
+                     f"{1000 * cumtime / steps:8.2f}  {where[:100]}")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
