@@ -27,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._triton import tile_coords
+from ._triton import fast_launch, tile_coords
 
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 GROUP_M = 8
@@ -70,7 +70,7 @@ def launcher(kernel, grid: tuple, args: tuple, kwargs: dict):
     def launch(warmup: bool = False):
         if warmup:
             return kernel.warmup(*args, grid=grid, **kwargs)
-        return kernel[grid](*args, **kwargs)
+        return fast_launch(kernel)[grid](*args, **kwargs)
     launch.kernel, launch.args, launch.kwargs = kernel, args, kwargs
     return launch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -91,6 +92,79 @@ def launchable(kernel, like: torch.Tensor):
     """``wrap_triton(kernel)`` for CUDA tensors, so Inductor can trace the launch into its
     generated code; the raw kernel otherwise (CPU tensors under ``TRITON_INTERPRET=1``)."""
     return wrap_triton(kernel) if like.is_cuda else kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches from Python at run time
+# ---------------------------------------------------------------------------------------------
+# Inductor launches the kernels it traces (triton_op bodies) from its own generated code. The
+# kernels launched inside opaque ops (custom_op bodies: the fused loss, the Gluon GEMMs) go
+# through Triton's JIT at every call: bind every argument, specialize it (alignment, value of
+# ints, descriptor type), build the cache key, read the runtime knobs, and only then launch.
+# That host work showed as the full variant's pace-setter (RESULTS.md, session 18: the step
+# host-bound, the 24 SwiGLU-backward GEMM calls ~300 µs of host time each under the profiler).
+# ``fast_launch`` keeps the compiled kernel per key of everything Triton specializes on and
+# launches it directly.
+FAST_LAUNCH = os.environ.get("CHRONICALS_FAST_LAUNCH", "1") != "0"
+_COMPILED: dict = {}
+_COMPILED_MAX = 1024      # distinct keys (shapes × dtypes × options) before the cache is cleared
+
+
+class _Unkeyable(Exception):
+    """An argument this cache can't key on: the call goes through Triton's JIT."""
+
+
+def _arg_key(value):
+    """What Triton's specialization can depend on, for one argument: a tensor's dtype and
+    16-byte alignment (the pointer's only specialization), a descriptor's dtype, geometry, tile
+    and layout, a scalar's exact value and type (ints: == 1, divisibility by 16, i32 or i64)."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if hasattr(value, "block_shape") and hasattr(value, "base"):      # host TMA descriptor
+        return (type(value), value.base.dtype, tuple(value.shape), tuple(value.strides),
+                tuple(value.block_shape), getattr(value, "layout", None),
+                getattr(value, "padding", None))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value), value)
+    raise _Unkeyable
+
+
+class fast_launch:
+    """``fast_launch(kernel)[grid](*args, **kwargs)``: ``kernel[grid](*args, **kwargs)`` with
+    the JIT's per-call binding done once per specialization. The first call of a key goes
+    through the JIT (compiling if need be) and keeps the compiled kernel it returns; later calls
+    pass every parameter's value in order (constexprs and defaults too, as the JIT's launcher
+    gets them) to the compiled kernel's own launcher. Anything else (an autotuned kernel, the
+    interpreter, an argument that can't be keyed, ``CHRONICALS_FAST_LAUNCH=0``) takes the JIT."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid: tuple):
+        kernel = self.kernel
+        if not FAST_LAUNCH or not isinstance(kernel, triton.runtime.JITFunction):
+            return kernel[grid]
+
+        def launch(*args, **kwargs):
+            try:
+                key = (kernel, torch.cuda.current_device(), tuple(map(_arg_key, args)),
+                       tuple((name, _arg_key(v)) for name, v in kwargs.items()))
+            except _Unkeyable:
+                return kernel[grid](*args, **kwargs)
+            compiled = _COMPILED.get(key)
+            if compiled is None:
+                compiled = kernel[grid](*args, **kwargs)
+                if len(_COMPILED) >= _COMPILED_MAX:
+                    _COMPILED.clear()
+                _COMPILED[key] = compiled
+                return compiled
+            values = list(args)
+            for param in kernel.params[len(args):]:
+                values.append(kwargs[param.name] if param.name in kwargs else param.default)
+            compiled[tuple(grid) + (1,) * (3 - len(grid))](*values)
+            return compiled
+
+        return launch
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import autograd_graph_kept
+from ._triton import autograd_graph_kept, fast_launch
 
 REDUCTIONS = ("mean", "sum")
 # [N, Vc] logits buffer: at most this many bytes ...
@@ -239,7 +239,7 @@ def lce_fwd_chunk(x: Tensor, labels: Tensor, m: Tensor, s: Tensor, zt: Tensor, z
     ``TRITON_INTERPRET=1``)."""
     n, vc = x.shape
     block_n, block_v, warps = _kernel_tiles(vc)
-    lce_fwd_chunk_kernel[(triton.cdiv(n, block_n),)](
+    fast_launch(lce_fwd_chunk_kernel)[(triton.cdiv(n, block_n),)](
         x, x.stride(0), labels, m, s, zt, zsum, n, vc, v0, scale, softcap or 1.0,
         HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=smoothing,
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
@@ -250,7 +250,7 @@ def lce_bwd_chunk(x: Tensor, labels: Tensor, lse: Tensor, row_w: Tensor, v0: int
     """Launch :func:`lce_bwd_chunk_kernel` on a [N, Vc] chunk, in place."""
     n, vc = x.shape
     block_n, block_v, warps = _kernel_tiles(vc)
-    lce_bwd_chunk_kernel[(triton.cdiv(n, block_n),)](
+    fast_launch(lce_bwd_chunk_kernel)[(triton.cdiv(n, block_n),)](
         x, x.stride(0), labels, lse, row_w, n, vc, v0, scale, softcap or 1.0,
         1.0 - label_smoothing, label_smoothing / vocab, z_loss,
         HAS_SOFTCAP=softcap > 0, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
@@ -501,25 +501,22 @@ def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, 
     if tile_stats is None:
         n_stats = split
         pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
-        lce_row_stats_kernel[(n * split,)](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum,
-                                           vocab, split, cols, scale, softcap or 1.0,
-                                           LANES=_row_variant() == "lanes", **flags)
+        fast_launch(lce_row_stats_kernel)[(n * split,)](
+            x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split, cols, scale,
+            softcap or 1.0, LANES=_row_variant() == "lanes", **flags)
     else:
         from .linear_ce_gemm import combine_tile_stats_kernel
         n_stats = 1
         pm, ps, pzt, pzsum = torch.empty((4, n), dtype=torch.float32, device=x.device)
         tm, ts, tz = (t[:n] if t is not None else None for t in tile_stats)
-        combine_tile_stats_kernel[(n,)](x, x.stride(0), labels, row_w, tm, ts,
-                                        tz if tz is not None else tm, tm.shape[1],
-                                        pm, ps, pzt, pzsum, vocab, scale, softcap or 1.0,
-                                        HAS_SOFTCAP=softcap > 0,
-                                        HAS_SMOOTHING=bool(label_smoothing), BLOCK_T=1024,
-                                        num_warps=4)
-    lce_row_grad_kernel[(n * split,)](x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse,
-                                      zt, zsum, vocab, split, cols, n * split, n_stats, scale,
-                                      softcap or 1.0, 1.0 - label_smoothing,
-                                      label_smoothing / vocab, z_loss,
-                                      BLOCK_S=triton.next_power_of_2(n_stats), **flags)
+        fast_launch(combine_tile_stats_kernel)[(n,)](
+            x, x.stride(0), labels, row_w, tm, ts, tz if tz is not None else tm, tm.shape[1],
+            pm, ps, pzt, pzsum, vocab, scale, softcap or 1.0, HAS_SOFTCAP=softcap > 0,
+            HAS_SMOOTHING=bool(label_smoothing), BLOCK_T=1024, num_warps=4)
+    fast_launch(lce_row_grad_kernel)[(n * split,)](
+        x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse, zt, zsum, vocab, split, cols,
+        n * split, n_stats, scale, softcap or 1.0, 1.0 - label_smoothing,
+        label_smoothing / vocab, z_loss, BLOCK_S=triton.next_power_of_2(n_stats), **flags)
 
 
 def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
@@ -533,8 +530,8 @@ def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
     if not runs or not dense or g.device != t.device:
         t.mul_(g)
         return
-    scale_inplace_kernel[(triton.cdiv(t.numel(), block),)](t, g.reshape(()), t.numel(),
-                                                           BLOCK=block, num_warps=4)
+    fast_launch(scale_inplace_kernel)[(triton.cdiv(t.numel(), block),)](
+        t, g.reshape(()), t.numel(), BLOCK=block, num_warps=4)
     torch.autograd.graph.increment_version(t)
 
 
