@@ -1255,17 +1255,16 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
     """The low precision autocast computes this attention in, where q, k and v differ in dtype.
 
     Under ``torch.autocast``, RoPE leaves q and k in fp32 (cos and sin are fp32) while v comes
-    out of its projection in bf16/fp16; SDPA and the matmuls of the eager spelling then cast
-    all three to autocast's dtype, which is the output's, and the rewrite makes those casts
-    explicit. Only where autocast is on there (``graph.autocast_dtype``): without it, eager
-    attention can still mix dtypes by casting P to v's dtype itself, and its fp32 scores must
-    stay fp32. None for any other mix."""
-    qkv = (site.q, site.k, site.v)
+    out of its projection in bf16/fp16 — or all three arrive in fp32 (transformers 5.17's
+    Qwen2 under autocast); SDPA and the matmuls of the eager spelling then cast them to
+    autocast's dtype, which is the output's, and the rewrite makes those casts explicit. Only
+    where autocast is on there (``graph.autocast_dtype``): without it, eager attention can still
+    mix dtypes by casting P to v's dtype itself, and its fp32 scores must stay fp32. None for
+    any other mix."""
     out = tensor_value(site.output)
-    if out is None or len({tensor_value(n).dtype for n in qkv}) < 2:
-        return None
-    return autocast_cast_dtype(site.output,
-                               [n for n in qkv if tensor_value(n).dtype != out.dtype])
+    differing = [n for n in (site.q, site.k, site.v)
+                 if out is not None and tensor_value(n).dtype != out.dtype]
+    return autocast_cast_dtype(site.output, differing) if differing else None
 
 
 def _compute_dtype(site: _Site) -> torch.dtype:

@@ -217,14 +217,19 @@ def test_mixed_dtypes_without_autocast_are_left_as_written():
         "mixed dtypes q torch.float32, k torch.float32, v torch.bfloat16"]
 
 
-def test_autocast_entered_inside_the_traced_code_is_seen():
+@pytest.mark.parametrize("v_dtype, cast", [(torch.bfloat16, "q/k"), (torch.float32, "q/k/v")])
+def test_autocast_entered_inside_the_traced_code_is_seen(v_dtype, cast):
+    """q and k fp32 with v bf16 (RoPE's fp32 cos/sin), or all three fp32 (transformers 5.17's
+    Qwen2 under autocast, where the attention declined "output dtype differs" on the GPU:
+    session 18): both are autocast's casts to bf16 at SDPA."""
     module = _AutocastInside()
     optimized = chronicals.optimize(copy.deepcopy(module), strict=True, compiler="aot_eager",
                                     passes=("attention",))
     q, k, v = _qkv()
+    v = v.to(v_dtype)
     expected, got = module(q, k, v), optimized(q, k, v)
     [match] = chronicals.report_of(optimized).matches
-    assert "autocast's casts of q/k to bf16 made explicit" in match.detail
+    assert f"autocast's casts of {cast} to bf16 made explicit" in match.detail
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
