@@ -1,13 +1,16 @@
 """Host time per call of the ops that launch kernels from Python at run time, with
 ``fast_launch`` on and off (kernels/_triton.py); their outputs compared bit for bit.
 
-    python -m benchmarks.host_launch [--calls 40] [--rounds 2]
+    python -m benchmarks.host_launch [--calls 40] [--rounds 2] [--breakdown]
 
 The ops: the fused SwiGLU-backward GEMM (``swiglu_linear_backward_gemm``, one per layer in the
 backward) and the fused loss with its gradients (``linear_cross_entropy_grad_in_forward``), at
 Qwen2.5-0.5B's shapes for B=8, T=1024 (N=8192, H=896, I=4864, V=151936), bf16. ``host µs`` is
 the time to enqueue a call (no sync inside the loop), ``call µs`` the time per call with the
-GPU's work finished. The modes alternate over ``--rounds``.
+GPU's work finished. The modes alternate over ``--rounds``. ``--breakdown`` also times the
+parts of one SwiGLU-backward GEMM call on their own (host µs each): the op's dispatch, its
+body, building the launch (descriptors), the launch by ``fast_launch``, and the compiled
+kernel's own launcher with every argument ready (the descriptors' encoding and the driver call).
 """
 
 from __future__ import annotations
@@ -60,10 +63,44 @@ def time_calls(call, calls: int) -> tuple[float, float, tuple]:
     return (enqueued - start) * 1e6 / calls, (end - start) * 1e6 / calls, out
 
 
+def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 4864
+                     ) -> list[list]:
+    """Host µs per call of the parts of one fused SwiGLU-backward GEMM call (see the module's
+    docstring), each timed alone over ``calls`` calls."""
+    from chronicals_fx.kernels import swiglu_gemm
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    dy, w_down = torch.randn(n, hidden, **bf16), torch.randn(hidden, inter, **bf16)
+    gate, up = torch.randn(n, inter, **bf16), torch.randn(n, inter, **bf16)
+    dg, du, y = (torch.empty_like(gate) for _ in range(3))
+    launch = swiglu_gemm.make_launch(dy, w_down, gate, up, dg, du, y, 0)
+    compiled = launch()
+    values = [*launch.args] + [launch.kwargs.get(p.name, p.default)
+                               for p in launch.kernel.params[len(launch.args):]]
+    grid = launch.grid + (1,) * (3 - len(launch.grid))
+    parts = {
+        "op (dispatch + body + launch)": lambda: torch.ops.chronicals.swiglu_linear_backward_gemm(
+            dy, w_down, gate, up, 0),
+        "body (swiglu_linear_backward)": lambda: swiglu_gemm.swiglu_linear_backward(
+            dy, w_down, gate, up, 0),
+        "3 outputs (empty_like)": lambda: [torch.empty_like(gate) for _ in range(3)],
+        "make_launch (4 descriptors)": lambda: swiglu_gemm.make_launch(
+            dy, w_down, gate, up, dg, du, y, 0),
+        "launch by fast_launch": launch,
+        "compiled kernel's launcher": lambda: compiled[grid](*values),
+    }
+    rows = []
+    for name, part in parts.items():
+        host, total, _ = time_calls(part, calls)
+        rows.append([name, calls, f"{host:.1f}", f"{total:.1f}"])
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--breakdown", action="store_true")
     args = p.parse_args(argv)
     rows = []
     for name, call in op_calls().items():
@@ -86,6 +123,9 @@ def main(argv=None) -> int:
           f"triton {__import__('triton').__version__}  (best of {args.rounds} rounds)")
     print(tabulate(rows, headers=["op", "launch path", "calls", "host µs", "call µs",
                                   "outputs"]))
+    if args.breakdown:
+        print(tabulate(swiglu_breakdown(args.calls), headers=[
+            "part of a SwiGLU-backward GEMM call", "calls", "host µs", "call µs"]))
     return 0 if all(r[-1] == "bit-equal" for r in rows) else 1
 
 

@@ -1,6 +1,7 @@
 """Where a training step's host time goes: the CPU side of what ``profile_step`` shows for the GPU.
 
     python -m benchmarks.host_profile [--variants compile chronicals] [--steps 3] [--top 25]
+        [--autocast]
 
 A step is host-bound when the host takes longer to enqueue its work than the GPU takes to run it
 (``chronicals bench``'s ``host ms`` near its ``step ms``). For each variant (same model, data and
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--device", default="cuda", help="cpu: a check of this tool, not a measurement")
+    p.add_argument("--autocast", action="store_true",
+                   help="fp32 weights, the forward under torch.autocast(bf16) (HF Trainer's bf16=True)")
     args = p.parse_args(argv)
     for variant in args.variants:
         print(profile_variant(args, variant), flush=True)
@@ -68,7 +71,8 @@ def profile_variant(args, variant: str) -> str:
     losses, norms = [], []
 
     def step():
-        loss = model(**next(batches)).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            loss = model(**next(batches)).loss
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
         optimizer.step()
@@ -88,7 +92,8 @@ def profile_variant(args, variant: str) -> str:
         step_ms.append((time.perf_counter() - start) * 1000)
 
     lines = [f"\n# {variant}  {args.model} B={args.batch} T={args.seq}"
-             f"{f' LoRA r={args.lora}' if args.lora else ''}: step "
+             f"{f' LoRA r={args.lora}' if args.lora else ''}"
+             f"{' fp32 under autocast(bf16)' if args.autocast else ''}: step "
              f"{sorted(step_ms)[len(step_ms) // 2]:.1f} ms, host enqueue "
              f"{sorted(host_ms)[len(host_ms) // 2]:.1f} ms (median of {args.steps}, no profiler)"]
     if device.type == "cuda":

@@ -114,12 +114,14 @@ def main(argv=None) -> int:
 
 
 def variant_model(args, device: str = "cuda"):
-    """``args.variant``'s model (bf16), LoRA-wrapped with ``args.lora``, compiled or optimized."""
+    """``args.variant``'s model (bf16; fp32 where ``args.autocast`` is set, to train under
+    autocast), LoRA-wrapped with ``args.lora``, compiled or optimized."""
     import chronicals
     from chronicals_fx.bench import compile_variant, variant_options, with_lora
     from chronicals_fx.workload import build_model
 
-    model = build_model(args.model, dtype=torch.bfloat16, device=device)
+    dtype = torch.float32 if getattr(args, "autocast", False) else torch.bfloat16
+    model = build_model(args.model, dtype=dtype, device=device)
     if args.lora:
         model = with_lora(model, args.lora)
     if args.variant.partition("@")[0] == "compile":

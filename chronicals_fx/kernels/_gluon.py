@@ -65,13 +65,13 @@ def ws_launch_kwargs(tile: GemmTile, programs: int) -> dict:
 
 def launcher(kernel, grid: tuple, args: tuple, kwargs: dict):
     """A callable launching ``kernel[grid](*args, **kwargs)`` (``warmup=True``: compile only);
-    it carries kernel, args and kwargs for offline compiles
+    it carries kernel, grid, args and kwargs for offline compiles
     (benchmarks/swiglu_gemm_gluon.py's ``compile_offline``)."""
     def launch(warmup: bool = False):
         if warmup:
             return kernel.warmup(*args, grid=grid, **kwargs)
         return fast_launch(kernel)[grid](*args, **kwargs)
-    launch.kernel, launch.args, launch.kwargs = kernel, args, kwargs
+    launch.kernel, launch.grid, launch.args, launch.kwargs = kernel, grid, args, kwargs
     return launch
 
 

@@ -3,15 +3,20 @@ parts, the sync check and launch counts, need a GPU)."""
 
 import re
 
+import pytest
+
 from benchmarks import host_profile
 
 
-def test_host_profile_reports_ops_python_and_training(capsys):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_host_profile_reports_ops_python_and_training(capsys, autocast):
     assert host_profile.main(["--device", "cpu", "--model", "tiny-llama", "--batch", "2",
                               "--seq", "32", "--warmup", "1", "--steps", "2", "--top", "5",
-                              "--variants", "chronicals"]) == 0
+                              "--variants", "chronicals", *(["--autocast"] if autocast else [])
+                              ]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"# chronicals .*step [\d.]+ ms, host enqueue [\d.]+ ms", out)
+    header = re.search(r"# chronicals .*: step [\d.]+ ms, host enqueue [\d.]+ ms", out).group(0)
+    assert ("fp32 under autocast(bf16)" in header) == autocast
     ops = out.split("CPU ops by inclusive time per step (top 5):")[1].split("Python functions")[0]
     assert "CompiledFunctionBackward" in ops                   # the compiled graph ran, profiled
     python = out.split("Python functions by own time per step")[1]
