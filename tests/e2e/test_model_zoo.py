@@ -53,6 +53,28 @@ def tiny(config_name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def sdpa_masks(model, inputs) -> list[bool]:
+    """For each SDPA call of the model's traced forward, in order (one a layer), whether
+    transformers hands it a mask. Its versions differ: 5.17 builds the causal mask of a
+    full-attention layer (which the attention pass proves causal and replaces: counted), later
+    versions pass ``is_causal=True`` with no mask (already the fused kernel: left alone,
+    uncounted). Empty under the eager attention implementation."""
+    found: list[bool] = []
+
+    def capture(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in SDPA:
+                mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                found.append(mask is not None)
+        return gm
+
+    torch.compile(copy.deepcopy(model), backend=capture)(**inputs)
+    return found
+
+
+SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
 def window_of(config, layer: int) -> int | None:
     """The sliding window layer ``layer`` attends within; None for full attention."""
     types = getattr(config, "layer_types", None)
@@ -91,12 +113,14 @@ FAMILIES = {
                                         ("rmsnorm", "norm", "weight 1+w"),
                                         ("swiglu", "mlp", "gelu_tanh")]),
     # The same without score soft-capping: the full-attention layer is proven causal, the
-    # sliding one (window 4 < 16 tokens) declines. Gemma 2 runs eager attention.
+    # sliding one (window 4 < 16 tokens) declines. Gemma 2 runs eager attention (SDPA under
+    # transformers 5.17, which then drops the score soft-capping of the family above too).
     "gemma2_no_score_softcap": Family("Gemma2Config", dict(GQA, sliding_window=WINDOW,
                                                            attn_logit_softcapping=None,
                                                            final_logit_softcapping=30.0),
                                       norms_per_layer=4,
-                                      details=lambda c: [("attention", "self_attn", "eager")]),
+                                      details=lambda c: [("attention", "self_attn",
+                                                          c._attn_implementation)]),
     # Gemma 3 text: Gemma 2's 4 norms + per-head q_norm and k_norm (over head_dim) a layer;
     # a sliding and a full layer (the default pattern, 5 sliding : 1 full, would make both of
     # 2 layers sliding); local and global RoPE bases.
@@ -151,23 +175,26 @@ class Expected:
     declined: dict[str, tuple[str, ...]]         # attention module -> acceptable reasons
 
 
-def expected(family: Family, config) -> Expected:
-    """Counts and sites from the config alone (RMSNorm sites are cross-checked against the
-    model's modules by the caller)."""
+def expected(family: Family, config, masks: list[bool]) -> Expected:
+    """Counts and sites from the config (RMSNorm sites are cross-checked against the model's
+    modules by the caller) and, under SDPA, from which layers transformers hands a mask
+    (``masks``, :func:`sdpa_masks`): an unmasked causal SDPA is left alone, uncounted."""
     L = config.num_hidden_layers
     layers = [f"{family.layers}.{i}" for i in range(L)]
     attn = [f"{layer}.{family.attn}" for layer in layers]
+    sdpa = config._attn_implementation == "sdpa"
+    assert len(masks) == (L if sdpa else 0), masks
     declined: dict[str, tuple[str, ...]] = {}
     for i, where in enumerate(attn):
         reasons = []
-        if getattr(config, "attn_logit_softcapping", None):
+        if getattr(config, "attn_logit_softcapping", None) and not sdpa:  # SDPA drops it
             reasons.append(SOFTCAP_REASON)
         w = window_of(config, i)
         if w is not None and w < T:
             reasons.append(f"sliding window of {w} tokens")
         if reasons:
             declined[where] = tuple(reasons)
-    matched_attn = [a for a in attn if a not in declined]
+    matched_attn = [a for i, a in enumerate(attn) if a not in declined and (not sdpa or masks[i])]
     rmsnorm = family.norms_per_layer * L + int(family.final_norm)
     counts = dict.fromkeys(OP_NAMES, 0)
     counts.update(rmsnorm=rmsnorm, swiglu=L if family.gated_mlp else 0, rope=L,
@@ -217,7 +244,8 @@ def test_family_parity_counts_and_declines(name):
     chronicals.optimize(optimized, strict=True, compiler="aot_eager")
     inputs = batch(seq=T)
     assert_same_training_signal(eager, optimized, inputs)
-    check_report(chronicals.report_of(optimized), expected(family, eager.config), eager, family)
+    check_report(chronicals.report_of(optimized),
+                 expected(family, eager.config, sdpa_masks(eager, inputs)), eager, family)
     # the fused loss drops the [N, V] logits in training
     assert optimized(**inputs).logits is None
 
@@ -262,14 +290,18 @@ def test_qwen2_window_against_sequence_length(window, causal):
 def test_qwen2_sliding_with_kv_cache_config_default():
     """use_cache=True (the config's default, also in training): transformers hands the full
     layer's SDPA is_causal=True with no mask and native GQA — already the fused kernel, left
-    alone uncounted (passes/attention.py) — and builds the sliding layer's mask in the graph:
-    declined, never served as causal."""
+    alone uncounted (passes/attention.py) — or, in 5.17, a causal mask it builds (proven and
+    replaced: counted); and builds the sliding layer's mask in the graph: declined, never
+    served as causal."""
     eager = tiny("Qwen2Config", **GQA, use_sliding_window=True, sliding_window=WINDOW,
                  max_window_layers=1, use_cache=True)
     optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager")
     assert_same_training_signal(eager, optimized, batch(seq=T))
     report = chronicals.report_of(optimized)
-    assert report.counts["attention"] == 0, str(report)
+    full_layer_masked, sliding_layer_masked = sdpa_masks(eager, batch(seq=T))
+    assert sliding_layer_masked
+    assert report.counts["attention"] == int(full_layer_masked), str(report)
+    assert all("mask proven causal" in m.detail for m in report.matches if m.op == "attention")
     [decline] = report.declines
     assert decline.where == "model.layers.1.self_attn", str(report)
     assert f"sliding window of {WINDOW} tokens" in decline.reason, str(report)
