@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from benchmarks.profile_step import load_trace, variant_model
+from benchmarks.profile_step import load_trace, training_step
 
 RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
 OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
@@ -60,24 +60,11 @@ def main(argv=None) -> int:
 
 
 def profile_variant(args, variant: str) -> str:
-    from chronicals_fx.workload import _sync, byte_batches
+    from chronicals_fx.workload import _sync
 
     args = argparse.Namespace(**{**vars(args), "variant": variant})
     device = torch.device(args.device)
-    model = variant_model(args, device=args.device)
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device.type == "cuda")
-    batches = byte_batches(args.batch, args.seq, device=args.device)
-    losses, norms = [], []
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            loss = model(**next(batches)).loss
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+    step, losses, norms = training_step(args, args.device)
 
     for _ in range(args.warmup):
         step()
@@ -117,7 +104,7 @@ def profile_variant(args, variant: str) -> str:
     values = torch.stack(losses).float().tolist()
     lines.append(f"# trained: loss {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} steps, "
                  f"min grad norm {torch.stack(norms).min().item():.3f}")
-    del model, optimizer
+    del step
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return "\n".join(lines)

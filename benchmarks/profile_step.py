@@ -62,23 +62,7 @@ def main(argv=None) -> int:
                         "the kernel the GPU was waiting for)")
     args = p.parse_args(argv)
 
-    from chronicals_fx.workload import byte_batches
-
-    model = variant_model(args)
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, fused=True)
-    batches = byte_batches(args.batch, args.seq, device="cuda")
-
-    losses, norms = [], []   # device values, read once at the end: the proof of training
-
-    def step():
-        loss = model(**next(batches)).loss
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
+    step, losses, norms = training_step(args)
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
@@ -111,6 +95,33 @@ def main(argv=None) -> int:
                 f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")],
         extra=[dynamo_counters()]))
     return 0
+
+
+def training_step(args, device: str = "cuda"):
+    """(step, losses, norms): ``step()`` trains ``args.variant``'s model one step (AdamW,
+    grad clipping to 1, the forward under autocast(bf16) where ``args.autocast`` is set) on the
+    next batch, with no host sync of its own; its losses and grad norms are kept as device
+    values, read once at the end: the proof of training."""
+    from chronicals_fx.workload import byte_batches
+
+    model = variant_model(args, device)
+    params = [q for q in model.parameters() if q.requires_grad]
+    device_type = torch.device(device).type
+    optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device_type == "cuda")
+    batches = byte_batches(args.batch, args.seq, device=device)
+    autocast = getattr(args, "autocast", False)
+    losses, norms = [], []
+
+    def step():
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**next(batches)).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    return step, losses, norms
 
 
 def variant_model(args, device: str = "cuda"):
