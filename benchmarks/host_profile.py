@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from benchmarks.profile_step import load_trace, training_step
+from benchmarks.profile_step import add_step_arguments, load_trace, training_step
 
 RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
 OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
@@ -43,16 +43,8 @@ OP_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--variants", nargs="+", default=["compile", "chronicals"])
-    p.add_argument("--model", default="qwen2.5-0.5b")
-    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--top", type=int, default=25)
+    add_step_arguments(p)
     p.add_argument("--device", default="cuda", help="cpu: a check of this tool, not a measurement")
-    p.add_argument("--autocast", action="store_true",
-                   help="fp32 weights, the forward under torch.autocast(bf16) (HF Trainer's bf16=True)")
     args = p.parse_args(argv)
     for variant in args.variants:
         print(profile_variant(args, variant), flush=True)

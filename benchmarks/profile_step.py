@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: one variant, a few profiled steps, kernels grouped.
 
     python -m benchmarks.profile_step [--variant chronicals] [--batch 8 --seq 1024] [--lora 32]
-        [--top 25]
+        [--top 25] [--autocast]
 
 Same model, data and optimizer as `python -m chronicals_fx.bench` (variants `eager`, `compile`
 and `chronicals[:passes][@key=value,...]`). After the warm-up steps (compilation, autotuning),
@@ -49,13 +49,7 @@ def kind_of(name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--variant", default="chronicals")
-    p.add_argument("--model", default="qwen2.5-0.5b")
-    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--top", type=int, default=25)
+    add_step_arguments(p)
     p.add_argument("--trace", help="also write the Chrome trace here (gzipped)")
     p.add_argument("--gaps", type=int, default=15,
                    help="list this many causes of GPU idle time (the CPU op that launched "
@@ -95,6 +89,20 @@ def main(argv=None) -> int:
                 f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")],
         extra=[dynamo_counters()]))
     return 0
+
+
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of :func:`training_step` and of the tables printed from it."""
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers (0: full FT)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--autocast", action="store_true",
+                   help="fp32 weights, the forward under torch.autocast(bf16) (HF Trainer's "
+                        "bf16=True)")
 
 
 def training_step(args, device: str = "cuda"):
