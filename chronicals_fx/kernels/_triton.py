@@ -101,10 +101,10 @@ def launchable(kernel, like: torch.Tensor):
 # kernels launched inside opaque ops (custom_op bodies: the fused loss, the Gluon GEMMs) go
 # through Triton's JIT at every call: bind every argument, specialize it (alignment, value of
 # ints, descriptor type), build the cache key, read the runtime knobs, and only then launch.
-# That host work showed as the full variant's pace-setter (RESULTS.md, session 18: the step
-# host-bound, the 24 SwiGLU-backward GEMM calls ~300 µs of host time each under the profiler).
 # ``fast_launch`` keeps the compiled kernel per key of everything Triton specializes on and
-# launches it directly.
+# launches it directly. Measured (RESULTS.md, session 18 call 3): 9 of a SwiGLU-backward GEMM
+# call's 143 µs of host time, 190 of a fused-loss call's 3.5 ms — small beside the rest of
+# those calls, but the full variant's step is host-bound on some machines.
 FAST_LAUNCH = os.environ.get("CHRONICALS_FAST_LAUNCH", "1") != "0"
 _COMPILED: dict = {}
 _COMPILED_MAX = 1024      # distinct keys (shapes × dtypes × options) before the cache is cleared
