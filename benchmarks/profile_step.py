@@ -106,50 +106,28 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def training_step(args, device: str = "cuda"):
-    """(step, losses, norms): ``step()`` trains ``args.variant``'s model one step (AdamW,
-    grad clipping to 1, the forward under autocast(bf16) where ``args.autocast`` is set) on the
-    next batch, with no host sync of its own; its losses and grad norms are kept as device
-    values, read once at the end: the proof of training."""
-    from chronicals_fx.workload import byte_batches
+    """(step, losses, norms): ``step()`` trains ``args.variant``'s model one step on the next
+    batch as ``chronicals bench`` does (its :class:`~chronicals_fx.workload.Trainer`: AdamW,
+    grad clipping, the forward under autocast(bf16) where ``args.autocast`` is set), with no
+    host sync of its own; losses and grad norms are kept as device values, read once at the
+    end: the proof of training."""
+    from chronicals_fx.workload import Trainer, byte_batches
 
-    model = variant_model(args, device)
-    params = [q for q in model.parameters() if q.requires_grad]
-    device_type = torch.device(device).type
-    optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device_type == "cuda")
+    trainer = Trainer(variant_model(args, device),
+                      autocast=torch.bfloat16 if getattr(args, "autocast", False) else None)
     batches = byte_batches(args.batch, args.seq, device=device)
-    autocast = getattr(args, "autocast", False)
-    losses, norms = [], []
-
-    def step():
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**next(batches)).loss
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    return step, losses, norms
+    return (lambda: trainer.enqueue(next(batches))), trainer.losses, trainer.grad_norms
 
 
 def variant_model(args, device: str = "cuda"):
-    """``args.variant``'s model (bf16; fp32 where ``args.autocast`` is set, to train under
-    autocast), LoRA-wrapped with ``args.lora``, compiled or optimized."""
-    import chronicals
-    from chronicals_fx.bench import compile_variant, variant_options, with_lora
-    from chronicals_fx.workload import build_model
+    """``args.variant``'s model as ``chronicals bench`` builds it (:func:`build_variant`: bf16,
+    fp32 where ``args.autocast`` is set or on a CPU; LoRA-wrapped with ``args.lora``; compiled,
+    patched or optimized)."""
+    from chronicals_fx.bench import build_variant
 
-    dtype = torch.float32 if getattr(args, "autocast", False) else torch.bfloat16
-    model = build_model(args.model, dtype=dtype, device=device)
-    if args.lora:
-        model = with_lora(model, args.lora)
-    if args.variant.partition("@")[0] == "compile":
-        compile_variant(model, args.variant)
-    elif args.variant.startswith("chronicals"):
-        chronicals.optimize(model, **variant_options(args.variant))
-    elif args.variant != "eager":
-        raise SystemExit(f"unknown variant {args.variant!r}")
-    return model
+    defaults = dict(layers=0, passes=None, autocast=False)
+    return build_variant(argparse.Namespace(**{**defaults, **vars(args)}), args.variant,
+                         device=device)
 
 
 def dynamo_counters(brief: bool = False) -> str:

@@ -79,14 +79,21 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_variant(args, variant: str):
-    """The variant's model, made as it trains: built, LoRA-wrapped, patched or compiled."""
+VARIANTS = ("eager", "compile", "liger", "liger_compile", "chronicals")
+
+
+def build_variant(args, variant: str, device: str | None = None):
+    """The variant's model, made as it trains: built, LoRA-wrapped, patched or compiled, on
+    ``device`` (default: the GPU if there is one)."""
     import torch
 
     import chronicals
     from chronicals_fx.workload import build_model
 
-    device = _device()
+    if variant.partition("@")[0].partition(":")[0] not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)}, with "
+                         "chronicals[:passes] and @key=value options)")
+    device = device or _device()
     # bf16 on the GPU, as trained, or fp32 under autocast (--autocast); fp32 on a CPU (a smoke
     # run: the fused kernels are GPU-only)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}

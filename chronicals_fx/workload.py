@@ -192,24 +192,17 @@ class Trainer:
         self.host_ms: list[float] = []
         self.spans: list[tuple[float, float]] = []  # each step's (start, end), perf_counter
         self.tokens_per_step = 0
-        self._losses: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []
+        # each step's loss and grad norm as device values, read once in stats(): the proof of
+        # training without a host sync inside the loop
+        self.losses: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []
         model.train()
 
     def step(self, batch: dict) -> None:
+        """One timed step: :meth:`enqueue` between two syncs."""
         _sync(self.device)
         start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=self.autocast,
-                            enabled=self.autocast is not None):
-            loss = self.model(**batch).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the ranks' partial norms
-            norm = norm.full_tensor()
-        self._norms.append(norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._losses.append(loss.detach())
+        self.enqueue(batch)
         enqueued = time.perf_counter()
         _sync(self.device)
         end = time.perf_counter()
@@ -217,6 +210,21 @@ class Trainer:
         self.step_ms.append((end - start) * 1000)
         self.spans.append((start, end))
         self.tokens_per_step = _real_tokens(batch)
+
+    def enqueue(self, batch: dict) -> None:
+        """One training step on ``batch``, launched without a host sync or a timer of its own
+        (benchmarks/profile_step.py runs steps back to back this way)."""
+        with torch.autocast(self.device.type, dtype=self.autocast,
+                            enabled=self.autocast is not None):
+            loss = self.model(**batch).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the ranks' partial norms
+            norm = norm.full_tensor()
+        self.grad_norms.append(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.detach())
 
     def stats(self, warmup_steps: int, clock=None) -> TrainStats:
         """The steps so far, the first ``warmup_steps`` untimed; peak memory is the device's
@@ -228,8 +236,8 @@ class Trainer:
             during = [clock.during(start, end) for start, end in self.spans]
             stats.sm_mhz = [mhz for mhz, _ in during]
             stats.power_w = [watts for _, watts in during]
-        stats.losses = [float(x) for x in torch.stack(self._losses).float().cpu()]
-        stats.grad_norms = [float(x) for x in torch.stack(self._norms).float().cpu()]
+        stats.losses = [float(x) for x in torch.stack(self.losses).float().cpu()]
+        stats.grad_norms = [float(x) for x in torch.stack(self.grad_norms).float().cpu()]
         if self.device.type == "cuda":
             stats.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
         return stats

@@ -288,3 +288,15 @@ def test_autocast_runs_fp32_weights_under_autocast(tmp_path, monkeypatch):
                        "--warmup", "1", "--autocast", "--variants", "eager",
                        "--json", str(tmp_path / "r.json")]) == 0
     assert "autocast" in json.loads((tmp_path / "r.json").read_text())["header"]
+
+
+@pytest.mark.parametrize("typo", ["chronical", "compiled@mode=reduce-overhead", "ligerkernel"])
+def test_an_unknown_variant_is_refused_not_run_as_eager(typo):
+    """A misspelt variant once built the plain model and was reported under its name."""
+    from argparse import Namespace
+
+    from chronicals_fx.bench import build_variant
+
+    with pytest.raises(SystemExit, match="unknown variant"):
+        build_variant(Namespace(model="tiny-llama", layers=0, lora=0, passes=None,
+                                autocast=False), typo)
