@@ -27,7 +27,7 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
+import statistics
 import traceback
 import warnings
 from collections import Counter, defaultdict
@@ -56,25 +56,23 @@ def profile_variant(args, variant: str) -> str:
 
     args = argparse.Namespace(**{**vars(args), "variant": variant})
     device = torch.device(args.device)
-    step, losses, norms = training_step(args, args.device)
+    trainer, batches = training_step(args, args.device)
+
+    def step():
+        trainer.enqueue(next(batches))
 
     for _ in range(args.warmup):
         step()
-    _sync(device)
-    host_ms, step_ms = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        enqueued = time.perf_counter()
-        _sync(device)
-        host_ms.append((enqueued - start) * 1000)
-        step_ms.append((time.perf_counter() - start) * 1000)
+        trainer.step(next(batches))
+    host_ms = statistics.median(trainer.host_ms[-args.steps:])
+    step_ms = statistics.median(trainer.step_ms[-args.steps:])
 
     lines = [f"\n# {variant}  {args.model} B={args.batch} T={args.seq}"
              f"{f' LoRA r={args.lora}' if args.lora else ''}"
              f"{' fp32 under autocast(bf16)' if args.autocast else ''}: step "
-             f"{sorted(step_ms)[len(step_ms) // 2]:.1f} ms, host enqueue "
-             f"{sorted(host_ms)[len(host_ms) // 2]:.1f} ms (median of {args.steps}, no profiler)"]
+             f"{step_ms:.1f} ms, host enqueue {host_ms:.1f} ms (median of {args.steps}, "
+             "no profiler)"]
     if device.type == "cuda":
         lines += sync_points(step, args.steps)
 
@@ -93,10 +91,10 @@ def profile_variant(args, variant: str) -> str:
     profiler.disable()
     lines += python_hot_spots(profiler, args.steps, args.top)
 
-    values = torch.stack(losses).float().tolist()
+    values = torch.stack(trainer.losses).float().tolist()
     lines.append(f"# trained: loss {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} steps, "
-                 f"min grad norm {torch.stack(norms).min().item():.3f}")
-    del step
+                 f"min grad norm {torch.stack(trainer.grad_norms).min().item():.3f}")
+    del trainer, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return "\n".join(lines)

@@ -56,7 +56,11 @@ def main(argv=None) -> int:
                         "the kernel the GPU was waiting for)")
     args = p.parse_args(argv)
 
-    step, losses, norms = training_step(args)
+    trainer, batches = training_step(args)
+
+    def step():
+        trainer.enqueue(next(batches))
+
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
     events = load_trace(prof, args.trace)
 
-    loss_values = torch.stack(losses).float().tolist()
+    loss_values = torch.stack(trainer.losses).float().tolist()
     print(summarize(
         events, args.steps, top=args.top, gaps=args.gaps, wall_ms=wall_ms,
         title=(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {args.variant}  "
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
                f"{f'  LoRA r={args.lora}' if args.lora else ''}"),
         plain_ms=plain_ms, peak_gib=peak_gib,
         notes=[(f"# trained: loss {loss_values[0]:.3f} -> {loss_values[-1]:.3f} over "
-                f"{len(loss_values)} steps, min grad norm {torch.stack(norms).min().item():.3f}")],
+                f"{len(loss_values)} steps, min grad norm {torch.stack(trainer.grad_norms).min().item():.3f}")],
         extra=[dynamo_counters()]))
     return 0
 
@@ -106,17 +110,17 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def training_step(args, device: str = "cuda"):
-    """(step, losses, norms): ``step()`` trains ``args.variant``'s model one step on the next
-    batch as ``chronicals bench`` does (its :class:`~chronicals_fx.workload.Trainer`: AdamW,
-    grad clipping, the forward under autocast(bf16) where ``args.autocast`` is set), with no
-    host sync of its own; losses and grad norms are kept as device values, read once at the
-    end: the proof of training."""
+    """(trainer, batches): ``args.variant``'s model in ``chronicals bench``'s
+    :class:`~chronicals_fx.workload.Trainer` (AdamW, grad clipping, the forward under
+    autocast(bf16) where ``args.autocast`` is set) and its endless batches.
+    ``trainer.enqueue(next(batches))`` runs a step with no host sync of its own,
+    ``trainer.step(next(batches))`` times one; ``trainer.losses`` and ``trainer.grad_norms``
+    keep every step's, the proof of training."""
     from chronicals_fx.workload import Trainer, byte_batches
 
     trainer = Trainer(variant_model(args, device),
                       autocast=torch.bfloat16 if getattr(args, "autocast", False) else None)
-    batches = byte_batches(args.batch, args.seq, device=device)
-    return (lambda: trainer.enqueue(next(batches))), trainer.losses, trainer.grad_norms
+    return trainer, byte_batches(args.batch, args.seq, device=device)
 
 
 def variant_model(args, device: str = "cuda"):
