@@ -1,7 +1,7 @@
 """Host time per call of the ops that launch kernels from Python at run time, with
 ``fast_launch`` on and off (kernels/_triton.py); their outputs compared bit for bit.
 
-    python -m benchmarks.host_launch [--calls 40] [--rounds 2] [--breakdown]
+    python -m benchmarks.host_launch [--calls 40] [--rounds 2] [--breakdown] [--profile]
 
 The ops: the fused SwiGLU-backward GEMM (``swiglu_linear_backward_gemm``, one per layer in the
 backward) and the fused loss with its gradients (``linear_cross_entropy_grad_in_forward``), at
@@ -11,6 +11,7 @@ GPU's work finished. The modes alternate over ``--rounds``. ``--breakdown`` also
 parts of one SwiGLU-backward GEMM call on their own (host µs each): the op's dispatch, its
 body, building the launch (descriptors), the launch by ``fast_launch``, and the compiled
 kernel's own launcher with every argument ready (the descriptors' encoding and the driver call).
+``--profile`` prints a cProfile of the op's calls (the Python functions its host time is in).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
                      ) -> list[list]:
     """Host µs per call of the parts of one fused SwiGLU-backward GEMM call (see the module's
     docstring), each timed alone over ``calls`` calls."""
-    from chronicals_fx.kernels import swiglu_gemm
+    from chronicals_fx.kernels import swiglu, swiglu_gemm
 
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     dy, w_down = torch.randn(n, hidden, **bf16), torch.randn(hidden, inter, **bf16)
@@ -78,8 +79,16 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
     values = [*launch.args] + [launch.kwargs.get(p.name, p.default)
                                for p in launch.kernel.params[len(launch.args):]]
     grid = launch.grid + (1,) * (3 - len(launch.grid))
+    op = torch.ops.chronicals.swiglu_linear_backward_gemm
+
+    def op_no_grad():
+        with torch.no_grad():        # as in a compiled backward, where autograd is off
+            return op(dy, w_down, gate, up, 0)
+
     parts = {
-        "op (dispatch + body + launch)": lambda: torch.ops.chronicals.swiglu_linear_backward_gemm(
+        "op (dispatch + body + launch)": lambda: op(dy, w_down, gate, up, 0),
+        "op under no_grad": op_no_grad,
+        "op's function, no dispatcher": lambda: swiglu.swiglu_linear_backward_gemm._init_fn(
             dy, w_down, gate, up, 0),
         "body (swiglu_linear_backward)": lambda: swiglu_gemm.swiglu_linear_backward(
             dy, w_down, gate, up, 0),
@@ -96,11 +105,40 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
     return rows
 
 
+def profile_op(calls: int, top: int = 25, n: int = 8192, hidden: int = 896, inter: int = 4864
+               ) -> str:
+    """cProfile of ``calls`` back-to-back SwiGLU-backward GEMM ops: the Python functions the
+    op's host time is spent in, by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    dy, w_down = torch.randn(n, hidden, **bf16), torch.randn(hidden, inter, **bf16)
+    gate, up = torch.randn(n, inter, **bf16), torch.randn(n, inter, **bf16)
+    op = torch.ops.chronicals.swiglu_linear_backward_gemm
+    for _ in range(3):
+        op(dy, w_down, gate, up, 0)
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        op(dy, w_down, gate, up, 0)
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--breakdown", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile the SwiGLU-backward GEMM op's calls (Python functions, "
+                        "own time)")
     args = p.parse_args(argv)
     rows = []
     for name, call in op_calls().items():
@@ -126,6 +164,8 @@ def main(argv=None) -> int:
     if args.breakdown:
         print(tabulate(swiglu_breakdown(args.calls), headers=[
             "part of a SwiGLU-backward GEMM call", "calls", "host µs", "call µs"]))
+    if args.profile:
+        print(profile_op(args.calls))
     return 0 if all(r[-1] == "bit-equal" for r in rows) else 1
 
 
