@@ -199,6 +199,8 @@ def swiglu_bwd_kernel(
 def row_view(t: Tensor) -> Tensor | None:
     """``t`` viewed as [M, I] with unit column stride, or None where its leading dims don't
     collapse into one row stride (e.g. a chunk of a fused projection does: rows 2I apart)."""
+    if t.is_contiguous():                 # the common case, without the walk over the strides
+        return t.view(math.prod(t.shape[:-1]), t.shape[-1])
     cols = t.shape[-1]
     rows = math.prod(t.shape[:-1])
     lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]

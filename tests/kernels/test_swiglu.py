@@ -133,6 +133,9 @@ def test_as_rows_keeps_views_and_copies_only_when_needed():
     e = torch.randn(1, 5).expand(4, 5)                          # overlapping rows: must copy
     assert K.as_rows(e).stride() == (5, 1)
     assert K.as_rows(torch.randn(0, 5)).shape == (0, 5)
+    c = torch.randn(2, 3, 5)                                    # contiguous: a view, no copy
+    assert K.row_view(c).shape == (6, 5) and K.row_view(c).data_ptr() == c.data_ptr()
+    assert K.row_view(torch.randn(3, 0, 2)).shape == (0, 2)
 
 
 # ---------------------------------------------------------------------------------------------
