@@ -18,7 +18,10 @@ torch.compile's mean (where two variants' ranges overlap, read no order into the
 up, then the timed steps alternate between the variants over R rounds (the order reversed every
 round), so a slow drift of the card or the host falls on all of them alike — for differences
 of a percent or less. Peak memory is then the process's, not a variant's (shown as nan): take
-memory from a run without it.
+memory from a run without it. Nor take host-bound comparisons from it: a process holding several
+compiled models spends more host time a step (H200, session 19: torch.compile's median host
+59.3 ms in a three-model process, 35.9 in its own), and a variant near host-bound loses there
+what it would not alone.
 
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
