@@ -249,14 +249,16 @@ def autocast_dtype(node: Node, device_type: str) -> torch.dtype | None:
 
 def autocast_cast_dtype(result: Node, operands: Iterable[Node]) -> torch.dtype | None:
     """The low precision ``torch.autocast`` cast ``operands`` to for the op that gives
-    ``result``: the result's dtype (bf16/fp16), where every operand is fp32 and autocast runs
-    in that dtype at ``result`` (:func:`autocast_dtype`). None otherwise (no operand, one not
-    fp32, autocast off or in another dtype there): mixed dtypes that are not autocast's doing.
-    The passes that meet autocast's mixed dtypes make these casts explicit."""
+    ``result``: the result's dtype (bf16/fp16), where every operand is fp32 or already in it
+    (at least one fp32: autocast casts those, and leaves the others) and autocast runs in that
+    dtype at ``result`` (:func:`autocast_dtype`). None otherwise (no fp32 operand, one in a
+    third dtype, autocast off or in another dtype there): mixed dtypes that are not autocast's
+    doing. The passes that meet autocast's mixed dtypes make these casts explicit."""
     out, operands = tensor_value(result), list(operands)
     if out is None or out.dtype not in (torch.bfloat16, torch.float16) or not operands:
         return None
-    if any(tensor_value(n).dtype != torch.float32 for n in operands):
+    dtypes = {tensor_value(n).dtype for n in operands}
+    if torch.float32 not in dtypes or not dtypes <= {torch.float32, out.dtype}:
         return None
     return out.dtype if autocast_dtype(result, out.device.type) == out.dtype else None
 

@@ -5,6 +5,7 @@ fused-loss passes make those casts explicit instead of declining "mixed dtypes".
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -265,3 +266,81 @@ def test_down_projection_under_autocast_is_taken_into_swiglu_with_its_casts():
     for (name, p_e), p_o in zip(module.named_parameters(), optimized.parameters()):
         assert torch.equal(p_o.grad, p_e.grad), name
     assert (x_o.grad - x_e.grad).abs().max() <= 2 ** -8 * x_e.grad.abs().max()
+
+
+class _NormIntoProjections(nn.Module):
+    """An fp32 RMSNorm (HF's spelling) read by ``readers`` linears, their outputs summed;
+    ``residual``: the norm's result also added to that sum (a reader that is not a linear);
+    ``cast_once``: the result cast to bf16 before the linears read it — what the pass makes of
+    the norm under autocast, as a reference."""
+
+    def __init__(self, readers: int, residual: bool = False, cast_once: bool = False,
+                 hidden: int = 48):
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(hidden))
+        self.projections = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(readers))
+        self.residual, self.cast_once = residual, cast_once
+
+    def forward(self, x):
+        h = x.float()
+        y = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        if self.cast_once:
+            y = y.to(torch.bfloat16)
+        out = sum(p(y) for p in self.projections)
+        if self.residual:
+            out = out + y
+        return out.float().square().mean()
+
+
+def _train_step_under_autocast(module, x):
+    x = x.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    with torch.autocast(**BF16):
+        loss = module(x)
+    loss.backward()
+    return loss.detach(), {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("readers", [1, 3])
+def test_norm_read_only_by_linears_writes_its_result_in_autocast_dtype(readers):
+    """Under autocast every linear reading the fp32 norm result casts it to bf16: the op writes
+    it in bf16 instead. The loss is eager's bit for bit (the same bf16 values reach the GEMMs).
+    The gradients are those of the norm cast to bf16 once and read by the linears (the
+    reference module): autograd adds the readers' bf16 gradients in bf16 before the norm's
+    backward (under Inductor on a GPU our kernel takes them unsummed and adds them in fp32)."""
+    x = torch.randn(2, 7, 48)
+    eager = _NormIntoProjections(readers)
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
+                                    passes=("rmsnorm",))
+    loss_o, grads_o = _train_step_under_autocast(optimized, x)
+    [match] = chronicals.report_of(optimized).matches
+    assert "result in bf16 (autocast casts it there for every reader)" in match.detail
+    loss_e, grads_e = _train_step_under_autocast(eager, x)
+    assert torch.equal(loss_o, loss_e)
+    reference = _NormIntoProjections(readers, cast_once=True)
+    reference.load_state_dict(eager.state_dict())
+    _, grads_r = _train_step_under_autocast(reference, x)
+    for name, grad in grads_r.items():
+        assert grads_o[name].dtype == torch.float32
+        torch.testing.assert_close(grads_o[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    if readers == 1:             # one reader: no sum, so the gradients are eager's too
+        for name, grad in grads_e.items():
+            torch.testing.assert_close(grads_o[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_norm_result_stays_fp32_when_a_reader_is_not_an_autocast_linear(autocast):
+    """A reader that uses the fp32 value itself (a residual add) or no autocast: the result is
+    written in fp32, as the graph computes it, and the step equals eager's."""
+    x = torch.randn(2, 7, 48)
+    eager = _NormIntoProjections(2, residual=autocast)
+    optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
+                                    passes=("rmsnorm",))
+    context = torch.autocast(**BF16) if autocast else contextlib.nullcontext()
+    with context:
+        loss_o = optimized(x)
+        loss_e = eager(x)
+    [match] = chronicals.report_of(optimized).matches
+    assert "result in" not in match.detail
+    torch.testing.assert_close(loss_o, loss_e, rtol=1e-6, atol=0)
