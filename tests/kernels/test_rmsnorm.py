@@ -208,28 +208,32 @@ class _NormThroughBackwardOp(torch.autograd.Function):
     kernel would be traced too, and the forward graph runs on CPU)."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(ctx, x, w, out_dtype=None):
         ctx.save_for_backward(x, w)
-        return K.rms_norm_reference(x, w, 1e-6)
+        return K.rms_norm_reference(x, w, 1e-6, out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         f32 = torch.float32
         dx, dw = torch.ops.chronicals.rms_norm_backward(dy, x, w, 1e-6, 0.0, f32, f32, True)
-        return dx, dw
+        return dx, dw, None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="traces the CUDA path on CPU and runs it "
                     "interpreted; on a GPU the backend test below runs that path natively")
-@pytest.mark.parametrize("consumers,terms", [(1, 1), (2, 2), (3, 3), (5, 4)])
+@pytest.mark.parametrize("consumers,terms,low", [(1, 1, None), (2, 2, None), (3, 3, None),
+                                                 (5, 4, None), (3, 3, torch.bfloat16)])
 def test_cuda_path_backward_takes_the_consumers_gradients_unsummed(monkeypatch, consumers,
-                                                                    terms):
+                                                                    terms, low):
     """The CUDA path's backward graph, traced on CPU: the normalized output read by 1, 2, 3 or
     5 projections (q, k, v-like). After Inductor's post-grad passes with
     SumGradientsIntoBackward, the backward kernel gets the projections' input gradients as its
     dy terms and the adds are gone (5 consumers: four terms, one add left inside the last).
-    The rewritten graph is then run, its kernels interpreted: every gradient equals eager's."""
+    The rewritten graph is then run, its kernels interpreted: every gradient equals eager's.
+    ``low``: an fp32 norm whose result is written in bf16 (the pass's choice under autocast)
+    and read by bf16 projections: the bf16 terms are taken in too and added in fp32, so x's and
+    w's gradients are those of the fp32 sum of the terms (not autograd's bf16 adds)."""
     import triton
     from torch._dynamo.backends.common import aot_autograd
     from torch._guards import detect_fake_mode
@@ -269,13 +273,17 @@ def test_cuda_path_backward_takes_the_consumers_gradients_unsummed(monkeypatch, 
             monkeypatch.setattr(K, helper, interpreted[id(getattr(K, helper))])
         return gm
 
+    def term(y, p, i):
+        return ((y @ p).float() ** (i + 1)).sum()
+
     def f(x, w, *projections):
-        y = _NormThroughBackwardOp.apply(x, w)
-        return sum(((y @ p) ** (i + 1)).sum() for i, p in enumerate(projections))
+        y = _NormThroughBackwardOp.apply(x, w, low)
+        return sum(term(y, p, i) for i, p in enumerate(projections))
 
     hidden = 48
     x, w = torch.randn(2, 5, hidden), torch.randn(hidden)
-    projections = [torch.randn(hidden, 8 * (i + 1)) * 0.2 for i in range(consumers)]
+    projections = [(torch.randn(hidden, 8 * (i + 1)) * 0.2).to(low or torch.float32)
+                   for i in range(consumers)]
     leaves = [t.requires_grad_() for t in (x, w, *projections)]
     backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=backward_compiler)
     torch.compile(f, backend=backend)(*leaves).backward()
@@ -293,9 +301,15 @@ def test_cuda_path_backward_takes_the_consumers_gradients_unsummed(monkeypatch, 
 
     for t in leaves:
         t.grad = None
-    y = K.rms_norm_reference(x, w, 1e-6)
-    sum(((y @ p) ** (i + 1)).sum() for i, p in enumerate(projections)).backward()
+    y = K.rms_norm_reference(x, w, 1e-6, out_dtype=low)
+    sum(term(y, p, i) for i, p in enumerate(projections)).backward()
+    if low is not None:   # x, w: through the fp32 sum of each projection's gradient of y
+        y = y.detach().requires_grad_()
+        dy = sum(torch.autograd.grad(term(y, p, i), y)[0].float()
+                 for i, p in enumerate(projections))
+        x.grad, w.grad = K.rms_norm_backward_reference(dy, x, w, 1e-6)
     for g, t in zip(got, leaves):
+        assert g.dtype == t.dtype
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
 
 
