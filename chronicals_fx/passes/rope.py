@@ -48,9 +48,11 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
+    autocast_cast_dtype,
     call_before,
     canon,
     erase_dead,
+    fake_call,
     insert_call,
     is_kind,
     narrower,
@@ -81,6 +83,7 @@ class _Site:
     seq_dim: int = 2
     half: bool = False
     partial: bool = False
+    autocast_result: torch.dtype | None = None   # the result written in it (_autocast_result_dtype)
 
     @property
     def interleaved(self) -> bool:
@@ -88,7 +91,7 @@ class _Site:
 
     @property
     def out_dtype(self) -> torch.dtype:
-        return tensor_value(self.output).dtype
+        return self.autocast_result or tensor_value(self.output).dtype
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -668,8 +671,76 @@ def _table_3d(insert, site: _Site, table: Node) -> Node:
     return table
 
 
+# Ops that only move data: a cast commutes with them (the readers' walk below).
+_LAYOUT_METHODS = {"view", "reshape", "expand", "transpose", "permute", "contiguous",
+                   "unsqueeze", "flatten", "__getitem__"}
+_LAYOUT_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute,
+                     torch.unsqueeze, torch.flatten}
+_SDPA = {torch.nn.functional.scaled_dot_product_attention,
+         torch._C._nn.scaled_dot_product_attention}
+
+
+def _layout_readers(output: Node) -> list[Node] | None:
+    """The nodes between ``output`` and its attention readers, in graph order, where every
+    path from it goes through data-movement ops (views, expand, indexing: GQA's repeat_kv)
+    into SDPA as its query or key; None otherwise. (The eager spelling's matmuls are left out:
+    its softmax is cast to the query's dtype, which a low result would change.)"""
+    walked, frontier = [], [output]
+    while frontier:
+        node = frontier.pop()
+        if not node.users:
+            return None
+        for user in node.users:
+            layout = (user.op == "call_method" and user.target in _LAYOUT_METHODS) or \
+                     (user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS)
+            if layout and user.args[0] is node:
+                walked.append(user)
+                frontier.append(user)
+            elif not (user.op == "call_function" and user.target in _SDPA
+                      and node in user.args[:2] and node not in user.args[2:]
+                      and node not in user.kwargs.values()):
+                return None
+    order = {n: i for i, n in enumerate(output.graph.nodes)}
+    return sorted(set(walked), key=order.__getitem__)
+
+
+def _sdpa_readers(output: Node, walked: list[Node]) -> set[Node]:
+    return {u for n in [output, *walked] for u in n.users if u.target in _SDPA}
+
+
+def _autocast_result_dtype(group: list[_Site]) -> torch.dtype | None:
+    """Under ``torch.autocast``, RoPE by fp32 cos/sin gives fp32 (of a bf16 q or k from its
+    projection, or an fp32 one from a q/k norm), which SDPA casts to bf16: the dtype every
+    site's result is cast to, where each result reaches
+    only SDPAs (as q or k, through data-movement ops) that autocast runs in it
+    (:func:`.graph.autocast_cast_dtype`); None otherwise. The op then writes the result in that
+    dtype — the bits of autocast's cast — with no fp32 result and no cast kernel, and its
+    backward reads SDPA's bf16 gradients without their casts to fp32 (the same values)."""
+    dtypes = set()
+    for site in group:
+        out = tensor_value(site.output)
+        walked = _layout_readers(site.output) if out is not None else None
+        if out is None or out.dtype != torch.float32 or walked is None:
+            return None
+        for sdpa in _sdpa_readers(site.output, walked):
+            dtypes.add(autocast_cast_dtype(sdpa, [a for a in sdpa.args[:3]
+                                                  if isinstance(a, Node)]))
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _refresh_values(walked: list[Node]) -> None:
+    """The example values of the data-movement nodes after a result now in a low dtype."""
+    for node in walked:
+        fn = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
+        node.meta["example_value"] = fake_call(fn, node.args, node.kwargs)
+
+
 def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     graph = gm.graph
+    low = _autocast_result_dtype(group)
+    walks = [_layout_readers(site.output) for site in group] if low else []
+    for site in group:
+        site.autocast_result = low
     order = {n: i for i, n in enumerate(graph.nodes)}
     a = group[0]
     b = group[1] if len(group) > 1 else None
@@ -691,6 +762,8 @@ def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     for site, out in zip(group, outs):
         site.output.replace_all_uses_with(out)
     erase_dead(graph, set().union(*(s.matched for s in group)))
+    for walked in walks:
+        _refresh_values(walked)
     return outs[0].args[0]
 
 
@@ -704,6 +777,8 @@ def _describe(group: list[_Site]) -> str:
         parts.append(f"partial R={xm.shape[-1]}")
     parts.append(layout)
     parts.append(f"{_SHORT.get(xv.dtype, xv.dtype)}→{_SHORT.get(a.out_dtype, a.out_dtype)}")
+    if a.autocast_result is not None:
+        parts.append("result in the dtype autocast casts it to for attention")
     if a.round_dtype != torch.float32:
         parts.append(f"products rounded to {_SHORT.get(a.round_dtype)} as in eager")
     parts.append("cos/sin half rows" if a.half else "cos/sin full rows")

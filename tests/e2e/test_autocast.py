@@ -344,3 +344,38 @@ def test_norm_result_stays_fp32_when_a_reader_is_not_an_autocast_linear(autocast
     [match] = chronicals.report_of(optimized).matches
     assert "result in" not in match.detail
     torch.testing.assert_close(loss_o, loss_e, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rope_read_by_sdpa_writes_its_result_in_autocast_dtype_and_equals_eager(family):
+    """RoPE of bf16 q and k by fp32 cos/sin gives fp32 under autocast, which SDPA casts back to
+    bf16 (Qwen2's k through repeat_kv first): the op writes bf16 itself. The loss and every
+    gradient are still eager's bit for bit — the same bf16 values reach attention, and its
+    bf16 gradients reach the rotation's backward as the exact fp32 values they were cast to."""
+    reference, optimized = _twins(family, attn_implementation="sdpa")
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager",
+                        passes=("rope", "attention"))
+    inputs = batch()
+    with torch.autocast(**BF16):
+        loss_r, grads_r = loss_and_grads(reference, inputs)
+        loss_o, grads_o = loss_and_grads(optimized, inputs)
+    report = chronicals.report_of(optimized)
+    ropes = [m for m in report.matches if m.op == "rope"]
+    assert len(ropes) == 2 and not report.declines, str(report)
+    assert all("result in the dtype autocast casts it to for attention" in m.detail
+               for m in ropes)
+    assert torch.equal(loss_o, loss_r)
+    for name in grads_r:
+        assert torch.equal(grads_o[name], grads_r[name]), name
+
+
+def test_rope_read_by_eager_attention_keeps_its_fp32_result():
+    """The eager spelling casts its softmax to the query's dtype: a bf16 result would change
+    what that reads, so RoPE's result stays fp32 there."""
+    _, optimized = _twins("llama", attn_implementation="eager")
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager",
+                        passes=("rope", "attention"))
+    with torch.autocast(**BF16):
+        loss_and_grads(optimized, batch())
+    ropes = [m for m in chronicals.report_of(optimized).matches if m.op == "rope"]
+    assert len(ropes) == 2 and all("autocast casts" not in m.detail for m in ropes)
