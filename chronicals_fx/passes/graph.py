@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +261,45 @@ def autocast_cast_dtype(result: Node, operands: Iterable[Node]) -> torch.dtype |
     if torch.float32 not in dtypes or not dtypes <= {torch.float32, out.dtype}:
         return None
     return out.dtype if autocast_dtype(result, out.device.type) == out.dtype else None
+
+
+# Ops that only move data: a cast commutes with them.
+_LAYOUT_METHODS = {"view", "reshape", "expand", "transpose", "permute", "contiguous",
+                   "unsqueeze", "flatten", "__getitem__"}
+_LAYOUT_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute,
+                     torch.unsqueeze, torch.flatten}
+
+
+def readers_through_layout(result: Node, is_reader: Callable[[Node, Node], bool]
+                           ) -> tuple[list[Node], list[Node]] | None:
+    """(walked, readers): every path from ``result`` through data-movement ops (views,
+    transposes, expand, indexing) ends at a node ``is_reader(node, reading)`` accepts, where
+    ``reading`` is the tensor it gets; the data-movement nodes walked, in graph order, and the
+    readers. None where a path ends elsewhere (or nowhere: a result nothing reads)."""
+    walked, readers, frontier = [], [], [result]
+    while frontier:
+        node = frontier.pop()
+        if not node.users:
+            return None
+        for user in node.users:
+            layout = (user.op == "call_method" and user.target in _LAYOUT_METHODS) or \
+                     (user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS)
+            if layout and user.args[0] is node:
+                walked.append(user)
+                frontier.append(user)
+            elif is_reader(user, node):
+                readers.append(user)
+            else:
+                return None
+    order = {n: i for i, n in enumerate(result.graph.nodes)}
+    return sorted(set(walked), key=order.__getitem__), list(dict.fromkeys(readers))
+
+
+def refresh_values(nodes: Iterable[Node]) -> None:
+    """Recompute the example values of ``nodes`` (in graph order) after an input changed dtype."""
+    for node in nodes:
+        fn = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
+        node.meta["example_value"] = fake_call(fn, node.args, node.kwargs)
 
 
 def is_number(x: Any) -> bool:

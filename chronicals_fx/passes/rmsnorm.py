@@ -26,8 +26,9 @@ from torch.fx import GraphModule, Node
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.rmsnorm import MAX_HIDDEN
 from .graph import (Canon, autocast_cast_dtype, canon, erase_dead, insert_call, is_kind,
-                    live_canons, narrower, normalize_dim, number, replace_with_call, sole_user,
-                    static_int, tensor_value, used_outside)
+                    live_canons, narrower, normalize_dim, number, readers_through_layout,
+                    refresh_values, replace_with_call, sole_user, static_int, tensor_value,
+                    used_outside)
 
 NAME = "rmsnorm"
 _LOW = (torch.bfloat16, torch.float16)
@@ -313,36 +314,44 @@ def _kernel_declines(site: _Site) -> str | None:
     return None
 
 
+def _linear_readers(result: Node) -> tuple[list[Node], list[Node]] | None:
+    """(walked, linears) where every path from ``result`` goes through data-movement ops (the
+    final norm's slice before the lm_head) into a linear as its input; None otherwise."""
+    def as_input(user: Node, reading: Node) -> bool:
+        linear = is_kind(user, "linear")
+        return linear is not None and linear["input"] is reading and \
+            reading is not linear["weight"] and reading is not linear["bias"]
+    return readers_through_layout(result, as_input)
+
+
 def _autocast_result_dtype(site: _Site) -> torch.dtype | None:
     """Under ``torch.autocast``, the low precision every reader of the norm's fp32 result casts
-    it to, where every reader is a linear taking it as input that autocast runs in that dtype
-    (:func:`.graph.autocast_cast_dtype`); None otherwise. The kernel then writes the result in
-    that dtype: the same bits as autocast's casts, without the fp32 result, the cast kernel and,
-    in backward, the casts of the readers' gradients back to fp32 (a decoder norm's q, k, v or
-    gate, up: four launches and ~0.2 GB of memory traffic a norm at Qwen2.5-0.5B's B=8 T=1024).
-    Autograd then sums those gradients in that dtype; under Inductor our backward kernel takes
-    them unsummed and adds them in fp32, as eager's autocast does (SumGradientsIntoBackward)."""
+    it to, where every reader is a linear taking it as input (through data-movement ops) that
+    autocast runs in that dtype (:func:`.graph.autocast_cast_dtype`); None otherwise. The kernel
+    then writes the result in that dtype: the same bits as autocast's casts, without the fp32
+    result, the cast kernel and, in backward, the casts of the readers' gradients back to fp32
+    (a decoder norm's q, k, v or gate, up: four launches and ~0.2 GB of memory traffic a norm at
+    Qwen2.5-0.5B's B=8 T=1024). Autograd then sums those gradients in that dtype; under
+    Inductor our backward kernel takes them unsummed and adds them in fp32, as eager's autocast
+    does (SumGradientsIntoBackward)."""
     out = tensor_value(site.output)
-    readers = list(site.output.users)
-    if out is None or out.dtype != torch.float32 or not readers:
+    found = _linear_readers(site.output) if out is not None else None
+    if out is None or out.dtype != torch.float32 or found is None:
         return None
     dtypes = set()
-    for reader in readers:
+    for reader in found[1]:
         linear = is_kind(reader, "linear")
-        if linear is None or linear["input"] is not site.output:
-            return None
         operands = [n for n in (linear["input"], linear["weight"], linear["bias"])
                     if isinstance(n, Node)]
-        if site.output in operands[1:]:
-            return None
         dtypes.add(autocast_cast_dtype(reader, operands))
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _rewrite(gm: GraphModule, site: _Site) -> None:
     out_dtype = tensor_value(site.output).dtype
+    walked = []
     if (low := _autocast_result_dtype(site)) is not None:
-        out_dtype = low
+        out_dtype, walked = low, _linear_readers(site.output)[0]
         site.note = ", ".join(filter(None, [site.note, f"result in {_short(low)} (autocast "
                                             "casts it there for every reader)"]))
     params = (site.weight, site.eps, site.offset, site.norm_dtype, site.weight_dtype,
@@ -352,6 +361,7 @@ def _rewrite(gm: GraphModule, site: _Site) -> None:
         site.output = replace_with_call(gm.graph, site.output,
                                         torch.ops.chronicals.rms_norm.default,
                                         (site.x, *params), erase=site.matched)
+        refresh_values(walked)
         return
     # h = a + b feeds the norm: one op writes both h (for its other users) and the norm.
     a, b = residual
@@ -361,6 +371,7 @@ def _rewrite(gm: GraphModule, site: _Site) -> None:
     old_h.replace_all_uses_with(h)
     site.output.replace_all_uses_with(y)
     erase_dead(gm.graph, [*site.matched, site.output, old_h])
+    refresh_values(walked)
     site.output, site.note = y, ", ".join(filter(None, [site.note, "residual add fused"]))
 
 

@@ -52,12 +52,13 @@ from .graph import (
     call_before,
     canon,
     erase_dead,
-    fake_call,
     insert_call,
     is_kind,
     narrower,
     normalize_dim,
     number,
+    readers_through_layout,
+    refresh_values,
     static_int,
     tensor_value,
     used_outside,
@@ -671,74 +672,46 @@ def _table_3d(insert, site: _Site, table: Node) -> Node:
     return table
 
 
-# Ops that only move data: a cast commutes with them (the readers' walk below).
-_LAYOUT_METHODS = {"view", "reshape", "expand", "transpose", "permute", "contiguous",
-                   "unsqueeze", "flatten", "__getitem__"}
-_LAYOUT_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute,
-                     torch.unsqueeze, torch.flatten}
 _SDPA = {torch.nn.functional.scaled_dot_product_attention,
          torch._C._nn.scaled_dot_product_attention}
 
 
-def _layout_readers(output: Node) -> list[Node] | None:
-    """The nodes between ``output`` and its attention readers, in graph order, where every
-    path from it goes through data-movement ops (views, expand, indexing: GQA's repeat_kv)
-    into SDPA as its query or key; None otherwise. (The eager spelling's matmuls are left out:
-    its softmax is cast to the query's dtype, which a low result would change.)"""
-    walked, frontier = [], [output]
-    while frontier:
-        node = frontier.pop()
-        if not node.users:
-            return None
-        for user in node.users:
-            layout = (user.op == "call_method" and user.target in _LAYOUT_METHODS) or \
-                     (user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS)
-            if layout and user.args[0] is node:
-                walked.append(user)
-                frontier.append(user)
-            elif not (user.op == "call_function" and user.target in _SDPA
-                      and node in user.args[:2] and node not in user.args[2:]
-                      and node not in user.kwargs.values()):
-                return None
-    order = {n: i for i, n in enumerate(output.graph.nodes)}
-    return sorted(set(walked), key=order.__getitem__)
-
-
-def _sdpa_readers(output: Node, walked: list[Node]) -> set[Node]:
-    return {u for n in [output, *walked] for u in n.users if u.target in _SDPA}
+def _attention_readers(result: Node) -> tuple[list[Node], list[Node]] | None:
+    """(walked, SDPAs) where every path from ``result`` goes through data-movement ops (views,
+    GQA's repeat_kv) into SDPA as its query or key; None otherwise. (The eager spelling's
+    matmuls are left out: its softmax is cast to the query's dtype, which a low result would
+    change.)"""
+    def as_query_or_key(user: Node, reading: Node) -> bool:
+        return (user.op == "call_function" and user.target in _SDPA
+                and reading in user.args[:2] and reading not in user.args[2:]
+                and reading not in user.kwargs.values())
+    return readers_through_layout(result, as_query_or_key)
 
 
 def _autocast_result_dtype(group: list[_Site]) -> torch.dtype | None:
     """Under ``torch.autocast``, RoPE by fp32 cos/sin gives fp32 (of a bf16 q or k from its
     projection, or an fp32 one from a q/k norm), which SDPA casts to bf16: the dtype every
-    site's result is cast to, where each result reaches
-    only SDPAs (as q or k, through data-movement ops) that autocast runs in it
-    (:func:`.graph.autocast_cast_dtype`); None otherwise. The op then writes the result in that
-    dtype — the bits of autocast's cast — with no fp32 result and no cast kernel, and its
-    backward reads SDPA's bf16 gradients without their casts to fp32 (the same values)."""
+    site's result is cast to, where each result reaches only SDPAs (as q or k, through
+    data-movement ops) that autocast runs in it (:func:`.graph.autocast_cast_dtype`); None
+    otherwise. The op then writes the result in that dtype — the bits of autocast's cast — with
+    no fp32 result and no cast kernel, and its backward reads SDPA's bf16 gradients without
+    their casts to fp32 (the same values)."""
     dtypes = set()
     for site in group:
         out = tensor_value(site.output)
-        walked = _layout_readers(site.output) if out is not None else None
-        if out is None or out.dtype != torch.float32 or walked is None:
+        found = _attention_readers(site.output) if out is not None else None
+        if out is None or out.dtype != torch.float32 or found is None:
             return None
-        for sdpa in _sdpa_readers(site.output, walked):
+        for sdpa in found[1]:
             dtypes.add(autocast_cast_dtype(sdpa, [a for a in sdpa.args[:3]
                                                   if isinstance(a, Node)]))
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _refresh_values(walked: list[Node]) -> None:
-    """The example values of the data-movement nodes after a result now in a low dtype."""
-    for node in walked:
-        fn = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
-        node.meta["example_value"] = fake_call(fn, node.args, node.kwargs)
-
-
 def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     graph = gm.graph
     low = _autocast_result_dtype(group)
-    walks = [_layout_readers(site.output) for site in group] if low else []
+    walks = [_attention_readers(site.output)[0] for site in group] if low else []
     for site in group:
         site.autocast_result = low
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -763,7 +736,7 @@ def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
         site.output.replace_all_uses_with(out)
     erase_dead(graph, set().union(*(s.matched for s in group)))
     for walked in walks:
-        _refresh_values(walked)
+        refresh_values(walked)
     return outs[0].args[0]
 
 

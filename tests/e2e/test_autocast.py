@@ -142,6 +142,11 @@ def test_whole_model_under_autocast_matches_everything_and_stays_as_close_as_com
     assert not report.declines, str(report)
     assert report.counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 2,
                              "linear_cross_entropy": 1, "lora": 0}
+    # every norm feeds linears only (the final one through the lm_head's slice), every RoPE
+    # SDPA only: all write their results in bf16, where autocast's casts would take them
+    details = {op: [m.detail for m in report.matches if m.op == op] for op in ("rmsnorm", "rope")}
+    assert all("result in bf16" in d for d in details["rmsnorm"]), details
+    assert all("autocast casts it to for attention" in d for d in details["rope"]), details
     assert all(g.dtype == torch.float32 for g in grads_o.values())
     torch.testing.assert_close(loss_o, loss_e, rtol=2 ** -8, atol=0)
     compile_gap = _max_relative_gap(grads_c, grads_e)
