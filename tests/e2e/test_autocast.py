@@ -276,11 +276,11 @@ def test_down_projection_under_autocast_is_taken_into_swiglu_with_its_casts():
 class _NormIntoProjections(nn.Module):
     """An fp32 RMSNorm (HF's spelling) read by ``readers`` linears, their outputs summed;
     ``residual``: the norm's result also added to that sum (a reader that is not a linear);
-    ``cast_once``: the result cast to bf16 before the linears read it — what the pass makes of
-    the norm under autocast, as a reference."""
+    ``cast_once``: the result cast to that dtype before the linears read it — what the pass
+    makes of the norm under autocast, as a reference."""
 
-    def __init__(self, readers: int, residual: bool = False, cast_once: bool = False,
-                 hidden: int = 48):
+    def __init__(self, readers: int, residual: bool = False,
+                 cast_once: torch.dtype | None = None, hidden: int = 48):
         super().__init__()
         torch.manual_seed(0)
         self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(hidden))
@@ -290,42 +290,45 @@ class _NormIntoProjections(nn.Module):
     def forward(self, x):
         h = x.float()
         y = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-        if self.cast_once:
-            y = y.to(torch.bfloat16)
+        if self.cast_once is not None:
+            y = y.to(self.cast_once)
         out = sum(p(y) for p in self.projections)
         if self.residual:
             out = out + y
         return out.float().square().mean()
 
 
-def _train_step_under_autocast(module, x):
+def _train_step_under_autocast(module, x, dtype=torch.bfloat16):
     x = x.clone().requires_grad_()
     module.zero_grad(set_to_none=True)
-    with torch.autocast(**BF16):
+    with torch.autocast(device_type="cpu", dtype=dtype):
         loss = module(x)
     loss.backward()
     return loss.detach(), {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
 
 
-@pytest.mark.parametrize("readers", [1, 3])
-def test_norm_read_only_by_linears_writes_its_result_in_autocast_dtype(readers):
-    """Under autocast every linear reading the fp32 norm result casts it to bf16: the op writes
-    it in bf16 instead. The loss is eager's bit for bit (the same bf16 values reach the GEMMs).
-    The gradients are those of the norm cast to bf16 once and read by the linears (the
-    reference module): autograd adds the readers' bf16 gradients in bf16 before the norm's
-    backward (under Inductor on a GPU our kernel takes them unsummed and adds them in fp32)."""
+@pytest.mark.parametrize("readers,dtype", [(1, torch.bfloat16), (3, torch.bfloat16),
+                                           (3, torch.float16)])
+def test_norm_read_only_by_linears_writes_its_result_in_autocast_dtype(readers, dtype):
+    """Under autocast every linear reading the fp32 norm result casts it to bf16 (fp16): the
+    op writes it in that dtype instead. The loss is eager's bit for bit (the same values reach
+    the GEMMs). The gradients are those of the norm cast once and read by the linears (the
+    reference module): autograd adds the readers' low-precision gradients in that dtype before
+    the norm's backward (under Inductor on a GPU our kernel takes them unsummed and adds them
+    in fp32)."""
     x = torch.randn(2, 7, 48)
     eager = _NormIntoProjections(readers)
     optimized = chronicals.optimize(copy.deepcopy(eager), strict=True, compiler="aot_eager",
                                     passes=("rmsnorm",))
-    loss_o, grads_o = _train_step_under_autocast(optimized, x)
+    loss_o, grads_o = _train_step_under_autocast(optimized, x, dtype)
     [match] = chronicals.report_of(optimized).matches
-    assert "result in bf16 (autocast casts it there for every reader)" in match.detail
-    loss_e, grads_e = _train_step_under_autocast(eager, x)
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    assert f"result in {short} (autocast casts it there for every reader)" in match.detail
+    loss_e, grads_e = _train_step_under_autocast(eager, x, dtype)
     assert torch.equal(loss_o, loss_e)
-    reference = _NormIntoProjections(readers, cast_once=True)
+    reference = _NormIntoProjections(readers, cast_once=dtype)
     reference.load_state_dict(eager.state_dict())
-    _, grads_r = _train_step_under_autocast(reference, x)
+    _, grads_r = _train_step_under_autocast(reference, x, dtype)
     for name, grad in grads_r.items():
         assert grads_o[name].dtype == torch.float32
         torch.testing.assert_close(grads_o[name], grad, rtol=1e-5, atol=1e-6, msg=name)
