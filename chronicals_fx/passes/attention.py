@@ -54,6 +54,7 @@ from ..kernels import attention as kernels
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
     OUTER_NODE,
+    SDPA,
     autocast_cast_dtype,
     call_before,
     canon,
@@ -70,7 +71,6 @@ from .graph import (
 
 NAME = "attention"
 
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                 "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
@@ -106,7 +106,7 @@ def run(gm: GraphModule, ctx) -> None:
     for node in list(gm.graph.nodes):
         if node._erased:
             continue
-        if node.op == "call_function" and node.target in _SDPA:
+        if node.op == "call_function" and node.target in SDPA:
             site = _sdpa_site(node)
         elif is_kind(node, "softmax") is not None:
             site = _eager_site(node)

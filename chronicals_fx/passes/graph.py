@@ -263,6 +263,9 @@ def autocast_cast_dtype(result: Node, operands: Iterable[Node]) -> torch.dtype |
     return out.dtype if autocast_dtype(result, out.device.type) == out.dtype else None
 
 
+# F.scaled_dot_product_attention as Dynamo may record it.
+SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
 # Ops that only move data: a cast commutes with them.
 _LAYOUT_METHODS = {"view", "reshape", "expand", "transpose", "permute", "contiguous",
                    "unsqueeze", "flatten", "__getitem__"}

@@ -48,6 +48,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
+    SDPA,
     autocast_cast_dtype,
     call_before,
     canon,
@@ -672,17 +673,13 @@ def _table_3d(insert, site: _Site, table: Node) -> Node:
     return table
 
 
-_SDPA = {torch.nn.functional.scaled_dot_product_attention,
-         torch._C._nn.scaled_dot_product_attention}
-
-
 def _attention_readers(result: Node) -> tuple[list[Node], list[Node]] | None:
     """(walked, SDPAs) where every path from ``result`` goes through data-movement ops (views,
     GQA's repeat_kv) into SDPA as its query or key; None otherwise. (The eager spelling's
     matmuls are left out: its softmax is cast to the query's dtype, which a low result would
     change.)"""
     def as_query_or_key(user: Node, reading: Node) -> bool:
-        return (user.op == "call_function" and user.target in _SDPA
+        return (user.op == "call_function" and user.target in SDPA
                 and reading in user.args[:2] and reading not in user.args[2:]
                 and reading not in user.kwargs.values())
     return readers_through_layout(result, as_query_or_key)
