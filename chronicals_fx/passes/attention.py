@@ -1261,10 +1261,7 @@ def _autocast_dtype(site: _Site) -> torch.dtype | None:
     where autocast is on there (``graph.autocast_dtype``): without it, eager attention can still
     mix dtypes by casting P to v's dtype itself, and its fp32 scores must stay fp32. None for
     any other mix."""
-    out = tensor_value(site.output)
-    differing = [n for n in (site.q, site.k, site.v)
-                 if out is not None and tensor_value(n).dtype != out.dtype]
-    return autocast_cast_dtype(site.output, differing) if differing else None
+    return autocast_cast_dtype(site.output, (site.q, site.k, site.v))
 
 
 def _compute_dtype(site: _Site) -> torch.dtype:
