@@ -324,10 +324,11 @@ def _linear_readers(result: Node) -> tuple[list[Node], list[Node]] | None:
     return readers_through_layout(result, as_input)
 
 
-def _autocast_result_dtype(site: _Site) -> torch.dtype | None:
+def _autocast_result(site: _Site) -> tuple[torch.dtype, list[Node]] | None:
     """Under ``torch.autocast``, the low precision every reader of the norm's fp32 result casts
     it to, where every reader is a linear taking it as input (through data-movement ops) that
-    autocast runs in that dtype (:func:`.graph.autocast_cast_dtype`); None otherwise. The kernel
+    autocast runs in that dtype (:func:`.graph.autocast_cast_dtype`), with the data-movement
+    nodes walked (their values change dtype with the result); None otherwise. The kernel
     then writes the result in that dtype: the same bits as autocast's casts, without the fp32
     result, the cast kernel and, in backward, the casts of the readers' gradients back to fp32
     (a decoder norm's q, k, v or gate, up: four launches and ~0.2 GB of memory traffic a norm at
@@ -338,22 +339,24 @@ def _autocast_result_dtype(site: _Site) -> torch.dtype | None:
     found = _linear_readers(site.output) if out is not None else None
     if out is None or out.dtype != torch.float32 or found is None:
         return None
+    walked, readers = found
     dtypes = set()
-    for reader in found[1]:
+    for reader in readers:
         linear = is_kind(reader, "linear")
         operands = [n for n in (linear["input"], linear["weight"], linear["bias"])
                     if isinstance(n, Node)]
         dtypes.add(autocast_cast_dtype(reader, operands))
-    return dtypes.pop() if len(dtypes) == 1 else None
+    low = dtypes.pop() if len(dtypes) == 1 else None
+    return (low, walked) if low is not None else None
 
 
 def _rewrite(gm: GraphModule, site: _Site) -> None:
     out_dtype = tensor_value(site.output).dtype
     walked = []
-    if (low := _autocast_result_dtype(site)) is not None:
-        out_dtype, walked = low, _linear_readers(site.output)[0]
-        site.note = ", ".join(filter(None, [site.note, f"result in {_short(low)} (autocast "
-                                            "casts it there for every reader)"]))
+    if (autocast := _autocast_result(site)) is not None:
+        out_dtype, walked = autocast
+        site.note = ", ".join(filter(None, [site.note, f"result in {_short(out_dtype)} "
+                                            "(autocast casts it there for every reader)"]))
     params = (site.weight, site.eps, site.offset, site.norm_dtype, site.weight_dtype,
               site.mul_dtype, out_dtype)
     residual = _residual_add(gm.graph, site)

@@ -85,7 +85,7 @@ class _Site:
     seq_dim: int = 2
     half: bool = False
     partial: bool = False
-    autocast_result: torch.dtype | None = None   # the result written in it (_autocast_result_dtype)
+    autocast_result: torch.dtype | None = None   # the result written in it (_autocast_result)
 
     @property
     def interleaved(self) -> bool:
@@ -685,30 +685,32 @@ def _attention_readers(result: Node) -> tuple[list[Node], list[Node]] | None:
     return readers_through_layout(result, as_query_or_key)
 
 
-def _autocast_result_dtype(group: list[_Site]) -> torch.dtype | None:
+def _autocast_result(group: list[_Site]) -> tuple[torch.dtype, list[Node]] | None:
     """Under ``torch.autocast``, RoPE by fp32 cos/sin gives fp32 (of a bf16 q or k from its
     projection, or an fp32 one from a q/k norm), which SDPA casts to bf16: the dtype every
     site's result is cast to, where each result reaches only SDPAs (as q or k, through
-    data-movement ops) that autocast runs in it (:func:`.graph.autocast_cast_dtype`); None
+    data-movement ops) that autocast runs in it (:func:`.graph.autocast_cast_dtype`), with the
+    data-movement nodes walked (their values change dtype with the results); None
     otherwise. The op then writes the result in that dtype — the bits of autocast's cast — with
     no fp32 result and no cast kernel, and its backward reads SDPA's bf16 gradients without
     their casts to fp32 (the same values)."""
-    dtypes = set()
+    dtypes, walked = set(), []
     for site in group:
         out = tensor_value(site.output)
         found = _attention_readers(site.output) if out is not None else None
         if out is None or out.dtype != torch.float32 or found is None:
             return None
+        walked += found[0]
         for sdpa in found[1]:
             dtypes.add(autocast_cast_dtype(sdpa, [a for a in sdpa.args[:3]
                                                   if isinstance(a, Node)]))
-    return dtypes.pop() if len(dtypes) == 1 else None
+    low = dtypes.pop() if len(dtypes) == 1 else None
+    return (low, walked) if low is not None else None
 
 
 def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     graph = gm.graph
-    low = _autocast_result_dtype(group)
-    walks = [_attention_readers(site.output)[0] for site in group] if low else []
+    low, walked = _autocast_result(group) or (None, [])
     for site in group:
         site.autocast_result = low
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -732,8 +734,7 @@ def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     for site, out in zip(group, outs):
         site.output.replace_all_uses_with(out)
     erase_dead(graph, set().union(*(s.matched for s in group)))
-    for walked in walks:
-        refresh_values(walked)
+    refresh_values(walked)
     return outs[0].args[0]
 
 
