@@ -64,15 +64,21 @@ def time_calls(call, calls: int) -> tuple[float, float, tuple]:
     return (enqueued - start) * 1e6 / calls, (end - start) * 1e6 / calls, out
 
 
+def swiglu_inputs(n: int, hidden: int, inter: int) -> tuple:
+    """(dy [n, hidden], W_down [hidden, inter], gate, up [n, inter]): random bf16 inputs of one
+    SwiGLU-backward GEMM call (``swiglu_linear_backward_gemm``)."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    return (torch.randn(n, hidden, **bf16), torch.randn(hidden, inter, **bf16),
+            torch.randn(n, inter, **bf16), torch.randn(n, inter, **bf16))
+
+
 def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 4864
                      ) -> list[list]:
     """Host µs per call of the parts of one fused SwiGLU-backward GEMM call (see the module's
     docstring), each timed alone over ``calls`` calls."""
     from chronicals_fx.kernels import swiglu, swiglu_gemm
 
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    dy, w_down = torch.randn(n, hidden, **bf16), torch.randn(hidden, inter, **bf16)
-    gate, up = torch.randn(n, inter, **bf16), torch.randn(n, inter, **bf16)
+    dy, w_down, gate, up = swiglu_inputs(n, hidden, inter)
     dg, du, y = (torch.empty_like(gate) for _ in range(3))
     launch = swiglu_gemm.make_launch(dy, w_down, gate, up, dg, du, y, 0)
     compiled = launch()
@@ -113,9 +119,7 @@ def profile_op(calls: int, top: int = 25, n: int = 8192, hidden: int = 896, inte
     import io
     import pstats
 
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    dy, w_down = torch.randn(n, hidden, **bf16), torch.randn(hidden, inter, **bf16)
-    gate, up = torch.randn(n, inter, **bf16), torch.randn(n, inter, **bf16)
+    dy, w_down, gate, up = swiglu_inputs(n, hidden, inter)
     op = torch.ops.chronicals.swiglu_linear_backward_gemm
     for _ in range(3):
         op(dy, w_down, gate, up, 0)
