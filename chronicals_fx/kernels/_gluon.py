@@ -15,7 +15,6 @@ tiles start_pid, start_pid + #SMs, ...
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -98,11 +97,7 @@ def num_sms(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
-    # CHRONICALS_PERSISTENT_PROGRAMS caps the count: a persistent kernel wants every SM, and one
-    # taken by a concurrent kernel (NCCL's, under DDP/FSDP2) holds back a whole program's tiles.
-    count = torch.cuda.get_device_properties(index).multi_processor_count
-    cap = os.environ.get("CHRONICALS_PERSISTENT_PROGRAMS")
-    return min(count, int(cap)) if cap else count
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def hopper_unusable(*tensors: Tensor) -> str | None:
