@@ -15,7 +15,10 @@ fused AdamW, grad clipping at 1.0, no KV cache (``use_cache=False``, see ``run_w
 loss reported per step is the global batch's mean (the ranks' means averaged: equal rows, no
 padding); the step time is the slowest rank's;
 tokens/s counts the real tokens of all ranks. Prints one table: tokens/s, the ratio to
-torch.compile under the same engine, peak GiB per GPU (the largest rank), loss first→last,
+torch.compile under the same engine, the median step ms (the slowest rank's), rank 0's median
+host ms (time to enqueue a step: near the step time, the step is host-bound) and SM clock (a
+step slower at the same host time on a lower clock is the power limit, gpu_clock.py), peak GiB
+per GPU (the largest rank), loss first→last,
 the largest per-step loss gap to the reference, the smallest grad norm; a run that failed
 keeps its row with the error (its log is written next to ``--json``, else to the temp dir).
 Chronicals runs print their counts and, per pass, each distinct decline reason with how often it
@@ -59,7 +62,7 @@ import sys
 import tempfile
 import time
 
-from chronicals_fx.bench import file_safe, spawn_worker
+from chronicals_fx.bench import clock_sampler, file_safe, spawn_worker
 
 # NVLink multicast (NVLS) is unavailable on the lent GPU machines: NCCL and symmetric memory
 # must not try it. Set here so every torchrun job inherits it.
@@ -187,8 +190,9 @@ def run_worker(args) -> dict | None:
     optimizer = torch.optim.AdamW([q for q in wrapped.parameters() if q.requires_grad],
                                   lr=args.lr, fused=args.device == "cuda")
     batches = shard()
-    stats = train(wrapped, batches, args.steps, lr=args.lr, warmup_steps=args.warmup,
-                  optimizer=optimizer)
+    with clock_sampler() as clock:   # this rank's GPU: the table shows rank 0's clock and host
+        stats = train(wrapped, batches, args.steps, lr=args.lr, warmup_steps=args.warmup,
+                      optimizer=optimizer, clock=clock)
     profile = None
     if args.profile and args.engine != "single":
         profile = _profile(args, wrapped, batches, optimizer, stats, rank, world)
@@ -469,18 +473,20 @@ def summary_table(results: list[dict]) -> str:
     for r in results:
         engine = "1 process" if r["engine"] == "single" else r["engine"]
         if "error" in r:
-            rows.append((engine, r["variant"], "failed", "", "", "", "", "", r["error"][:70]))
+            rows.append((engine, r["variant"], "failed", "", "", "", "", "", "", "", "",
+                         r["error"][:70]))
             continue
         gap = (max(abs(a - b) for a, b in zip(r["losses"], reference["losses"]))
                if reference is not None and r is not reference else None)
         base = compile_tps.get(r["engine"])
         rows.append((engine, r["variant"], f"{r['tokens_per_s']:,.0f}",
                      f"{r['tokens_per_s'] / base:.2f}x" if base else "",
-                     f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
+                     f"{r['median_step_ms']:.1f}", f"{r.get('median_host_ms', float('nan')):.1f}",
+                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      "" if gap is None else f"{gap:.3f}", f"{r['min_grad_norm']:.3f}",
                      "; ".join(r["problems"]) or "trained"))
     return tabulate(rows, headers=("engine", "variant", "tok/s (global)", "vs compile",
-                                   "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
+                                   "step ms", "host ms (rank 0)", "SM MHz (rank 0)", "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
                                    "min grad norm", "proof"), disable_numparse=True)
 
 

@@ -131,7 +131,7 @@ def run_variant(args) -> dict:
     from chronicals_fx.workload import byte_batches, train
 
     model = build_variant(args, args.variant)
-    with _clock_sampler() as clock:
+    with clock_sampler() as clock:
         stats = train(model, byte_batches(args.batch, args.seq, device=_device()), args.steps,
                       lr=args.lr, warmup_steps=args.warmup, clock=clock,
                       autocast=_autocast_dtype(args))
@@ -144,7 +144,7 @@ def _autocast_dtype(args):
     return torch.bfloat16 if args.autocast else None
 
 
-def _clock_sampler():
+def clock_sampler():
     """The GPU's clock sampled during the steps (gpu_clock.py); samples nothing on a CPU."""
     import torch
 
@@ -181,7 +181,7 @@ def run_interleaved(args) -> list[dict]:
         _progress(f"{variant} built and warmed up", started)
     timed = max(0, args.steps - args.warmup)
     rounds = max(1, args.interleave)
-    with _clock_sampler() as clock:
+    with clock_sampler() as clock:
         for r in range(rounds):
             for _variant, _model, trainer, batches in (runs if r % 2 == 0 else runs[::-1]):
                 for _ in range(timed // rounds + (r < timed % rounds)):
