@@ -408,6 +408,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from chronicals_fx import workload
+
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     header = (f"# {card} x{args.nproc}  torch {torch.__version__}  model {args.model}  "
               f"B={args.batch}/rank (global {args.batch * args.nproc}) T={args.seq}  "
@@ -449,6 +451,7 @@ def main(argv=None) -> int:
         else:
             print(f"{engine} {variant}: {r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.1f} GiB, "
                   f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, {r['wall_s']:.0f} s"
+                  + workload.allocator_note(r)
                   + (f", counts {r['counts']}, declined {r['declined']}" if "counts" in r else ""),
                   flush=True)
             for line in r.get("decline_reasons", []):

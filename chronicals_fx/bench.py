@@ -360,6 +360,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from chronicals_fx import workload
+
     card = (torch.cuda.get_device_name() if torch.cuda.is_available()
             else "CPU (smoke run: no speed claims, the fused kernels run on GPUs only)")
     header = (f"# {card}  torch {torch.__version__}  model {args.model}"
@@ -397,7 +399,8 @@ def main(argv=None) -> int:
             results.append(r)
             print(f"{r['variant']}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, "
                   f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, min grad norm "
-                  f"{min(r['grad_norms']):.3f}, counts {r['counts']}", flush=True)
+                  f"{min(r['grad_norms']):.3f}, counts {r['counts']}{workload.allocator_note(r)}",
+                  flush=True)
         _save(args, header, results)
 
     print(summary_table(results))

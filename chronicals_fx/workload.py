@@ -117,6 +117,10 @@ class TrainStats:
     # The GPU's SM clock and power while each step ran (NaN where not sampled: gpu_clock.py).
     sm_mhz: list[float] = field(default_factory=list)
     power_w: list[float] = field(default_factory=list)
+    # cudaMalloc + cudaFree calls of the caching allocator inside each step (CUDA only): past
+    # the first steps they should be 0; each one may synchronize the device, which makes a
+    # step's host time equal its step time for a reason other than a full launch queue.
+    device_allocs: list[int] = field(default_factory=list)
     tokens_per_step: int = 0
     warmup_steps: int = 0
     peak_gib: float = 0.0
@@ -162,6 +166,13 @@ class TrainStats:
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
+def allocator_note(result: dict) -> str:
+    """', N cudaMalloc/cudaFree in the timed steps' for a result dict (:meth:`TrainStats.to_dict`)
+    whose timed steps called the driver's allocator; '' when none did."""
+    calls = sum(result.get("device_allocs", [])[result.get("warmup_steps", 0):])
+    return f", {calls} cudaMalloc/cudaFree in the timed steps" if calls else ""
+
+
 def median_of_numbers(values: list[float]) -> float:
     """The median of the values that are numbers (NaN when none is)."""
     values = [v for v in values if not math.isnan(v)]
@@ -191,6 +202,7 @@ class Trainer:
         self.step_ms: list[float] = []
         self.host_ms: list[float] = []
         self.spans: list[tuple[float, float]] = []  # each step's (start, end), perf_counter
+        self.device_allocs: list[int] = []
         self.tokens_per_step = 0
         # each step's loss and grad norm as device values, read once in stats(): the proof of
         # training without a host sync inside the loop
@@ -200,12 +212,15 @@ class Trainer:
 
     def step(self, batch: dict) -> None:
         """One timed step: :meth:`enqueue` between two syncs."""
+        allocs = _device_alloc_calls(self.device)
         _sync(self.device)
         start = time.perf_counter()
         self.enqueue(batch)
         enqueued = time.perf_counter()
         _sync(self.device)
         end = time.perf_counter()
+        if allocs is not None:
+            self.device_allocs.append(_device_alloc_calls(self.device) - allocs)
         self.host_ms.append((enqueued - start) * 1000)
         self.step_ms.append((end - start) * 1000)
         self.spans.append((start, end))
@@ -231,6 +246,7 @@ class Trainer:
         (the process's, where several trainers share it). ``clock``: a
         :class:`~chronicals_fx.gpu_clock.ClockSampler` that ran during the steps."""
         stats = TrainStats(step_ms=list(self.step_ms), host_ms=list(self.host_ms),
+                           device_allocs=list(self.device_allocs),
                            tokens_per_step=self.tokens_per_step, warmup_steps=warmup_steps)
         if clock is not None:
             during = [clock.during(start, end) for start, end in self.spans]
@@ -265,6 +281,14 @@ def _real_tokens(batch: dict) -> int:
     """Tokens that are not padding: all of them unless an attention mask says otherwise."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _device_alloc_calls(device: torch.device) -> int | None:
+    """cudaMalloc + cudaFree calls made by the caching allocator so far (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0) + stats.get("num_device_free", 0)
 
 
 def _sync(device: torch.device) -> None:

@@ -94,3 +94,13 @@ def test_trainer_gives_each_step_its_clock_and_host_time():
     assert stats.median_sm_mhz == 1600.0                  # timed steps only, NaN skipped
     assert len(stats.host_ms) == 3
     assert all(0 < h <= s for h, s in zip(stats.host_ms, stats.step_ms))
+    assert stats.device_allocs == []                       # CPU: no driver allocator to count
+
+
+def test_allocator_note_counts_only_the_timed_steps():
+    from chronicals_fx.workload import allocator_note
+
+    assert allocator_note({"device_allocs": [40, 0, 0], "warmup_steps": 1}) == ""
+    assert (allocator_note({"device_allocs": [40, 2, 1], "warmup_steps": 1})
+            == ", 3 cudaMalloc/cudaFree in the timed steps")
+    assert allocator_note({}) == ""                        # a result from before the field
