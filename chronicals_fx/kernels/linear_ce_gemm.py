@@ -16,7 +16,9 @@ and the statistics cost epilogue warps that run while the next tile's wgmma does
 logits at H=896, 39.45 against 40.46 at H=4096.
 
 The same main loop with a plain store epilogue (:func:`gemm_kernel`) can take the chunk's
-dH_c = d_c @ W off cuBLAS: opt-in (``CHRONICALS_LCE_DH_GEMM=1``), not yet measured.
+dH_c = d_c @ W off cuBLAS: opt-in (``CHRONICALS_LCE_DH_GEMM=1``). Measured (session 12): a
+C=1024 H=4096 chunk 1540.5 µs against cuBLAS's 1537.1, the op at N=8192 H=4096 40.56 ms against
+40.84; at H=896 the grid is too small for it (the op keeps cuBLAS there).
 
 Partitions (``gl.warp_specialize``): the loader and mma partitions of kernels/_gluon.py (A = H_c,
 B = W read K-major), and
@@ -291,11 +293,11 @@ def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
 
 
 def dh_gemm_unusable(d: Tensor, weight: Tensor) -> str | None:
-    """Why :func:`dh_with_gemm` won't take dH_c = d_c @ W (None: it will). Opt-in until measured
-    on a GPU: ``CHRONICALS_LCE_DH_GEMM=1`` (written in session 11 after its device time ran out;
-    cuBLAS ran this GEMM at 586 TFLOP/s at H=4096, the wide tile's main loop 650 on the logits)."""
+    """Why :func:`dh_with_gemm` won't take dH_c = d_c @ W (None: it will). Opt-in,
+    ``CHRONICALS_LCE_DH_GEMM=1``: on an H200 it ties cuBLAS at H=4096 (RESULTS.md, session 12
+    call 1: 1540.5 against 1537.1 µs a chunk), which is not enough to make it the default."""
     if os.environ.get("CHRONICALS_LCE_DH_GEMM", "0") != "1":
-        return "opt-in (CHRONICALS_LCE_DH_GEMM=1): not yet measured on a GPU"
+        return "opt-in (CHRONICALS_LCE_DH_GEMM=1): it ties cuBLAS at H=4096 on an H200"
     if _dh_failed:
         return f"the kernel failed before: {_dh_failed[0]}"
     reason = hopper_unusable(d, weight)
