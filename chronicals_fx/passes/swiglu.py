@@ -8,6 +8,9 @@ The computation matched, in either operand order:
 where g and u are projections of the same tensor x:
 
     projection  linear(x, W, b)                          bias or not
+              | grouped_mm(x, W, offs)                   experts of a mixture (x's rows sorted
+                                                         by expert, W [E, H, ·]): transformers'
+                                                         MoE layers, torch's or its fallback op
               | P + low-rank delta                       LoRA: P + B(A(x))·s (PEFT's spelling)
               | cast(P)
               | piece of one fused projection P = x Wᵀ   chunk / split / slice on the last dim
@@ -124,6 +127,8 @@ def projection(node) -> _Projection | None:
     c = canon(node)
     if c is not None and c.kind == "linear" and isinstance(c["input"], Node):
         return _Projection(c["input"])
+    if _is_grouped_mm(node) and node.args and isinstance(node.args[0], Node):
+        return _Projection(node.args[0])
     if c is not None and c.kind == "add":
         for base, delta in ((c["input"], c["other"]), (c["other"], c["input"])):
             proj = projection(base)
@@ -133,6 +138,26 @@ def projection(node) -> _Projection | None:
     if c is not None and c.kind == "getitem":
         return _piece(c["input"], c["index"])
     return None
+
+
+def _is_grouped_mm(node: Node) -> bool:
+    """A grouped matmul: each expert's rows of x times that expert's weight (one projection of
+    x per expert, as F.linear is one for all rows)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    return target in _grouped_mms() or getattr(target, "overloadpacket", None) in _grouped_mms()
+
+
+@functools.cache
+def _grouped_mms() -> tuple:
+    found = [f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None),
+                         getattr(torch.ops.aten, "_grouped_mm", None)) if f is not None]
+    try:   # transformers' own op where torch's can't serve (fp32 under compile, older CPUs)
+        found.append(torch.ops.transformers.grouped_mm_fallback)
+    except (AttributeError, RuntimeError):
+        pass
+    return tuple(found)
 
 
 def _low_rank_delta(node) -> bool:

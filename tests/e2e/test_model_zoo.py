@@ -92,7 +92,8 @@ class Family:
     overrides: dict
     norms_per_layer: int          # RMSNorm modules in each decoder layer
     final_norm: bool = True       # an RMSNorm after the last layer
-    gated_mlp: bool = True        # act(gate) * up: one swiglu site per layer
+    # where each layer's gated products act(gate) * up sit (one swiglu site each), under it
+    gated: tuple[str, ...] = ("mlp",)
     layers: str = "model.layers"  # module path of the decoder layers
     attn: str = "self_attn"       # attention module's name inside a layer
     # (op, where-suffix, text): every match of op at a module ending in where-suffix has text
@@ -149,11 +150,26 @@ FAMILIES = {
     "gpt_neox": Family("GPTNeoXConfig",
                        dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                              "partial_rotary_factor": 0.5}),
-                       norms_per_layer=0, final_norm=False, gated_mlp=False,
+                       norms_per_layer=0, final_norm=False, gated=(),
                        layers="gpt_neox.layers", attn="attention",
                        details=lambda c: [("rope", "attention", "partial R=%d" % int(
                            c.hidden_size // c.num_attention_heads
                            * c.rope_parameters["partial_rotary_factor"]))]),
+    # Mixtures of experts (transformers' experts layer, default "grouped_mm" implementation):
+    # each expert's gate/up is one grouped matmul of the tokens routed to it, chunked, and
+    # act(gate) * up is the gated product of all experts at once (fp32 here: transformers'
+    # fallback op; bf16 on a GPU: torch's grouped_mm). Qwen2-MoE adds a shared expert, an
+    # ordinary gated MLP beside the routed ones.
+    "mixtral": Family("MixtralConfig", dict(GQA, num_local_experts=4, num_experts_per_tok=2),
+                      norms_per_layer=2, gated=("mlp.experts",),
+                      details=lambda c: [("swiglu", "experts", "fused gate/up projection")]),
+    "qwen3_moe": Family("Qwen3MoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=40),
+                        norms_per_layer=4, gated=("mlp.experts",)),
+    "qwen2_moe": Family("Qwen2MoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=40,
+                                               shared_expert_intermediate_size=64),
+                        norms_per_layer=2, gated=("mlp.experts", "mlp.shared_expert")),
     # Qwen2 with its sliding window on layers from max_window_layers on: layer 0 full
     # (proven causal), layer 1 a window of 4 (declined). SDPA (the default) and eager.
     "qwen2_sliding": Family("Qwen2Config", dict(GQA, use_sliding_window=True,
@@ -197,11 +213,11 @@ def expected(family: Family, config, masks: list[bool]) -> Expected:
     matched_attn = [a for i, a in enumerate(attn) if a not in declined and (not sdpa or masks[i])]
     rmsnorm = family.norms_per_layer * L + int(family.final_norm)
     counts = dict.fromkeys(OP_NAMES, 0)
-    counts.update(rmsnorm=rmsnorm, swiglu=L if family.gated_mlp else 0, rope=L,
+    counts.update(rmsnorm=rmsnorm, swiglu=L * len(family.gated), rope=L,
                   attention=len(matched_attn), linear_cross_entropy=1)
     declined_counts = dict.fromkeys(OP_NAMES, 0)
     declined_counts["attention"] = len(declined)
-    where = {"swiglu": sorted(f"{layer}.mlp" for layer in layers) if family.gated_mlp else [],
+    where = {"swiglu": sorted(f"{layer}.{g}" for layer in layers for g in family.gated),
              "rope": sorted(attn), "attention": sorted(matched_attn),
              "linear_cross_entropy": ["lm_head"], "lora": []}
     return Expected(counts, declined_counts, where, declined)

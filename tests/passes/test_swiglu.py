@@ -177,6 +177,38 @@ def test_fused_projection_through_inductor():
     _check_matches_and_parity(module, torch.randn(2, 5, 24), compiler="inductor")
 
 
+class GroupedExperts(nn.Module):
+    """Experts of a mixture as transformers' grouped_mm implementation computes them: x's rows
+    sorted by expert, one grouped matmul for every expert's gate/up ([E, 2I, H] weights),
+    chunked, act(gate) * up, one grouped matmul down. ``offs``: the rows' expert boundaries."""
+
+    def __init__(self, grouped_mm, offs, experts=3, hidden=16, inter=24):
+        super().__init__()
+        self.grouped_mm = grouped_mm
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, inter) / inter ** 0.5)
+        self.register_buffer("offs", offs)
+
+    def forward(self, x):
+        g, u = self.grouped_mm(x, self.gate_up.transpose(-2, -1), offs=self.offs).chunk(2, dim=-1)
+        return self.grouped_mm(F.silu(g) * u, self.down.transpose(-2, -1), offs=self.offs)
+
+
+@pytest.mark.parametrize("grouped_mm", [torch._grouped_mm, F.grouped_mm],
+                         ids=["torch._grouped_mm", "F.grouped_mm"])
+def test_experts_of_a_grouped_matmul(grouped_mm):
+    """A grouped matmul is a projection of x (each expert's rows by that expert's weight): the
+    gated product of all experts matches, bit for bit in bf16 on CPU (torch's grouped_mm wants
+    bf16 operands under compile; transformers' fp32 fallback op is covered by the model zoo's
+    Mixtral)."""
+    torch.manual_seed(0)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)          # the second expert gets no rows
+    module = GroupedExperts(grouped_mm, offs).to(torch.bfloat16)
+    [match] = _check_matches_and_parity(module, torch.randn(10, 16).to(torch.bfloat16),
+                                        rtol=0, atol=0)
+    assert "fused gate/up projection (chunk)" in match.detail
+
+
 def test_two_sites_in_one_graph():
     class Two(nn.Module):
         def __init__(self):
