@@ -72,6 +72,23 @@ def sdpa_masks(model, inputs) -> list[bool]:
     return found
 
 
+def torch_compile_graphs(model, inputs) -> int:
+    """How many graphs plain torch.compile (aot_eager) compiles for a training step of a copy
+    of ``model``."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    count = [0]
+
+    def counting(gm, example_inputs):
+        count[0] += 1
+        return aot_eager(gm, example_inputs)
+
+    torch.compile(copy.deepcopy(model), backend=counting)(**inputs).loss.backward()
+    torch._dynamo.reset()
+    return count[0]
+
+
 SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
@@ -94,6 +111,9 @@ class Family:
     final_norm: bool = True       # an RMSNorm after the last layer
     # where each layer's gated products act(gate) * up sit (one swiglu site each), under it
     gated: tuple[str, ...] = ("mlp",)
+    # skipped where torch.compile alone can't capture this transformers' model in one graph
+    # (the experts' fallback op of some versions can't be traced backward: transformers 5.17)
+    one_graph_probe: bool = False
     layers: str = "model.layers"  # module path of the decoder layers
     attn: str = "self_attn"       # attention module's name inside a layer
     # (op, where-suffix, text): every match of op at a module ending in where-suffix has text
@@ -161,18 +181,19 @@ FAMILIES = {
     # fallback op; bf16 on a GPU: torch's grouped_mm). Qwen2-MoE adds a shared expert, an
     # ordinary gated MLP beside the routed ones.
     "mixtral": Family("MixtralConfig", dict(GQA, num_local_experts=4, num_experts_per_tok=2),
-                      norms_per_layer=2, gated=("mlp.experts",),
+                      norms_per_layer=2, gated=("mlp.experts",), one_graph_probe=True,
                       details=lambda c: [("swiglu", "experts", "fused gate/up projection")]),
     "qwen3_moe": Family("Qwen3MoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=40),
-                        norms_per_layer=4, gated=("mlp.experts",)),
+                        norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True),
     "olmoe": Family("OlmoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                         eos_token_id=2),
-                    norms_per_layer=4, gated=("mlp.experts",)),
+                    norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True),
     "qwen2_moe": Family("Qwen2MoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=40,
                                                shared_expert_intermediate_size=64),
-                        norms_per_layer=2, gated=("mlp.experts", "mlp.shared_expert")),
+                        norms_per_layer=2, gated=("mlp.experts", "mlp.shared_expert"),
+                        one_graph_probe=True),
     # Qwen2 with its sliding window on layers from max_window_layers on: layer 0 full
     # (proven causal), layer 1 a window of 4 (declined). SDPA (the default) and eager.
     "qwen2_sliding": Family("Qwen2Config", dict(GQA, use_sliding_window=True,
@@ -259,10 +280,14 @@ def check_report(report, exp: Expected, model, family: Family) -> None:
 def test_family_parity_counts_and_declines(name):
     family = FAMILIES[name]
     eager = tiny(family.config, **family.overrides)
+    graphs = torch_compile_graphs(eager, batch(seq=T)) if family.one_graph_probe else 1
     optimized = copy.deepcopy(eager)
     chronicals.optimize(optimized, strict=True, compiler="aot_eager")
     inputs = batch(seq=T)
     assert_same_training_signal(eager, optimized, inputs)
+    if graphs != 1:   # parity holds; the counts below assume one graph
+        pytest.skip(f"transformers {transformers.__version__}: torch.compile alone captures "
+                    f"{family.config}'s model in {graphs} graphs (parity checked, counts not)")
     check_report(chronicals.report_of(optimized),
                  expected(family, eager.config, sdpa_masks(eager, inputs)), eager, family)
     # the fused loss drops the [N, V] logits in training
