@@ -21,10 +21,12 @@ from .graph import OUTER_NODE, where
 
 log = logging.getLogger("chronicals")
 
-# Order matters: normalization first (its output feeds the projections the MLP and attention
-# passes look for), the loss after them (it consumes the final norm's output), the adapters'
-# precision last (the SwiGLU pass recognizes LoRA'd projections as PEFT spells them).
-PIPELINE = (rmsnorm, swiglu, rope, attention, linear_ce, lora)
+# Order matters: RoPE first (its rotation ends in a sum, which a norm reading the result —
+# HunYuan's q/k norms — would otherwise take for a residual add and fuse), normalization next
+# (its output feeds the projections the MLP and attention passes look for), the loss after them
+# (it consumes the final norm's output), the adapters' precision last (the SwiGLU pass
+# recognizes LoRA'd projections as PEFT spells them).
+PIPELINE = (rope, rmsnorm, swiglu, attention, linear_ce, lora)
 
 
 @dataclass
