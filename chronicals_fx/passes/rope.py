@@ -1,8 +1,10 @@
 """Find rotary position embeddings by what they compute and replace them with ``chronicals::rope``.
 
-A rotation of x [.., D] by per-token angles, in any of three spellings:
+A rotation of x [.., D] by per-token angles, in any of four spellings:
 
     rotate-half   x·cos + rotate_half(x)·sin,  rotate_half(x) = cat(−x[.., h:], x[.., :h])    (HF)
+    halves        cat(x1·c − x2·s, x2·c + x1·s),  x1, x2 = x[.., :h], x[.., h:];  c, s of width h
+                  (rotate-half with one angle per pair: cos = cat(c, c))          (GPT-OSS)
     interleaved   x·cos + rot2(x)·sin,  rot2(x) = stack(−x[.., 1::2], x[.., ::2], −1).flatten(−2)
                                                                               (GPT-J, GLM)
     complex       view_as_real(view_as_complex(x.float().reshape(.., D/2, 2)) · f).flatten(−2)
@@ -49,6 +51,7 @@ from torch.fx import GraphModule, Node
 from ..kernels._triton import KERNEL_DTYPES
 from .graph import (
     SDPA,
+    Canon,
     autocast_cast_dtype,
     call_before,
     canon,
@@ -75,7 +78,7 @@ class _Site:
     x: Node                       # the tensor rotated (before widening casts), 4-D
     cos: Node                     # multiplies x (complex: the factor f; sin is f too)
     sin: Node
-    spelling: str                 # "rotate-half" | "interleaved" | "complex"
+    spelling: str                 # "rotate-half" | "halves" | "interleaved" | "complex"
     output: Node                  # last node of the matched chain
     matched: list[Node]           # every node the op replaces
     internal: list[Node]          # intermediates that must feed only the chain
@@ -89,7 +92,7 @@ class _Site:
 
     @property
     def interleaved(self) -> bool:
-        return self.spelling != "rotate-half"
+        return self.spelling in ("interleaved", "complex")
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -103,6 +106,8 @@ def run(gm: GraphModule, ctx) -> None:
         found = None
         if (c := is_kind(node, "add")) is not None:
             found = _from_add(c)
+        elif (c := is_kind(node, "cat")) is not None:
+            found = _from_halves(c)
         elif node.op == "call_function" and node.target is torch.view_as_real:
             found = _from_complex(node)
         if found is None:
@@ -376,6 +381,74 @@ def _site_from_products(add: Node, m_cos: Node, m_sin: Node, rot: _Rotated, cos:
     return _finish(site, width=xv.shape[-1])
 
 
+def _products(node: Any, kind: str) -> tuple[Canon, Canon] | None:
+    """The two products of ``node`` if it is ``a·b ± c·d`` (``kind``: "add" or "sub")."""
+    c = is_kind(node, kind)
+    if c is None:
+        return None
+    left, right = is_kind(c["input"], "mul"), is_kind(c["other"], "mul")
+    return (left, right) if left is not None and right is not None else None
+
+
+def _factors(product: Canon, half: Node) -> Any:
+    """The other factor of ``product`` if one factor is ``half``, else None."""
+    if product["input"] is half:
+        return product["other"]
+    if product["other"] is half:
+        return product["input"]
+    return None
+
+
+def _from_halves(cat):
+    """cat((x1·c − x2·s, x2·c + x1·s), −1) with x1, x2 the two halves of x's last dim, in
+    any operand order of the products and of the sum."""
+    tensors, shape = cat["tensors"], _shape(cat.node)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or shape is None:
+        return None
+    if not _is_last_dim(cat["dim"], len(shape)):
+        return None
+    first, second = _products(tensors[0], "sub"), _products(tensors[1], "add")
+    if first is None or second is None:
+        return None
+    p_cos, p_sin = first            # x1·c − x2·s: the minuend holds x1
+    for x1 in (p_cos["input"], p_cos["other"]):
+        low = _last_slice(x1)
+        size = static_int(_shape(low[0])[-1]) if low is not None else None
+        if size is None or size % 2 or low[1:] != (0, size // 2, 1):
+            continue
+        x = low[0]
+        c = _factors(p_cos, x1)
+        for x2 in (p_sin["input"], p_sin["other"]):
+            if _last_slice(x2) != (x, size // 2, size, 1):
+                continue
+            s = _factors(p_sin, x2)
+            # the second half: x2·c + x1·s, in either order of the sum
+            for q_cos, q_sin in (second, second[::-1]):
+                if _factors(q_cos, x2) is c and _factors(q_sin, x1) is s:
+                    return _halves_site(cat.node, x, c, s, [x1, x2],
+                                        [p_cos.node, p_sin.node, tensors[0],
+                                         q_cos.node, q_sin.node, tensors[1]])
+    return None
+
+
+def _halves_site(out: Node, x_m: Node, cos: Any, sin: Any, halves: list[Node],
+                 arithmetic: list[Node]):
+    if not isinstance(cos, Node) or not isinstance(sin, Node) or tensor_value(cos) is None \
+            or tensor_value(sin) is None:
+        return None
+    dtypes = {tensor_value(n).dtype for n in arithmetic}
+    if len(dtypes) != 1:
+        return out, f"the halves' products in different dtypes {sorted(map(str, dtypes))}"
+    xv = tensor_value(x_m)
+    x, casts = _widening_base(x_m)
+    slices = [n for h in halves for n in _slice_nodes(h)]
+    site = _Site(x=x, cos=cos, sin=sin, spelling="halves", output=out,
+                 matched=[*casts, *dict.fromkeys(slices), *arithmetic, out], internal=[],
+                 x_rotated=x_m, round_dtype=tensor_value(out).dtype,
+                 grad_round_dtype=xv.dtype, half=True)
+    return _finish(site, width=xv.shape[-1] // 2)
+
+
 def _from_complex(real: Node):
     """view_as_real(view_as_complex(x.float().reshape(.., D/2, 2)) · f), merged to [.., D]."""
     prod = is_kind(real.args[0] if real.args else None, "mul")
@@ -487,7 +560,7 @@ def _accepts(site: _Site, width: int) -> str | None:
     if not layouts:
         return "cos and sin broadcast along different axes"
     site.seq_dim = layouts[0]
-    if site.spelling != "complex":
+    if site.spelling in ("rotate-half", "interleaved"):
         site.half = all(_duplicated(t, site.spelling) for t in tables)
     return None
 

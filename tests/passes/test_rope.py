@@ -224,6 +224,19 @@ def partial_interleaved(s, q, k):   # [B, T, H, D], GPT-J
     return apply(q), apply(k)
 
 
+def gpt_oss_halves(s, q, k):
+    """GPT-OSS: cos/sin of one angle per pair (width D/2), the halves rotated and concatenated;
+    the products in q's dtype as there (its rotary module casts the tables to q's dtype)."""
+    theta = torch.arange(q.shape[2]).float()[:, None] * s.inv_freq          # (T, D/2)
+    cos, sin = theta.cos().to(q.dtype)[None, None], theta.sin().to(q.dtype)[None, None]
+
+    def apply(x):
+        first, second = torch.chunk(x, 2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+    return apply(q), apply(k)
+
+
 def q_only(s, q, k):
     cos, sin = s.hf_cos_sin(q.shape[2], q.dtype)
     return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1), k
@@ -253,6 +266,7 @@ SPELLINGS = {  # name -> (fn, layout, rotary_dim, words in the match detail)
     "meta_complex": (meta_complex, "bthd", None, "complex, 2 tensor(s), heads 4 + 2, D=8, [B,T,H,D]"),
     "partial_rotate_half": (partial_rotate_half, "bhtd", 4, "partial R=4"),
     "partial_interleaved": (partial_interleaved, "bthd", 4, "interleaved, 2 tensor(s), heads 4 + 2, D=8, partial R=4"),
+    "gpt_oss_halves": (gpt_oss_halves, "bhtd", None, "halves, 2 tensor(s), heads 4 + 2, D=8, [B,H,T,D], fp32→fp32, cos/sin half rows"),
     "q_only": (q_only, "bhtd", None, "1 tensor(s), heads 4,"),
     "mrope_sections": (mrope_sections, "bhtd", None, "full rows"),
 }
@@ -300,9 +314,10 @@ def test_low_precision_rounds_where_eager_rounds(dtype):
     """bf16/fp16 q with cos/sin cast to the same dtype (as HF does): every product and the sum
     round to that dtype in eager, and in the op: forward and gradients bit for bit."""
     torch.manual_seed(0)
-    module = Rotary(hf, "bhtd", D=16).to(dtype)
-    _, matches, _ = _check(module, torch.randn(2, 6, 24).to(dtype), exact=True)
-    assert "products rounded to" in matches[0].detail
+    for fn in (hf, gpt_oss_halves):
+        module = Rotary(fn, "bhtd", D=16).to(dtype)
+        _, matches, _ = _check(module, torch.randn(2, 6, 24).to(dtype), exact=True)
+        assert "products rounded to" in matches[0].detail
 
 
 def test_several_layers_pair_q_with_k_of_the_same_layer():
@@ -341,6 +356,19 @@ def _halves(x):
     return x[..., :h], x[..., h:]
 
 
+def _halves_look(x, s, q, sign=1, swap=False):
+    """GPT-OSS's halves with a sign flipped (x1·c + x2·s, x2·c − x1·s: the inverse rotation's
+    signs on the wrong halves) or cos and sin swapped in the second half: not a rotation by c, s."""
+    theta = torch.arange(q.shape[2]).float()[:, None] * s.inv_freq
+    c, sn = theta.cos()[None, None], theta.sin()[None, None]
+    a, b = torch.chunk(x, 2, dim=-1)
+    if swap:
+        return torch.cat((a * c - b * sn, b * sn + a * c), dim=-1)
+    if sign < 0:
+        return torch.cat((a * c - b * sn, b * c - a * sn), dim=-1)
+    return torch.cat((a * c - b * sn, b * c + a * sn), dim=-1)
+
+
 LOOK_ALIKES = {
     "learned_absolute_positions": lambda s, q, k: (q + s.cos_cached[None, None], k + s.sin_cached[None, None]),
     "cat_without_negation": _look(lambda x: torch.cat((_halves(x)[1], _halves(x)[0]), -1)),
@@ -349,6 +377,8 @@ LOOK_ALIKES = {
     "pairs_not_swapped": _look(lambda x: torch.stack((-x[..., ::2], x[..., 1::2]), -1).flatten(-2)),
     "minus_instead_of_plus": lambda s, q, k: tuple(x * _cos_sin(s, q)[0] - rotate_half(x) * _cos_sin(s, q)[1]
                                                    for x in (q, k)),
+    "halves_with_swapped_signs": lambda s, q, k: tuple(_halves_look(x, s, q, sign=-1) for x in (q, k)),
+    "halves_with_tables_swapped": lambda s, q, k: tuple(_halves_look(x, s, q, swap=True) for x in (q, k)),
     "rotates_another_tensor": lambda s, q, k: (q * _cos_sin(s, q)[0] + rotate_half(q.flip(1)) * _cos_sin(s, q)[1], k),
 }
 
