@@ -89,6 +89,9 @@ class _Site:
     half: bool = False
     partial: bool = False
     autocast_result: torch.dtype | None = None   # the result written in it (_autocast_result)
+    # the rotation's own last node (before the casts and partial-rotary cat taken in after it):
+    # where the op is reported (a taken-in cast may belong to the module reading the result)
+    rotation: Node | None = None
 
     @property
     def interleaved(self) -> bool:
@@ -493,6 +496,7 @@ def _finish(site: _Site, width: int):
 def _absorb_output(site: _Site) -> None:
     """Take in single-use casts after the result (at most one rounding: the kernel's store),
     then ``cat((rotated, x[.., R:]), −1)`` when x is x[.., :R] of a wider tensor."""
+    site.rotation = site.output
     out, current, narrowed = site.output, site.round_dtype, False
     while (cast := is_kind(_sole_user(out), "cast")) is not None:
         dtype = cast["dtype"]
@@ -792,7 +796,7 @@ def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
     anchor = min((s.output for s in group), key=order.__getitem__)
 
     def insert(target, *args) -> Node:   # before the first output, with its module stack
-        return call_before(graph, anchor, target, args, meta_from=a.output)
+        return call_before(graph, anchor, target, args, meta_from=a.rotation)
 
     if a.spelling == "complex":
         pairs = insert(torch.view_as_real, a.cos)
@@ -802,7 +806,7 @@ def _rewrite(gm: GraphModule, group: list[_Site]) -> Node:
         cos, sin = _table_3d(insert, a, a.cos), _table_3d(insert, a, a.sin)
     args = (a.x, b.x if b else None, cos, sin, a.seq_dim, a.interleaved, a.half, a.round_dtype,
             a.grad_round_dtype, a.out_dtype)
-    outs = insert_call(graph, anchor, torch.ops.chronicals.rope.default, args, a.output,
+    outs = insert_call(graph, anchor, torch.ops.chronicals.rope.default, args, a.rotation,
                        len(group))
     for site, out in zip(group, outs):
         site.output.replace_all_uses_with(out)

@@ -175,6 +175,10 @@ FAMILIES = {
                        details=lambda c: [("rope", "attention", "partial R=%d" % int(
                            c.hidden_size // c.num_attention_heads
                            * c.rope_parameters["partial_rotary_factor"]))]),
+    # HunYuan: q/k norms applied to RoPE's result (its final sum is the norm's input, not a
+    # residual add to fuse: RoPE is matched first).
+    "hunyuan": Family("HunYuanDenseV1Config", dict(GQA), norms_per_layer=4,
+                      details=lambda c: [("rope", "self_attn", "rotate-half")]),
     # Mixtures of experts (transformers' experts layer, default "grouped_mm" implementation):
     # each expert's gate/up is one grouped matmul of the tokens routed to it, chunked, and
     # act(gate) * up is the gated product of all experts at once (fp32 here: transformers'
@@ -375,3 +379,18 @@ def test_padded_batches_keep_every_pass_but_attention_and_equal_eager(side):
                              "linear_cross_entropy": 1, "lora": 0}
     reasons = [d.reason for d in report.declines]
     assert len(reasons) == 2 and all("attention_mask" in r for r in reasons), reasons
+
+
+def test_gpt_oss_rotary_halves_and_parity():
+    """GPT-OSS: RoPE spelled on the halves with tables of one angle per pair (matched, q and k of
+    every layer); its clamped gated activation and its attention sinks are not candidates. Loss
+    and every gradient equal eager's."""
+    eager = tiny("GptOssConfig", **GQA, num_local_experts=4, num_experts_per_tok=2)
+    optimized = copy.deepcopy(eager)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager")
+    assert_same_training_signal(eager, optimized, batch(seq=T))
+    report = chronicals.report_of(optimized)
+    rope = [m for m in report.matches if m.op == "rope"]
+    layers = eager.config.num_hidden_layers
+    assert len(rope) == layers and all("halves, 2 tensor(s)" in m.detail for m in rope), report
+    assert report.counts["swiglu"] == 0 and not report.declines, report
