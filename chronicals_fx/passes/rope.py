@@ -11,7 +11,9 @@ A rotation of x [.., D] by per-token angles, in any of four spellings:
                                                                               (Meta Llama)
 
 with h = D/2, either operand order of every product and of the sum, the slices spelled as
-indexing, ``chunk``, ``split`` or ``narrow``, the negation as ``−x`` or ``x·(−1)``; followed by
+indexing, ``chunk``, ``split`` or ``narrow``, the negation as ``−x`` or ``x·(−1)``; x and
+rotate(x) widened by one cast or by a cast each (Ernie 4.5: fp32 products of a bf16 x, whose
+gradient then sums two terms each rounded to x's dtype); followed by
 casts of the result (``type_as``) and, for partial rotary (GPT-NeoX, Phi, GPT-J), by
 ``cat((rotated, x_pass), −1)`` where x_rot = q[.., :R] and x_pass = q[.., R:] of the same q.
 
@@ -353,24 +355,34 @@ def _from_add(add):
         if mc is None or ms is None:
             continue
         for rot_node, sin in ((ms["input"], ms["other"]), (ms["other"], ms["input"])):
-            rot = _rotate_half(rot_node) or _rotate_pairs(rot_node)
+            # a widening cast of the rotated value is the rotation of the widened x (negation
+            # and slicing are exact): Ernie 4.5 widens x and rotate(x) apart
+            rot_base, rot_casts = _widening_base(rot_node) if isinstance(rot_node, Node) \
+                else (rot_node, [])
+            rot = _rotate_half(rot_base) or _rotate_pairs(rot_base)
             if rot is None:
                 continue
-            x_m = rot.x
-            if mc["input"] is x_m:
-                cos = mc["other"]
-            elif mc["other"] is x_m:
-                cos = mc["input"]
-            else:
-                continue
-            if not isinstance(cos, Node) or not isinstance(sin, Node) or tensor_value(cos) is None:
-                continue
-            return _site_from_products(add.node, mc.node, ms.node, rot, cos, sin)
+            for x_m, cos in ((mc["input"], mc["other"]), (mc["other"], mc["input"])):
+                if x_m is rot.x and not rot_casts:
+                    separate = False
+                elif isinstance(x_m, Node) and _widening_base(x_m)[0] is rot.x:
+                    separate = True    # x·cos and rotate(x)·sin read x through casts of their own
+                else:
+                    continue
+                if not isinstance(cos, Node) or not isinstance(sin, Node) \
+                        or tensor_value(cos) is None:
+                    continue
+                rot.nodes += rot_casts
+                return _site_from_products(add.node, mc.node, ms.node, rot, x_m, cos, sin,
+                                           separate)
     return None
 
 
-def _site_from_products(add: Node, m_cos: Node, m_sin: Node, rot: _Rotated, cos: Node, sin: Node):
-    x_m = rot.x
+def _site_from_products(add: Node, m_cos: Node, m_sin: Node, rot: _Rotated, x_m: Node,
+                        cos: Node, sin: Node, separate: bool):
+    """``separate``: the two products read x through widening casts of their own, so x's
+    gradient is the sum of two terms each rounded to x's dtype (each cast's backward rounds),
+    added in that dtype; otherwise the terms meet at x_m and are summed in its dtype."""
     xv, addv = tensor_value(x_m), tensor_value(add)
     if _shape(m_cos) != _shape(x_m) or _shape(m_sin) != _shape(x_m):
         return add, "cos/sin broadcast beyond the rotated tensor's shape"
@@ -378,9 +390,10 @@ def _site_from_products(add: Node, m_cos: Node, m_sin: Node, rot: _Rotated, cos:
     if len(dtypes) != 1:
         return add, f"cos and sin products in different dtypes {sorted(map(str, dtypes))}"
     x, casts = _widening_base(x_m)
+    grad_dtype = tensor_value(x).dtype if separate else xv.dtype
     site = _Site(x=x, cos=cos, sin=sin, spelling=rot.spelling, output=add,
                  matched=[*casts, *rot.nodes, m_cos, m_sin, add], internal=[],
-                 x_rotated=x_m, round_dtype=addv.dtype, grad_round_dtype=xv.dtype)
+                 x_rotated=x_m, round_dtype=addv.dtype, grad_round_dtype=grad_dtype)
     return _finish(site, width=xv.shape[-1])
 
 

@@ -237,6 +237,20 @@ def gpt_oss_halves(s, q, k):
     return apply(q), apply(k)
 
 
+def ernie_widened_apart(s, q, k):
+    """Ernie 4.5: interleaved pairs in fp32 whatever q's dtype, with x and rotate(x) each widened
+    on its own (so x's gradient is two terms rounded to its dtype apart), fp32 tables taken as
+    their first half repeated pairwise, the result cast back to q's dtype."""
+    cos, sin = s.hf_cos_sin(q.shape[2], torch.float32)
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1).unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1).unsqueeze(1)
+
+    def apply(x):
+        return ((x.float() * cos) + (rotate_pairs(x).float() * sin)).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
 def q_only(s, q, k):
     cos, sin = s.hf_cos_sin(q.shape[2], q.dtype)
     return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1), k
@@ -267,6 +281,7 @@ SPELLINGS = {  # name -> (fn, layout, rotary_dim, words in the match detail)
     "partial_rotate_half": (partial_rotate_half, "bhtd", 4, "partial R=4"),
     "partial_interleaved": (partial_interleaved, "bthd", 4, "interleaved, 2 tensor(s), heads 4 + 2, D=8, partial R=4"),
     "gpt_oss_halves": (gpt_oss_halves, "bhtd", None, "halves, 2 tensor(s), heads 4 + 2, D=8, [B,H,T,D], fp32→fp32, cos/sin half rows"),
+    "ernie_widened_apart": (ernie_widened_apart, "bhtd", None, "interleaved, 2 tensor(s), heads 4 + 2, D=8, [B,H,T,D], fp32→fp32, cos/sin half rows"),
     "q_only": (q_only, "bhtd", None, "1 tensor(s), heads 4,"),
     "mrope_sections": (mrope_sections, "bhtd", None, "full rows"),
 }
@@ -318,6 +333,17 @@ def test_low_precision_rounds_where_eager_rounds(dtype):
         module = Rotary(fn, "bhtd", D=16).to(dtype)
         _, matches, _ = _check(module, torch.randn(2, 6, 24).to(dtype), exact=True)
         assert "products rounded to" in matches[0].detail
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_products_in_fp32_of_a_low_precision_x(dtype):
+    """Ernie's spelling on bf16/fp16 q and k: the rotation in fp32, one rounding at the store;
+    backward, each of the two gradient terms rounded to x's dtype where its own cast rounds it,
+    then added in that dtype: forward and gradients bit for bit."""
+    torch.manual_seed(0)
+    module = Rotary(ernie_widened_apart, "bhtd", D=16).to(dtype)
+    _, matches, _ = _check(module, torch.randn(2, 6, 24).to(dtype), exact=True)
+    assert "products rounded to" not in matches[0].detail, matches[0].detail
 
 
 def test_several_layers_pair_q_with_k_of_the_same_layer():
