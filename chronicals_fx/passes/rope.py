@@ -362,17 +362,18 @@ def _from_add(add):
             rot = _rotate_half(rot_base) or _rotate_pairs(rot_base)
             if rot is None:
                 continue
+            rot_source, source_casts = _widening_base(rot.x)
             for x_m, cos in ((mc["input"], mc["other"]), (mc["other"], mc["input"])):
                 if x_m is rot.x and not rot_casts:
                     separate = False
-                elif isinstance(x_m, Node) and _widening_base(x_m)[0] is rot.x:
+                elif isinstance(x_m, Node) and _widening_base(x_m)[0] is rot_source:
                     separate = True    # x·cos and rotate(x)·sin read x through casts of their own
                 else:
                     continue
                 if not isinstance(cos, Node) or not isinstance(sin, Node) \
                         or tensor_value(cos) is None:
                     continue
-                rot.nodes += rot_casts
+                rot.nodes += rot_casts + (source_casts if separate else [])
                 return _site_from_products(add.node, mc.node, ms.node, rot, x_m, cos, sin,
                                            separate)
     return None

@@ -251,6 +251,18 @@ def ernie_widened_apart(s, q, k):
     return apply(q), apply(k)
 
 
+def widened_twice(s, q, k):
+    """x widened once for each product (``x.float()`` written twice): the same rotation, its
+    gradient's two terms rounded apart as in Ernie's spelling."""
+    cos, sin = s.hf_cos_sin(q.shape[2], torch.float32)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def apply(x):
+        return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
 def q_only(s, q, k):
     cos, sin = s.hf_cos_sin(q.shape[2], q.dtype)
     return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1), k
@@ -282,6 +294,7 @@ SPELLINGS = {  # name -> (fn, layout, rotary_dim, words in the match detail)
     "partial_interleaved": (partial_interleaved, "bthd", 4, "interleaved, 2 tensor(s), heads 4 + 2, D=8, partial R=4"),
     "gpt_oss_halves": (gpt_oss_halves, "bhtd", None, "halves, 2 tensor(s), heads 4 + 2, D=8, [B,H,T,D], fp32→fp32, cos/sin half rows"),
     "ernie_widened_apart": (ernie_widened_apart, "bhtd", None, "interleaved, 2 tensor(s), heads 4 + 2, D=8, [B,H,T,D], fp32→fp32, cos/sin half rows"),
+    "widened_twice": (widened_twice, "bhtd", None, "rotate-half, 2 tensor(s), heads 4 + 2, D=8, [B,H,T,D], fp32→fp32, cos/sin half rows"),
     "q_only": (q_only, "bhtd", None, "1 tensor(s), heads 4,"),
     "mrope_sections": (mrope_sections, "bhtd", None, "full rows"),
 }
@@ -341,9 +354,10 @@ def test_products_in_fp32_of_a_low_precision_x(dtype):
     backward, each of the two gradient terms rounded to x's dtype where its own cast rounds it,
     then added in that dtype: forward and gradients bit for bit."""
     torch.manual_seed(0)
-    module = Rotary(ernie_widened_apart, "bhtd", D=16).to(dtype)
-    _, matches, _ = _check(module, torch.randn(2, 6, 24).to(dtype), exact=True)
-    assert "products rounded to" not in matches[0].detail, matches[0].detail
+    for fn in (ernie_widened_apart, widened_twice):
+        module = Rotary(fn, "bhtd", D=16).to(dtype)
+        _, matches, _ = _check(module, torch.randn(2, 6, 24).to(dtype), exact=True)
+        assert "products rounded to" not in matches[0].detail, matches[0].detail
 
 
 def test_several_layers_pair_q_with_k_of_the_same_layer():
