@@ -450,6 +450,8 @@ def _from_halves(cat):
 
 def _halves_site(out: Node, x_m: Node, cos: Any, sin: Any, halves: list[Node],
                  arithmetic: list[Node]):
+    """The site of a halves rotation: rotate-half with tables of one angle per pair (``half``),
+    so the op's tables are c and s as they are, of width D/2."""
     if not isinstance(cos, Node) or not isinstance(sin, Node) or tensor_value(cos) is None \
             or tensor_value(sin) is None:
         return None
