@@ -485,11 +485,13 @@ def summary_table(results: list[dict]) -> str:
         rows.append((engine, r["variant"], f"{r['tokens_per_s']:,.0f}",
                      f"{r['tokens_per_s'] / base:.2f}x" if base else "",
                      f"{r['median_step_ms']:.1f}", f"{r.get('median_host_ms', float('nan')):.1f}",
-                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}", f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
+                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
+                     f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      "" if gap is None else f"{gap:.3f}", f"{r['min_grad_norm']:.3f}",
                      "; ".join(r["problems"]) or "trained"))
     return tabulate(rows, headers=("engine", "variant", "tok/s (global)", "vs compile",
-                                   "step ms", "host ms (rank 0)", "SM MHz (rank 0)", "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
+                                   "step ms", "host ms (rank 0)", "SM MHz (rank 0)",
+                                   "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
                                    "min grad norm", "proof"), disable_numparse=True)
 
 

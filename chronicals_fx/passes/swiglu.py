@@ -145,8 +145,8 @@ def _is_grouped_mm(node: Node) -> bool:
     x per expert, as F.linear is one for all rows)."""
     if node.op != "call_function":
         return False
-    target = node.target
-    return target in _grouped_mms() or getattr(target, "overloadpacket", None) in _grouped_mms()
+    ops = _grouped_mms()
+    return node.target in ops or getattr(node.target, "overloadpacket", None) in ops
 
 
 @functools.cache
