@@ -65,6 +65,7 @@ from .graph import (
     number,
     readers_through_layout,
     refresh_values,
+    sole_user,
     static_int,
     tensor_value,
     used_outside,
@@ -514,7 +515,7 @@ def _absorb_output(site: _Site) -> None:
     then ``cat((rotated, x[.., R:]), −1)`` when x is x[.., :R] of a wider tensor."""
     site.rotation = site.output
     out, current, narrowed = site.output, site.round_dtype, False
-    while (cast := is_kind(_sole_user(out), "cast")) is not None:
+    while (cast := is_kind(sole_user(out), "cast")) is not None:
         dtype = cast["dtype"]
         if dtype not in KERNEL_DTYPES or narrowed or narrower(current, dtype):
             break  # a widening after rounding would need the gradient rounded on the way back
@@ -524,7 +525,7 @@ def _absorb_output(site: _Site) -> None:
     site.output = out
 
     rot = _last_slice(site.x)
-    cat = is_kind(_sole_user(out), "cat")
+    cat = is_kind(sole_user(out), "cat")
     if rot is None or cat is None or not isinstance(cat["tensors"], (list, tuple)):
         return
     q, start, stop, step = rot
@@ -539,10 +540,6 @@ def _absorb_output(site: _Site) -> None:
         return
     site.matched += [site.x, *casts, passed, cat.node]
     site.x, site.output, site.partial = q, cat.node, True
-
-
-def _sole_user(node: Node) -> Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _accepts(site: _Site, width: int) -> str | None:
