@@ -479,7 +479,7 @@ def _from_complex(real: Node):
             continue
         pairs = xc.args[0]
         x_m = _splits_last(pairs)
-        out = next(iter(real.users)) if len(real.users) == 1 else None
+        out = sole_user(real)
         if x_m is None or _merges_last_two(out) is not real or tensor_value(f) is None:
             return None
         if tensor_value(f).dtype != torch.complex64 or tensor_value(x_m).dtype != torch.float32:
