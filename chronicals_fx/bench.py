@@ -450,6 +450,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
                     "median_step_ms": median_of_timed("step_ms"),
                     "median_host_ms": median_of_timed("host_ms"),
                     "median_sm_mhz": median_of_timed("sm_mhz"),
+                    "median_power_w": median_of_timed("power_w"),
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})
@@ -464,7 +465,8 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", r["error"][:60]))
+            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "",
+                         r["error"][:60]))
             continue
         gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
                    for a, b in zip(losses, eager_losses))
@@ -475,14 +477,16 @@ def summary_table(results: list[dict]) -> str:
             tps += f" ({low:,.0f}–{high:,.0f}, {len(r['runs_losses'])} runs)"
         rows.append((r["variant"], tps, f"{r['median_step_ms']:.1f}",
                      f"{r.get('median_host_ms', float('nan')):.1f}",
-                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
+                     f"{r.get('median_sm_mhz', float('nan')):.0f}",
+                     f"{r.get('median_power_w', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
                      f"{r['tokens_per_s'] / compile_tps:.3f}x" if compile_tps else "",
                      "; ".join(r["problems"]) or "trained"))
     # host ms: the median time to enqueue a step (close to step ms: the host sets the pace);
-    # SM MHz: the GPU's clock while the steps ran (gpu_clock.py; nan without nvidia-smi).
-    return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz",
+    # SM MHz, W: the GPU's clock and power draw while the steps ran (gpu_clock.py; nan without
+    # nvidia-smi). At the card's power limit the step's energy, not its launches, sets its pace.
+    return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
                                    "peak GiB", "loss first→last",
                                    "min grad norm", "max |Δloss| vs eager", "vs compile",
                                    "proof"))

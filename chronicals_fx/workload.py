@@ -142,6 +142,10 @@ class TrainStats:
         return median_of_numbers(self.sm_mhz[self.warmup_steps:])
 
     @property
+    def median_power_w(self) -> float:
+        return median_of_numbers(self.power_w[self.warmup_steps:])
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.median_step_ms * 1000
 
@@ -163,7 +167,7 @@ class TrainStats:
     def to_dict(self) -> dict:
         return {**asdict(self), "median_step_ms": self.median_step_ms,
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
-                "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
+                "median_power_w": self.median_power_w, "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
 def allocator_note(result: dict) -> str:

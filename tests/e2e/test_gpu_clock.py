@@ -92,6 +92,7 @@ def test_trainer_gives_each_step_its_clock_and_host_time():
     assert stats.sm_mhz[:2] == [1900.0, 1600.0] and math.isnan(stats.sm_mhz[2])
     assert stats.power_w[:2] == [500.0, 690.0]
     assert stats.median_sm_mhz == 1600.0                  # timed steps only, NaN skipped
+    assert stats.median_power_w == 690.0
     assert len(stats.host_ms) == 3
     assert all(0 < h <= s for h, s in zip(stats.host_ms, stats.step_ms))
     assert stats.device_allocs == []                       # CPU: no driver allocator to count
