@@ -14,7 +14,12 @@ optimizer as ``profile_step``), after the warm-up:
    copies, allocations, syncs: count and time) and the CPU ops with the most inclusive time
    (nested ops count in their parents too);
 3. under cProfile, the Python functions with the most own time (C functions such as a
-   launcher's count separately from the Python that calls them).
+   launcher's count separately from the Python that calls them);
+4. with ``--py-spy RATE`` (py-spy on PATH, or ``--py-spy-bin``): py-spy samples the process
+   from outside at RATE Hz, thread by thread — unlike cProfile it keeps the autograd engine's
+   thread (the backward) apart from the main thread, and it slows neither. Per thread that ran
+   ≥ 5% of the samples: the frames with the most inclusive and the most own time, in ms a step
+   (samples ÷ rate ÷ steps; threads waiting are not sampled, so this is time on a CPU).
 
 Each part runs its own steps; the profilers slow the host, so their times are relative, but
 counts are exact. The proof of training (first and last loss, smallest grad norm) closes each
@@ -25,9 +30,17 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import io
+import os
 import pstats
+import re
+import shutil
+import signal
 import statistics
+import subprocess
+import tempfile
+import time
 import traceback
 import warnings
 from collections import Counter, defaultdict
@@ -45,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["compile", "chronicals"])
     add_step_arguments(p)
     p.add_argument("--device", default="cuda", help="cpu: a check of this tool, not a measurement")
+    p.add_argument("--py-spy", type=int, default=0, metavar="RATE",
+                   help="also sample the steps with py-spy at RATE Hz (0: not)")
+    p.add_argument("--py-spy-bin", default="py-spy")
     args = p.parse_args(argv)
     for variant in args.variants:
         print(profile_variant(args, variant), flush=True)
@@ -90,6 +106,10 @@ def profile_variant(args, variant: str) -> str:
     _sync(device)
     profiler.disable()
     lines += python_hot_spots(profiler, args.steps, args.top)
+
+    if args.py_spy:
+        lines += sampled_threads(step, args.steps, args.py_spy, args.py_spy_bin, args.top,
+                                 lambda: _sync(device))
 
     values = torch.stack(trainer.losses).float().tolist()
     lines.append(f"# trained: loss {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} steps, "
@@ -166,6 +186,76 @@ def python_hot_spots(profiler: cProfile.Profile, steps: int, top: int) -> list[s
     for tottime, cumtime, calls, where in rows[:top]:
         lines.append(f"{calls / steps:7.0f} {1000 * tottime / steps:8.2f} "
                      f"{1000 * cumtime / steps:8.2f}  {where[:100]}")
+    return lines
+
+
+PR_SET_PTRACER, PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)
+
+
+def sampled_threads(step, steps: int, rate: int, binary: str, top: int, sync) -> list[str]:
+    """py-spy's samples of ``steps`` steps of this process, summarized per thread."""
+    found = shutil.which(binary)
+    if found is None:
+        return [f"py-spy: {binary!r} not found, no samples"]
+    # Yama's ptrace_scope 1 lets a process read only its descendants: allow the sampler.
+    ctypes.CDLL(None).prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "stacks.txt")
+        sampler = subprocess.Popen([found, "record", "--pid", str(os.getpid()), "--rate",
+                                    str(rate), "--format", "raw", "--threads", "--nonblocking",
+                                    "--output", raw], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        time.sleep(2.0)    # attached and sampling before the first step
+        sync()
+        for _ in range(steps):
+            step()
+        sync()
+        sampler.send_signal(signal.SIGINT)
+        log = sampler.communicate(timeout=60)[0]
+        if not os.path.exists(raw):
+            return [f"py-spy wrote no samples (exit {sampler.returncode}): {log.strip()[-300:]}"]
+        with open(raw) as f:
+            stacks = parse_raw_stacks(f)
+    return thread_summary(stacks, steps, rate, top)
+
+
+def parse_raw_stacks(lines) -> list[tuple[list[str], int]]:
+    """py-spy's ``--format raw`` (collapsed stacks, "outer;…;inner count" a line) as
+    (frames outer first, samples); a frame is "function (file)", its line number dropped so
+    that a function's samples add up."""
+    stacks = []
+    for line in lines:
+        line = line.rstrip("\n")
+        frames, _, count = line.rpartition(" ")
+        if frames and count.isdigit():
+            stacks.append(([re.sub(r":\d+\)$", ")", f) for f in frames.split(";")], int(count)))
+    return stacks
+
+
+def thread_summary(stacks, steps: int, rate: int, top: int) -> list[str]:
+    """Per thread (the first frame of each stack, with ``--threads``) that has ≥ 5% of the
+    samples: total, then the frames with the most inclusive and own ms a step."""
+    ms = 1000.0 / rate / steps
+    threads: dict[str, list] = defaultdict(list)
+    for frames, count in stacks:
+        threads[frames[0]].append((frames[1:], count))
+    total = sum(c for _, c in stacks)
+    lines = [f"py-spy samples of {steps} steps at {rate} Hz: {total * ms:.1f} ms a step on a "
+             "CPU over all threads"]
+    for thread, own_stacks in sorted(threads.items(), key=lambda kv: -sum(c for _, c in kv[1])):
+        samples = sum(c for _, c in own_stacks)
+        if samples < 0.05 * total:
+            continue
+        inclusive, own = Counter(), Counter()
+        for frames, count in own_stacks:
+            for frame in set(frames):
+                inclusive[frame] += count
+            if frames:
+                own[frames[-1]] += count
+        lines.append(f"{thread}: {samples * ms:.1f} ms a step")
+        for title, counter in (("inclusive", inclusive), ("own", own)):
+            lines.append(f"  by {title} ms a step (top {top}):")
+            lines += [f"  {count * ms:8.2f}  {frame[:110]}" for frame, count in counter.most_common(top)]
     return lines
 
 

@@ -51,6 +51,7 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "rms_norm": (("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None}),
     "cat": (("tensors", "dim"), {"dim": 0}),
     "getitem": (("input", "index"), {}),
+    "masked_fill": (("input", "mask", "value"), {}),
 }
 
 # call_function targets -> kind. Tensor methods arrive as call_method by name and use the
@@ -74,12 +75,13 @@ _FUNCTION_KINDS: dict[Any, str] = {
     torch._C._nn.linear: "linear", F.linear: "linear",
     torch.rms_norm: "rms_norm", F.rms_norm: "rms_norm",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+    torch.masked_fill: "masked_fill",
 }
 _METHOD_KINDS = {
     name: name
     for name in ("add", "sub", "mul", "div", "pow", "square", "neg", "rsqrt", "sqrt",
                  "reciprocal", "exp", "tanh", "sigmoid", "cos", "sin", "relu", "mean", "sum",
-                 "softmax")
+                 "softmax", "masked_fill")
 }
 _METHOD_KINDS.update({"__getitem__": "getitem", "true_divide": "div", "__mul__": "mul",
                       "__add__": "add", "__truediv__": "div"})

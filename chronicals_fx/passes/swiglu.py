@@ -12,6 +12,8 @@ where g and u are projections of the same tensor x:
                                                          by expert, W [E, H, ·]): transformers'
                                                          MoE layers, torch's or its fallback op
               | P + low-rank delta                       LoRA: P + B(A(x))·s (PEFT's spelling)
+              | P.masked_fill(row_mask, 0)               whole rows zeroed (transformers 5.17's
+                                                         MoE layers: rows no expert computed)
               | cast(P)
               | piece of one fused projection P = x Wᵀ   chunk / split / slice on the last dim
 
@@ -129,6 +131,8 @@ def projection(node) -> _Projection | None:
         return _Projection(c["input"])
     if _is_grouped_mm(node) and node.args and isinstance(node.args[0], Node):
         return _Projection(node.args[0])
+    if c is not None and c.kind == "masked_fill" and _zeroes_rows(c):
+        return projection(c["input"])
     if c is not None and c.kind == "add":
         for base, delta in ((c["input"], c["other"]), (c["other"], c["input"])):
             proj = projection(base)
@@ -158,6 +162,16 @@ def _grouped_mms() -> tuple:
     except (AttributeError, RuntimeError):
         pass
     return tuple(found)
+
+
+def _zeroes_rows(fill) -> bool:
+    """P.masked_fill(mask, 0) with a mask of whole rows (size 1 in the last dim): each row is
+    still x's row times W, or 0. transformers 5.17's grouped-matmul experts zero this way the
+    rows the kernel leaves unwritten (tokens routed to no expert of this rank) after each
+    grouped matmul; the fill stays in the graph, so the product reads the same values."""
+    mask, filled = tensor_value(fill["mask"]), tensor_value(fill["input"])
+    return (number(fill["value"]) == 0 and mask is not None and filled is not None
+            and mask.dim() >= 1 and mask.shape[-1] == 1 and filled.shape[-1] > 1)
 
 
 def _low_rank_delta(node) -> bool:

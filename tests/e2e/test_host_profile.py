@@ -25,3 +25,28 @@ def test_host_profile_reports_ops_python_and_training(capsys, autocast):
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+) over 7 steps", out).groups())
     assert last < first
     assert float(re.search(r"min grad norm ([\d.]+)", out).group(1)) > 0
+
+
+def test_sampled_stacks_add_up_per_thread_and_function():
+    """py-spy's collapsed stacks: a function's samples add up over its lines; inclusive time
+    counts a frame once a stack; threads apart; ms a step = samples / rate / steps."""
+    raw = ["thread (0x1): MainThread;step (a.py:3);launch (b.py:10) 30\n",
+           "thread (0x1): MainThread;step (a.py:4);launch (b.py:12) 10\n",
+           "thread (0x1): MainThread;step (a.py:5) 20\n",
+           "thread (0x2);backward (c.py:1);backward (c.py:7) 40\n",
+           "thread (0x3);rare (d.py:1) 1\n", "not a stack\n"]
+    stacks = host_profile.parse_raw_stacks(raw)
+    assert stacks[0] == (["thread (0x1): MainThread", "step (a.py)", "launch (b.py)"], 30)
+    out = "\n".join(host_profile.thread_summary(stacks, steps=2, rate=10, top=3))
+    assert "5050.0 ms a step on a CPU over all threads" in out
+    main = out.split("thread (0x1): MainThread: 3000.0 ms a step")[1].split("thread (0x2)")[0]
+    assert re.search(r"3000\.00\s+step \(a\.py\)", main)           # inclusive: 60 samples
+    assert re.search(r"by own .*\n\s+2000\.00\s+launch \(b\.py\)", main)
+    backward = out.split("thread (0x2): 2000.0 ms a step")[1]
+    assert re.search(r"2000\.00\s+backward \(c\.py\)", backward)     # recursion counted once
+    assert "thread (0x3)" not in out                                 # under 5% of the samples
+
+
+def test_py_spy_missing_is_said(capsys):
+    lines = host_profile.sampled_threads(lambda: None, 1, 100, "no-such-py-spy", 5, lambda: None)
+    assert lines == ["py-spy: 'no-such-py-spy' not found, no samples"]

@@ -180,18 +180,27 @@ def test_fused_projection_through_inductor():
 class GroupedExperts(nn.Module):
     """Experts of a mixture as transformers' grouped_mm implementation computes them: x's rows
     sorted by expert, one grouped matmul for every expert's gate/up ([E, 2I, H] weights),
-    chunked, act(gate) * up, one grouped matmul down. ``offs``: the rows' expert boundaries."""
+    chunked, act(gate) * up, one grouped matmul down. ``offs``: the rows' expert boundaries.
+    ``row_mask`` [rows, 1]: transformers 5.17 zeroes those rows after each grouped matmul, and
+    in x before the first (the kernel's backward leaves those rows of dx unwritten)."""
 
-    def __init__(self, grouped_mm, offs, experts=3, hidden=16, inter=24):
+    def __init__(self, grouped_mm, offs, experts=3, hidden=16, inter=24, row_mask=None):
         super().__init__()
         self.grouped_mm = grouped_mm
+        self.row_mask = row_mask
         self.gate_up = nn.Parameter(torch.randn(experts, 2 * inter, hidden) / hidden ** 0.5)
         self.down = nn.Parameter(torch.randn(experts, hidden, inter) / inter ** 0.5)
         self.register_buffer("offs", offs)
 
+    def project(self, x, weight):
+        out = self.grouped_mm(x, weight.transpose(-2, -1), offs=self.offs)
+        return out if self.row_mask is None else out.masked_fill(self.row_mask, 0.0)
+
     def forward(self, x):
-        g, u = self.grouped_mm(x, self.gate_up.transpose(-2, -1), offs=self.offs).chunk(2, dim=-1)
-        return self.grouped_mm(F.silu(g) * u, self.down.transpose(-2, -1), offs=self.offs)
+        if self.row_mask is not None:
+            x = x.masked_fill(self.row_mask, 0.0)
+        g, u = self.project(x, self.gate_up).chunk(2, dim=-1)
+        return self.project(F.silu(g) * u, self.down)
 
 
 @pytest.mark.parametrize("grouped_mm", [torch._grouped_mm, F.grouped_mm],
@@ -204,6 +213,19 @@ def test_experts_of_a_grouped_matmul(grouped_mm):
     torch.manual_seed(0)
     offs = torch.tensor([4, 4, 10], dtype=torch.int32)          # the second expert gets no rows
     module = GroupedExperts(grouped_mm, offs).to(torch.bfloat16)
+    [match] = _check_matches_and_parity(module, torch.randn(10, 16).to(torch.bfloat16),
+                                        rtol=0, atol=0)
+    assert "fused gate/up projection (chunk)" in match.detail
+
+
+def test_experts_with_rows_zeroed_after_the_grouped_matmul():
+    """transformers 5.17 zeroes the rows of tokens routed to no expert (past the last offset,
+    left unwritten by the kernel) with ``masked_fill(row_mask, 0)`` after each grouped matmul:
+    still a projection row by row, so the gated product matches, bit for bit in bf16."""
+    torch.manual_seed(0)
+    offs = torch.tensor([3, 3, 8], dtype=torch.int32)           # rows 8 and 9: no expert
+    row_mask = (torch.arange(10) >= 8).unsqueeze(-1)
+    module = GroupedExperts(torch._grouped_mm, offs, row_mask=row_mask).to(torch.bfloat16)
     [match] = _check_matches_and_parity(module, torch.randn(10, 16).to(torch.bfloat16),
                                         rtol=0, atol=0)
     assert "fused gate/up projection (chunk)" in match.detail
@@ -336,6 +358,11 @@ NOT_GATED = {
     "projections_of_different_inputs": lambda s, x, y: F.silu(s.a(x)) * s.other(y),
     "gate_times_non_projection": lambda s, x, y: F.silu(s.a(x)) * (x.sum(-1, keepdim=True) + 1),
     "activation_of_product": lambda s, x, y: F.silu(s.a(x) * s.b(x)),
+    # masked_fill is a projection only with whole rows set to 0
+    "gate_rows_filled_with_one":
+        lambda s, x, y: F.silu(s.a(x).masked_fill(x[:, :1] > 0, 1.0)) * s.b(x),
+    "gate_masked_elementwise":
+        lambda s, x, y: F.silu(s.a(x).masked_fill(s.b(x) > 0, 0.0)) * s.b(x),
 }
 
 
