@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--py-spy", type=int, default=0, metavar="RATE",
                    help="also sample the steps with py-spy at RATE Hz (0: not)")
     p.add_argument("--py-spy-bin", default="py-spy")
+    p.add_argument("--py-spy-only", action="store_true",
+                   help="skip the sync check, torch.profiler and cProfile (parts 1–3)")
     args = p.parse_args(argv)
     for variant in args.variants:
         print(profile_variant(args, variant), flush=True)
@@ -89,8 +91,26 @@ def profile_variant(args, variant: str) -> str:
              f"{' fp32 under autocast(bf16)' if args.autocast else ''}: step "
              f"{step_ms:.1f} ms, host enqueue {host_ms:.1f} ms (median of {args.steps}, "
              "no profiler)"]
+    if not args.py_spy_only:
+        lines += profiled_sections(args, step, device)
+    if args.py_spy:
+        lines += sampled_threads(step, args.steps, args.py_spy, args.py_spy_bin, args.top,
+                                 lambda: _sync(device))
+
+    values = torch.stack(trainer.losses).float().tolist()
+    lines.append(f"# trained: loss {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} steps, "
+                 f"min grad norm {torch.stack(trainer.grad_norms).min().item():.3f}")
+    del trainer, step
     if device.type == "cuda":
-        lines += sync_points(step, args.steps)
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def profiled_sections(args, step, device) -> list[str]:
+    """Parts 1–3 of the module's docstring, each over its own ``args.steps`` steps."""
+    from chronicals_fx.workload import _sync
+
+    lines = sync_points(step, args.steps) if device.type == "cuda" else []
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -105,19 +125,7 @@ def profile_variant(args, variant: str) -> str:
         step()
     _sync(device)
     profiler.disable()
-    lines += python_hot_spots(profiler, args.steps, args.top)
-
-    if args.py_spy:
-        lines += sampled_threads(step, args.steps, args.py_spy, args.py_spy_bin, args.top,
-                                 lambda: _sync(device))
-
-    values = torch.stack(trainer.losses).float().tolist()
-    lines.append(f"# trained: loss {values[0]:.3f} -> {values[-1]:.3f} over {len(values)} steps, "
-                 f"min grad norm {torch.stack(trainer.grad_norms).min().item():.3f}")
-    del trainer, step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return "\n".join(lines)
+    return lines + python_hot_spots(profiler, args.steps, args.top)
 
 
 def sync_points(step, steps: int) -> list[str]:
