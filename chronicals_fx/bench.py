@@ -420,6 +420,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
     steps, the largest peak, the smallest grad norm, the first run's losses, and every run's
     losses under ``runs_losses`` (all of them are checked against eager's). A failed run is not
     averaged away: it is a problem of the variant's record (or the record, if none ran)."""
+    import math
     import statistics
 
     from chronicals_fx.workload import median_of_numbers
@@ -451,6 +452,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
                     "median_host_ms": median_of_timed("host_ms"),
                     "median_sm_mhz": median_of_timed("sm_mhz"),
                     "median_power_w": median_of_timed("power_w"),
+                    "mean_gc_ms": statistics.fmean(r.get("mean_gc_ms", math.nan) for r in ok),
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})
@@ -465,7 +467,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "",
+            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "", "",
                          r["error"][:60]))
             continue
         gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
@@ -478,7 +480,8 @@ def summary_table(results: list[dict]) -> str:
         rows.append((r["variant"], tps, f"{r['median_step_ms']:.1f}",
                      f"{r.get('median_host_ms', float('nan')):.1f}",
                      f"{r.get('median_sm_mhz', float('nan')):.0f}",
-                     f"{r.get('median_power_w', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
+                     f"{r.get('median_power_w', float('nan')):.0f}",
+                     f"{r.get('mean_gc_ms', float('nan')):.1f}", f"{r['peak_gib']:.1f}",
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
                      f"{r['tokens_per_s'] / compile_tps:.3f}x" if compile_tps else "",
@@ -486,7 +489,9 @@ def summary_table(results: list[dict]) -> str:
     # host ms: the median time to enqueue a step (close to step ms: the host sets the pace);
     # SM MHz, W: the GPU's clock and power draw while the steps ran (gpu_clock.py; nan without
     # nvidia-smi). At the card's power limit the step's energy, not its launches, sets its pace.
+    # GC ms: Python's garbage collector inside a step, mean over the timed steps (host time).
     return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
+                                   "GC ms",
                                    "peak GiB", "loss first→last",
                                    "min grad norm", "max |Δloss| vs eager", "vs compile",
                                    "proof"))

@@ -8,6 +8,7 @@ nothing is downloaded), read as bytes: token ids 0–255, every one a real token
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -121,6 +122,10 @@ class TrainStats:
     # the first steps they should be 0; each one may synchronize the device, which makes a
     # step's host time equal its step time for a reason other than a full launch queue.
     device_allocs: list[int] = field(default_factory=list)
+    # Time Python's cyclic garbage collector ran inside each step (either thread): a process
+    # holding many objects (compiled graphs and their metadata) pays for them in full
+    # collections, on the host, in the middle of a step.
+    gc_ms: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
     warmup_steps: int = 0
     peak_gib: float = 0.0
@@ -140,6 +145,11 @@ class TrainStats:
     @property
     def median_sm_mhz(self) -> float:
         return median_of_numbers(self.sm_mhz[self.warmup_steps:])
+
+    @property
+    def mean_gc_ms(self) -> float:
+        timed = self.gc_ms[self.warmup_steps:]
+        return statistics.fmean(timed) if timed else float("nan")
 
     @property
     def median_power_w(self) -> float:
@@ -167,7 +177,8 @@ class TrainStats:
     def to_dict(self) -> dict:
         return {**asdict(self), "median_step_ms": self.median_step_ms,
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
-                "median_power_w": self.median_power_w, "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
+                "median_power_w": self.median_power_w, "mean_gc_ms": self.mean_gc_ms,
+                "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
 def allocator_note(result: dict) -> str:
@@ -181,6 +192,32 @@ def median_of_numbers(values: list[float]) -> float:
     """The median of the values that are numbers (NaN when none is)."""
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else float("nan")
+
+
+class _GcTime:
+    """Seconds Python's garbage collector has spent since this was registered
+    (``gc.callbacks``: called with "start" and "stop" around each collection, under the GIL)."""
+
+    def __init__(self):
+        self.total_s = 0.0
+        self._start: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.total_s += time.perf_counter() - self._start
+            self._start = None
+
+
+def gc_time() -> _GcTime:
+    """The process's one :class:`_GcTime`, registered on first use."""
+    for callback in gc.callbacks:
+        if isinstance(callback, _GcTime):
+            return callback
+    clock = _GcTime()
+    gc.callbacks.append(clock)
+    return clock
 
 
 class Trainer:
@@ -207,6 +244,8 @@ class Trainer:
         self.host_ms: list[float] = []
         self.spans: list[tuple[float, float]] = []  # each step's (start, end), perf_counter
         self.device_allocs: list[int] = []
+        self.gc_ms: list[float] = []
+        self._gc = gc_time()
         self.tokens_per_step = 0
         # each step's loss and grad norm as device values, read once in stats(): the proof of
         # training without a host sync inside the loop
@@ -218,11 +257,13 @@ class Trainer:
         """One timed step: :meth:`enqueue` between two syncs."""
         allocs = _device_alloc_calls(self.device)
         _sync(self.device)
+        gc_before = self._gc.total_s
         start = time.perf_counter()
         self.enqueue(batch)
         enqueued = time.perf_counter()
         _sync(self.device)
         end = time.perf_counter()
+        self.gc_ms.append((self._gc.total_s - gc_before) * 1000)
         if allocs is not None:
             self.device_allocs.append(_device_alloc_calls(self.device) - allocs)
         self.host_ms.append((enqueued - start) * 1000)
@@ -250,7 +291,7 @@ class Trainer:
         (the process's, where several trainers share it). ``clock``: a
         :class:`~chronicals_fx.gpu_clock.ClockSampler` that ran during the steps."""
         stats = TrainStats(step_ms=list(self.step_ms), host_ms=list(self.host_ms),
-                           device_allocs=list(self.device_allocs),
+                           device_allocs=list(self.device_allocs), gc_ms=list(self.gc_ms),
                            tokens_per_step=self.tokens_per_step, warmup_steps=warmup_steps)
         if clock is not None:
             during = [clock.during(start, end) for start, end in self.spans]

@@ -96,6 +96,7 @@ def test_trainer_gives_each_step_its_clock_and_host_time():
     assert len(stats.host_ms) == 3
     assert all(0 < h <= s for h, s in zip(stats.host_ms, stats.step_ms))
     assert stats.device_allocs == []                       # CPU: no driver allocator to count
+    assert len(stats.gc_ms) == 3 and all(ms >= 0 for ms in stats.gc_ms)
 
 
 def test_allocator_note_counts_only_the_timed_steps():
@@ -105,3 +106,42 @@ def test_allocator_note_counts_only_the_timed_steps():
     assert (allocator_note({"device_allocs": [40, 2, 1], "warmup_steps": 1})
             == ", 3 cudaMalloc/cudaFree in the timed steps")
     assert allocator_note({}) == ""                        # a result from before the field
+
+
+def test_a_collection_inside_a_step_is_timed():
+    """gc.callbacks time every collection; a step's gc_ms is what ran between its two syncs."""
+    import gc
+
+    import torch
+
+    from chronicals_fx.workload import Trainer
+
+    class Output:
+        def __init__(self, loss):
+            self.loss = loss
+
+    class Collecting(torch.nn.Module):
+        def __init__(self, collect):
+            super().__init__()
+            self.inner, self.collect = torch.nn.Linear(4, 4), collect
+
+        def forward(self, input_ids, labels):
+            if self.collect:
+                junk = [[] for _ in range(200_000)]
+                for a, b in zip(junk, junk[1:]):
+                    a.append(b)
+                    b.append(a)                 # cycles: only the collector frees them
+                del junk, a, b
+                gc.collect()
+            return Output(self.inner(input_ids).pow(2).mean())
+
+    batch = {"input_ids": torch.randn(2, 4), "labels": torch.zeros(2)}
+    quiet, busy = Trainer(Collecting(False)), Trainer(Collecting(True))
+    gc.disable()
+    try:
+        quiet.step(batch)
+        busy.step(batch)
+    finally:
+        gc.enable()
+    assert quiet.gc_ms == [0.0]
+    assert busy.gc_ms[0] > 1.0
