@@ -19,7 +19,12 @@ import subprocess
 import threading
 import time
 
-QUERY = "clocks.sm,power.draw"
+# power.draw is, on current drivers, the average over the last second (measured on an H200,
+# session 21: it climbed from 85 to 694 W over a second of constant load, the instant reading
+# there at once): a step's median of it lags by a second. The instant reading where the driver
+# has it, else the average.
+QUERY = "clocks.sm,power.draw.instant"
+FALLBACK_QUERY = "clocks.sm,power.draw"
 
 
 def parse_sample(line: str) -> tuple[float, float] | None:
@@ -40,15 +45,26 @@ class ClockSampler:
     (an index in the driver's numbering, a UUID "GPU-…" or a PCI bus id)."""
 
     def __init__(self, gpu: int | str = 0, period_ms: int = 20):
-        self.command = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={QUERY}",
-                        "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"]
+        self.gpu, self.period_ms = gpu, period_ms
         self.samples: list[tuple[float, float, float]] = []   # (perf_counter, MHz, W)
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
 
+    def _query(self, fields: str) -> list[str]:
+        return ["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={fields}",
+                "--format=csv,noheader,nounits"]
+
     def __enter__(self) -> "ClockSampler":
-        if shutil.which(self.command[0]) is None:
+        if shutil.which("nvidia-smi") is None:
             return self
+        try:
+            probe = subprocess.run(self._query(QUERY), capture_output=True, text=True,
+                                   timeout=30).stdout
+        except subprocess.TimeoutExpired:
+            probe = ""
+        fields = QUERY if any(parse_sample(line) for line in probe.splitlines()) \
+            else FALLBACK_QUERY
+        self.command = [*self._query(fields), f"--loop-ms={self.period_ms}"]
         self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -28,11 +28,16 @@ def test_during_takes_the_median_of_the_samples_inside_the_span():
 
 @pytest.fixture
 def fake_nvidia_smi(tmp_path, monkeypatch):
-    """An ``nvidia-smi`` that checks it was asked for the sampler's query and prints a sample
-    every 10 ms (the loop mode's output) until it is terminated."""
+    """An ``nvidia-smi`` that checks it was asked for the sampler's query (the instant power)
+    and prints one sample, or, in loop mode, a sample every 10 ms until it is terminated."""
+    return _fake_smi(tmp_path, monkeypatch, "clocks.sm,power.draw.instant")
+
+
+def _fake_smi(tmp_path, monkeypatch, fields):
     script = tmp_path / "nvidia-smi"
     script.write_text("#!/bin/sh\n"
-                      'case "$*" in *--query-gpu=clocks.sm,power.draw*) ;; *) exit 3;; esac\n'
+                      f'case "$*" in *--query-gpu={fields}\\ *) ;; *) echo "bad field"; exit 2;; esac\n'
+                      'case "$*" in *--loop-ms*) ;; *) echo "1830, 650.5"; exit 0;; esac\n'
                       'echo "clocks.current.sm [MHz], power.draw [W]"\n'
                       "while true; do echo '1830, 650.5'; sleep 0.01; done\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -50,6 +55,17 @@ def test_sampler_reads_the_loop_and_stops_it(fake_nvidia_smi):
     assert len(clock.samples) >= 3                       # the header line is not a sample
     assert clock.during(start, end) == (1830.0, 650.5)
     assert clock._process.poll() is not None              # the loop ended with the block
+
+
+def test_sampler_falls_back_to_the_average_power(tmp_path, monkeypatch):
+    """A driver without the instant power field: the sampler asks for power.draw instead."""
+    _fake_smi(tmp_path, monkeypatch, "clocks.sm,power.draw")
+    with ClockSampler() as clock:
+        deadline = time.perf_counter() + 10
+        while not clock.samples and time.perf_counter() < deadline:
+            time.sleep(0.01)
+    assert "--query-gpu=clocks.sm,power.draw" in clock.command
+    assert clock.samples and clock.samples[0][1:] == (1830.0, 650.5)
 
 
 def test_sampler_without_nvidia_smi_records_nothing(monkeypatch, tmp_path):
