@@ -488,7 +488,8 @@ def summary_table(results: list[dict]) -> str:
                      "; ".join(r["problems"]) or "trained"))
     # host ms: the median time to enqueue a step (close to step ms: the host sets the pace);
     # SM MHz, W: the GPU's clock and power draw while the steps ran (gpu_clock.py; nan without
-    # nvidia-smi). At the card's power limit the step's energy, not its launches, sets its pace.
+    # nvidia-smi). W at the card's limit with the clock below its maximum: the step is
+    # power-bound; W low with the clock at its maximum: the GPU waited (on the host, mostly).
     # GC ms: Python's garbage collector inside a step, mean over the timed steps (host time).
     return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
                                    "GC ms",

@@ -46,6 +46,7 @@ class ClockSampler:
 
     def __init__(self, gpu: int | str = 0, period_ms: int = 20):
         self.gpu, self.period_ms = gpu, period_ms
+        self.command: list[str] = []     # the loop's nvidia-smi command, once started
         self.samples: list[tuple[float, float, float]] = []   # (perf_counter, MHz, W)
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
