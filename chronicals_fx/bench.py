@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", action="store_true",
                    help="mixed precision as HF Trainer's bf16=True: fp32 weights, the forward "
                         "under torch.autocast(bf16) (default: a bf16 model on a GPU)")
+    p.add_argument("--pin-cpus", metavar="LIST",
+                   help="run each variant's process on these CPUs only (e.g. 0-3,8): whether "
+                        "the host time's spread between processes is where the OS puts them")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -354,6 +357,8 @@ def log_dir(json_path: str | None) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
+        if args.pin_cpus:   # before torch starts its threads: they inherit the set
+            os.sched_setaffinity(0, cpu_list(args.pin_cpus))
         with open(args.worker, "w") as f:
             json.dump(run_interleaved(args) if args.interleave else run_variant(args), f)
         return 0
@@ -380,6 +385,7 @@ def main(argv=None) -> int:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
                "--lora", str(args.lora), "--layers", str(args.layers)]
         cmd += ["--autocast"] if args.autocast else []
+        cmd += ["--pin-cpus", args.pin_cpus] if args.pin_cpus else []
         cmd += (["--interleave", str(args.interleave), "--variants", *args.variants]
                 if variant is None else ["--variant", variant])
         if args.passes is not None:
@@ -399,12 +405,21 @@ def main(argv=None) -> int:
             results.append(r)
             print(f"{r['variant']}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.1f} GiB, "
                   f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, min grad norm "
-                  f"{min(r['grad_norms']):.3f}, counts {r['counts']}{workload.allocator_note(r)}",
-                  flush=True)
+                  f"{min(r['grad_norms']):.3f}, counts {r['counts']}{workload.allocator_note(r)}"
+                  f"{workload.host_note(r)}", flush=True)
         _save(args, header, results)
 
     print(summary_table(results))
     return 0
+
+
+def cpu_list(text: str) -> set[int]:
+    """CPU numbers from a list like "0-3,8" (taskset's -c syntax)."""
+    cpus = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def _save(args, header: str, results: list[dict]) -> None:

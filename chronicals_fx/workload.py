@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sysconfig
 import time
@@ -126,6 +127,11 @@ class TrainStats:
     # holding many objects (compiled graphs and their metadata) pays for them in full
     # collections, on the host, in the middle of a step.
     gc_ms: list[float] = field(default_factory=list)
+    # Involuntary context switches of the process's threads inside each step (the OS took a CPU
+    # away from a runnable thread), and the CPUs the process may run on: host time that differs
+    # between processes of the same code for where and with whom the OS runs them.
+    preempted: list[int] = field(default_factory=list)
+    cpus: int = 0
     tokens_per_step: int = 0
     warmup_steps: int = 0
     peak_gib: float = 0.0
@@ -179,6 +185,31 @@ class TrainStats:
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
                 "median_power_w": self.median_power_w, "mean_gc_ms": self.mean_gc_ms,
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
+
+
+def _involuntary_switches() -> int:
+    """The process's involuntary context switches so far (0 where the OS doesn't count them)."""
+    try:
+        import resource
+    except ImportError:          # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
+def _usable_cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)     # Linux
+    return len(affinity(0)) if affinity else os.cpu_count() or 0
+
+
+def host_note(result: dict) -> str:
+    """', P involuntary context switches a step on C CPUs' (timed steps) for a result dict of
+    :meth:`TrainStats.to_dict`; '' where they were not recorded."""
+    timed = result.get("preempted", [])[result.get("warmup_steps", 0):]
+    if not timed:
+        return ""
+    cpus = result.get("cpus", 0)
+    return (f", {statistics.fmean(timed):.0f} involuntary context switches a step on "
+            f"{cpus} CPU{'' if cpus == 1 else 's'}")
 
 
 def allocator_note(result: dict) -> str:
@@ -246,6 +277,7 @@ class Trainer:
         self.device_allocs: list[int] = []
         self.gc_ms: list[float] = []
         self._gc = gc_time()
+        self.preempted: list[int] = []
         self.tokens_per_step = 0
         # each step's loss and grad norm as device values, read once in stats(): the proof of
         # training without a host sync inside the loop
@@ -258,12 +290,14 @@ class Trainer:
         allocs = _device_alloc_calls(self.device)
         _sync(self.device)
         gc_before = self._gc.total_s
+        switches = _involuntary_switches()
         start = time.perf_counter()
         self.enqueue(batch)
         enqueued = time.perf_counter()
         _sync(self.device)
         end = time.perf_counter()
         self.gc_ms.append((self._gc.total_s - gc_before) * 1000)
+        self.preempted.append(_involuntary_switches() - switches)
         if allocs is not None:
             self.device_allocs.append(_device_alloc_calls(self.device) - allocs)
         self.host_ms.append((enqueued - start) * 1000)
@@ -292,6 +326,7 @@ class Trainer:
         :class:`~chronicals_fx.gpu_clock.ClockSampler` that ran during the steps."""
         stats = TrainStats(step_ms=list(self.step_ms), host_ms=list(self.host_ms),
                            device_allocs=list(self.device_allocs), gc_ms=list(self.gc_ms),
+                           preempted=list(self.preempted), cpus=_usable_cpus(),
                            tokens_per_step=self.tokens_per_step, warmup_steps=warmup_steps)
         if clock is not None:
             during = [clock.during(start, end) for start, end in self.spans]

@@ -300,3 +300,30 @@ def test_an_unknown_variant_is_refused_not_run_as_eager(typo):
     with pytest.raises(SystemExit, match="unknown variant"):
         build_variant(Namespace(model="tiny-llama", layers=0, lora=0, passes=None,
                                 autocast=False), typo)
+
+
+def test_cpu_lists_read_like_taskset():
+    from chronicals_fx.bench import cpu_list
+
+    assert cpu_list("0-3,8") == {0, 1, 2, 3, 8}
+    assert cpu_list("5") == {5}
+
+
+def test_pinned_worker_runs_on_the_cpus_asked_and_counts_preemptions(tmp_path):
+    """``--pin-cpus``: the variant's process may run only there (its result says on how many
+    CPUs), and each step's involuntary context switches are recorded."""
+    import json
+    import os
+
+    from chronicals_fx import bench, workload
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("CPU affinity is a Linux call")
+    cpu = min(os.sched_getaffinity(0))
+    assert bench.main(["--model", "tiny-llama", "--batch", "2", "--seq", "32", "--steps", "3",
+                       "--warmup", "1", "--variants", "eager", "--pin-cpus", str(cpu),
+                       "--json", str(tmp_path / "pinned.json")]) == 0
+    [result] = json.loads((tmp_path / "pinned.json").read_text())["results"]
+    assert result["cpus"] == 1 and result["problems"] == []
+    assert len(result["preempted"]) == 3 and all(n >= 0 for n in result["preempted"])
+    assert workload.host_note(result).endswith("context switches a step on 1 CPU")

@@ -113,6 +113,8 @@ def test_trainer_gives_each_step_its_clock_and_host_time():
     assert all(0 < h <= s for h, s in zip(stats.host_ms, stats.step_ms))
     assert stats.device_allocs == []                       # CPU: no driver allocator to count
     assert len(stats.gc_ms) == 3 and all(ms >= 0 for ms in stats.gc_ms)
+    assert len(stats.preempted) == 3 and all(n >= 0 for n in stats.preempted)
+    assert stats.cpus >= 1
 
 
 def test_allocator_note_counts_only_the_timed_steps():
