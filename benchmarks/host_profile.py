@@ -240,6 +240,23 @@ def parse_raw_stacks(lines) -> list[tuple[list[str], int]]:
     return stacks
 
 
+SOURCES = (("chronicals", re.compile(r"\(chronicals_fx/")),
+           ("compiled code", re.compile(r"\(c[a-z0-9]{40,}\.py\)")),   # Inductor's wrappers
+           ("inductor", re.compile(r"\(torch/_inductor/")),
+           ("triton", re.compile(r"\(triton/|\(<string>\)")),           # and its launchers
+           ("torch", re.compile(r"\(torch/")))
+
+
+def source_counts(stacks) -> list[tuple[str, int]]:
+    """Samples by the source of their innermost frame (:data:`SOURCES`, else "other"), most
+    first: own time, where C calls count to the Python that made them."""
+    counts: Counter = Counter()
+    for frames, count in stacks:
+        leaf = frames[-1] if frames else ""
+        counts[next((name for name, pattern in SOURCES if pattern.search(leaf)), "other")] += count
+    return counts.most_common()
+
+
 def thread_summary(stacks, steps: int, rate: int, top: int) -> list[str]:
     """Per thread (the first frame of each stack, with ``--threads``) that has ≥ 5% of the
     samples: total, then the frames with the most inclusive and own ms a step."""
@@ -260,7 +277,8 @@ def thread_summary(stacks, steps: int, rate: int, top: int) -> list[str]:
                 inclusive[frame] += count
             if frames:
                 own[frames[-1]] += count
-        lines.append(f"{thread}: {samples * ms:.1f} ms a step")
+        lines.append(f"{thread}: {samples * ms:.1f} ms a step; own time by source: " + ", ".join(
+            f"{source} {count * ms:.1f}" for source, count in source_counts(own_stacks)))
         for title, counter in (("inclusive", inclusive), ("own", own)):
             lines.append(f"  by {title} ms a step (top {top}):")
             lines += [f"  {count * ms:8.2f}  {frame[:110]}" for frame, count in counter.most_common(top)]

@@ -50,3 +50,19 @@ def test_sampled_stacks_add_up_per_thread_and_function():
 def test_py_spy_missing_is_said(capsys):
     lines = host_profile.sampled_threads(lambda: None, 1, 100, "no-such-py-spy", 5, lambda: None)
     assert lines == ["py-spy: 'no-such-py-spy' not found, no samples"]
+
+
+def test_own_time_by_source():
+    """The innermost frame's file says whose time it is: ours, Inductor's generated wrapper,
+    Inductor's runtime, Triton (its launchers are compiled from strings), torch, or other."""
+    raw = ["t;call (cx76ksovymp3mpdoyxhlxtjbgyspd5jo5vrw6p223db2had3a5sh.py:3) 5\n",
+           "t;run (torch/_inductor/runtime/triton_heuristics.py:9);launcher (<string>:2) 3\n",
+           "t;f (chronicals_fx/kernels/linear_ce.py:1) 2\n",
+           "t;run (torch/_inductor/runtime/static_triton_launcher.py:232) 2\n",
+           "t;g (torch/_ops.py:1) 1\n", "t;h (foo.py:1) 1\n"]
+    stacks = [(frames[1:], n) for frames, n in host_profile.parse_raw_stacks(raw)]
+    assert host_profile.source_counts(stacks) == [
+        ("compiled code", 5), ("triton", 3), ("chronicals", 2), ("inductor", 2), ("torch", 1),
+        ("other", 1)]
+    summary = "\n".join(host_profile.thread_summary(host_profile.parse_raw_stacks(raw), 1, 1000, 2))
+    assert "t: 14.0 ms a step; own time by source: compiled code 5.0, triton 3.0," in summary
