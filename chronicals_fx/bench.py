@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="mixed precision as HF Trainer's bf16=True: fp32 weights, the forward "
                         "under torch.autocast(bf16) (default: a bf16 model on a GPU)")
     p.add_argument("--pin-cpus", metavar="LIST",
-                   help="run each variant's process on these CPUs only (e.g. 0-3,8): whether "
-                        "the host time's spread between processes is where the OS puts them")
+                   help="run each variant's process on these CPUs only (e.g. 0-3,8; its "
+                        "compile workers too, so the warm-up compiles slower): whether the host "
+                        "time's spread between processes is where the OS puts them")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)        # run one variant, write JSON here
     p.add_argument("--variant", help=argparse.SUPPRESS)
