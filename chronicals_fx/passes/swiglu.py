@@ -75,6 +75,7 @@ class _Projection:
     input: Node                  # the tensor projected (x)
     fused: Node | None = None    # the fused projection the piece was cut from
     split: str = ""              # how it was cut: "chunk", "split", "slice"
+    experts: bool = False        # a grouped matmul: each expert's rows by its own weight
 
 
 @dataclass
@@ -130,7 +131,7 @@ def projection(node) -> _Projection | None:
     if c is not None and c.kind == "linear" and isinstance(c["input"], Node):
         return _Projection(c["input"])
     if _is_grouped_mm(node) and node.args and isinstance(node.args[0], Node):
-        return _Projection(node.args[0])
+        return _Projection(node.args[0], experts=True)
     if c is not None and c.kind == "masked_fill" and _zeroes_rows(c):
         return projection(c["input"])
     if c is not None and c.kind == "add":
@@ -213,7 +214,7 @@ def _fused_piece(fused, dim, how) -> _Projection | None:
     proj = projection(fused)
     if value is None or proj is None or normalize_dim(dim, value.dim()) != (value.dim() - 1,):
         return None
-    return _Projection(proj.input, fused, how)
+    return _Projection(proj.input, fused, how, proj.experts)
 
 
 def _last_dim_slice(index, source: Node) -> bool:
@@ -517,6 +518,8 @@ def _describe(site: _Site) -> str:
     parts = [f"{_short(g.dtype)} I={g.shape[-1]}", site.activation]
     if site.gate_proj.fused is not None and site.gate_proj.fused is site.up_proj.fused:
         parts.append(f"fused gate/up projection ({site.gate_proj.split})")
+    if site.gate_proj.experts:
+        parts.append("experts of a mixture (grouped matmul)")
     if site.composite:
         note = "activation spelled out, matched by value"
         if g.dtype in _LOW:

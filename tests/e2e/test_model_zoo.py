@@ -189,10 +189,12 @@ FAMILIES = {
     # ordinary gated MLP beside the routed ones.
     "mixtral": Family("MixtralConfig", dict(GQA, num_local_experts=4, num_experts_per_tok=2),
                       norms_per_layer=2, gated=("mlp.experts",), one_graph_probe=True,
-                      details=lambda c: [("swiglu", "experts", "fused gate/up projection")]),
+                      details=lambda c: [("swiglu", "experts", "fused gate/up projection"),
+                                         ("swiglu", "experts", "experts of a mixture")]),
     "qwen3_moe": Family("Qwen3MoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=40),
-                        norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True),
+                        norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True,
+                        details=lambda c: [("swiglu", "experts", "experts of a mixture")]),
     "olmoe": Family("OlmoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                         eos_token_id=2),
                     norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True),
@@ -200,7 +202,8 @@ FAMILIES = {
                                                moe_intermediate_size=40,
                                                shared_expert_intermediate_size=64),
                         norms_per_layer=2, gated=("mlp.experts", "mlp.shared_expert"),
-                        one_graph_probe=True),
+                        one_graph_probe=True,
+                        details=lambda c: [("swiglu", "experts", "experts of a mixture")]),
     # Qwen2 with its sliding window on layers from max_window_layers on: layer 0 full
     # (proven causal), layer 1 a window of 4 (declined). SDPA (the default) and eager.
     "qwen2_sliding": Family("Qwen2Config", dict(GQA, use_sliding_window=True,
