@@ -61,6 +61,7 @@ from .graph import (
     fake_call,
     is_kind,
     normalize_dim,
+    not_constant,
     number,
     replace_with_call,
     static_int,
@@ -180,7 +181,7 @@ def _sdpa_site(node: Node):
         if isinstance(x, Node):
             return f"{name} is a runtime value"
     if a["scale"] is not None and number(a["scale"]) is None:
-        return "scale is not a constant"
+        return not_constant("scale", a["scale"])
     shapes = _qkv_shapes(q, k, v)
     if isinstance(shapes, str):
         return shapes

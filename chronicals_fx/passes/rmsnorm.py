@@ -26,9 +26,9 @@ from torch.fx import GraphModule, Node
 from ..kernels._triton import KERNEL_DTYPES
 from ..kernels.rmsnorm import MAX_HIDDEN
 from .graph import (Canon, autocast_cast_dtype, canon, erase_dead, insert_call, is_kind,
-                    live_canons, narrower, normalize_dim, number, readers_through_layout,
-                    refresh_values, replace_with_call, sole_user, static_int, tensor_value,
-                    used_outside)
+                    live_canons, narrower, normalize_dim, not_constant, number,
+                    readers_through_layout, refresh_values, replace_with_call, sole_user,
+                    static_int, tensor_value, used_outside)
 
 NAME = "rmsnorm"
 _LOW = (torch.bfloat16, torch.float16)
@@ -136,7 +136,7 @@ def _decomposed(add: Canon):
     if mean["dtype"] is not None:
         return "mean with an explicit dtype"
     if number(eps) is None:
-        return "eps is not a constant"
+        return not_constant("eps", eps)
     internal = [square, stat, add.node, *chain]
     site = _Site(x=base, eps=number(eps), output=normalized, internal=internal,
                  matched=[x_b, x_a, square, stat, add.node, *chain, normalized])
@@ -216,7 +216,7 @@ def _functional(c: Canon):
     if eps is None:
         eps = torch.finfo(torch.float32).eps  # aten's default: epsilon of the fp32 opmath type
     if number(eps) is None:
-        return "eps is not a constant"
+        return not_constant("eps", eps)
     site = _Site(x=c["input"], eps=number(eps), output=c.node, internal=[], matched=[c.node])
     if c["weight"] is not None:
         site.weight = c["weight"]

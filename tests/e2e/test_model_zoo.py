@@ -404,3 +404,28 @@ def test_gpt_oss_rotary_halves_and_parity():
     layers = eager.config.num_hidden_layers
     assert len(rope) == layers and all("halves, 2 tensor(s)" in m.detail for m in rope), report
     assert report.counts["swiglu"] == 0 and not report.declines, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Two models in one process: transformers' models share their forward's wrapper, so Dynamo's
+# second compile of it makes a float that differs (eps) a graph input; the norms that read it
+# decline, saying why and what keeps floats constant.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("specialize_float", [False, True])
+def test_second_model_with_another_eps(specialize_float):
+    with torch._dynamo.config.patch(specialize_float=specialize_float):
+        reports = []
+        for eps in (1e-6, 1e-5):
+            model = tiny("LlamaConfig", rms_norm_eps=eps)
+            chronicals.optimize(model, strict=True, compiler="aot_eager")
+            model(**batch(seq=T)).loss.backward()
+            reports.append(chronicals.report_of(model))
+    first, second = reports
+    norms = 2 * DIMS["num_hidden_layers"] + 1
+    assert first.counts["rmsnorm"] == norms and not first.declines
+    if specialize_float:
+        assert second.counts["rmsnorm"] == norms and not second.declines
+    else:
+        assert second.counts["rmsnorm"] == 0
+        assert len(second.declines) == norms and all(
+            d.op == "rmsnorm" and "specialize_float = True" in d.reason for d in second.declines)
