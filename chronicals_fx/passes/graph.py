@@ -316,14 +316,19 @@ def number(x: Any) -> float | None:
     return float(x) if is_number(x) else None
 
 
+def promoted_float(x: Any) -> bool:
+    """True for a float Dynamo turned into a graph input (a 0-d float64 placeholder, read by
+    ``.item()``): it does so for a float that differed at a recompile of the same code — e.g. a
+    second model compiled in this process whose config has another eps (transformers' models
+    share their forward's wrapper)."""
+    return (isinstance(x, Node) and x.op == "call_method" and x.target == "item"
+            and bool(x.args) and isinstance(x.args[0], Node) and x.args[0].op == "placeholder")
+
+
 def not_constant(name: str, x: Any) -> str:
-    """The decline reason for a scalar the kernel needs as a constant that is not one. Dynamo
-    turns a float into a graph input (a 0-d float64 placeholder, read by ``.item()``) when it
-    differed at a recompile of the same code — e.g. a second model compiled in this process
-    whose config has another eps: transformers' models share their forward's wrapper — and
-    the reason then says so, with the setting that keeps floats constant."""
-    if (isinstance(x, Node) and x.op == "call_method" and x.target == "item" and x.args
-            and isinstance(x.args[0], Node) and x.args[0].op == "placeholder"):
+    """The decline reason for a scalar the kernel needs as a constant that is not one; for a
+    :func:`promoted_float`, with what happened and the setting that keeps floats constant."""
+    if promoted_float(x):
         return (f"{name} is not a constant: Dynamo made this float a graph input after a "
                 "recompile (another model compiled in this process with another value?); "
                 "torch._dynamo.config.specialize_float = True keeps floats constant")

@@ -55,8 +55,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..kernels._triton import KERNEL_DTYPES
-from .graph import (autocast_cast_dtype, call_before, canon, is_kind, narrower, number,
-                    static_int, tensor_value)
+from .graph import (autocast_cast_dtype, call_before, canon, is_kind, narrower, not_constant,
+                    number, promoted_float, static_int, tensor_value)
 
 NAME = "linear_cross_entropy"
 
@@ -318,6 +318,8 @@ def _why_not_understood(node: Node) -> str:
         if any(isinstance(v, Node) for v in (c["input"], c["other"])) and _scale_of(c) is None:
             other = c["other"] if isinstance(c["other"], Node) else c["input"]
             if isinstance(c["input"], Node) and isinstance(c["other"], Node):
+                if promoted_float(other):
+                    return not_constant("logit scale", other)
                 return (f"logit scale {other.name} is a tensor, not a constant "
                         "(the kernel takes constant scales)")
             return f"logit transform {node.name} ({c.kind}) not understood"

@@ -411,21 +411,30 @@ def test_gpt_oss_rotary_halves_and_parity():
 # second compile of it makes a float that differs (eps) a graph input; the norms that read it
 # decline, saying why and what keeps floats constant.
 # ---------------------------------------------------------------------------------------------
+SECOND_MODEL = {   # config, the float that differs, its two values, the op reading it, sites
+    "llama_eps": ("LlamaConfig", "rms_norm_eps", (1e-6, 1e-5), "rmsnorm",
+                  2 * DIMS["num_hidden_layers"] + 1),
+    "granite_logit_scale": ("GraniteConfig", "logits_scaling", (4.0, 8.0),
+                            "linear_cross_entropy", 1),
+}
+
+
 @pytest.mark.parametrize("specialize_float", [False, True])
-def test_second_model_with_another_eps(specialize_float):
+@pytest.mark.parametrize("case", list(SECOND_MODEL))
+def test_second_model_with_another_float(case, specialize_float):
+    config, field, values, op, sites = SECOND_MODEL[case]
     with torch._dynamo.config.patch(specialize_float=specialize_float):
         reports = []
-        for eps in (1e-6, 1e-5):
-            model = tiny("LlamaConfig", rms_norm_eps=eps)
+        for value in values:
+            model = tiny(config, **{field: value})
             chronicals.optimize(model, strict=True, compiler="aot_eager")
             model(**batch(seq=T)).loss.backward()
             reports.append(chronicals.report_of(model))
     first, second = reports
-    norms = 2 * DIMS["num_hidden_layers"] + 1
-    assert first.counts["rmsnorm"] == norms and not first.declines
+    assert first.counts[op] == sites and not first.declines
     if specialize_float:
-        assert second.counts["rmsnorm"] == norms and not second.declines
+        assert second.counts[op] == sites and not second.declines
     else:
-        assert second.counts["rmsnorm"] == 0
-        assert len(second.declines) == norms and all(
-            d.op == "rmsnorm" and "specialize_float = True" in d.reason for d in second.declines)
+        assert second.counts[op] == 0
+        assert len(second.declines) == sites and all(
+            d.op == op and "specialize_float = True" in d.reason for d in second.declines)
