@@ -321,8 +321,11 @@ def promoted_float(x: Any) -> bool:
     ``.item()``): it does so for a float that differed at a recompile of the same code — e.g. a
     second model compiled in this process whose config has another eps (transformers' models
     share their forward's wrapper)."""
-    return (isinstance(x, Node) and x.op == "call_method" and x.target == "item"
-            and bool(x.args) and isinstance(x.args[0], Node) and x.args[0].op == "placeholder")
+    if not (isinstance(x, Node) and x.op == "call_method" and x.target == "item" and x.args
+            and isinstance(x.args[0], Node) and x.args[0].op == "placeholder"):
+        return False
+    held = tensor_value(x.args[0])
+    return held is not None and held.dim() == 0 and held.dtype == torch.float64
 
 
 def not_constant(name: str, x: Any) -> str:
