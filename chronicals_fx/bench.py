@@ -439,7 +439,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
     import math
     import statistics
 
-    from chronicals_fx.workload import median_of_numbers
+    from chronicals_fx.workload import median_of_numbers, timed_values
 
     by_variant: dict[str, list[dict]] = {}
     for r in results:
@@ -460,7 +460,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
         tps = [r["tokens_per_s"] for r in ok]
 
         def median_of_timed(key: str) -> float:
-            return median_of_numbers([v for r in ok for v in r.get(key, [])[r["warmup_steps"]:]])
+            return median_of_numbers([v for r in ok for v in timed_values(r, key)])
 
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),

@@ -201,10 +201,15 @@ def _usable_cpus() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 0
 
 
+def timed_values(result: dict, key: str) -> list:
+    """A per-step list of a result dict (:meth:`TrainStats.to_dict`) without its warm-up steps."""
+    return result.get(key, [])[result.get("warmup_steps", 0):]
+
+
 def host_note(result: dict) -> str:
     """', P involuntary context switches a step on C CPUs' (timed steps) for a result dict of
     :meth:`TrainStats.to_dict`; '' where they were not recorded."""
-    timed = result.get("preempted", [])[result.get("warmup_steps", 0):]
+    timed = timed_values(result, "preempted")
     if not timed:
         return ""
     cpus = result.get("cpus", 0)
@@ -215,7 +220,7 @@ def host_note(result: dict) -> str:
 def allocator_note(result: dict) -> str:
     """', N cudaMalloc/cudaFree in the timed steps' for a result dict (:meth:`TrainStats.to_dict`)
     whose timed steps called the driver's allocator; '' when none did."""
-    calls = sum(result.get("device_allocs", [])[result.get("warmup_steps", 0):])
+    calls = sum(timed_values(result, "device_allocs"))
     return f", {calls} cudaMalloc/cudaFree in the timed steps" if calls else ""
 
 
