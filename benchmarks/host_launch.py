@@ -76,7 +76,7 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
                      ) -> list[list]:
     """Host µs per call of the parts of one fused SwiGLU-backward GEMM call (see the module's
     docstring), each timed alone over ``calls`` calls."""
-    from chronicals_fx.kernels import swiglu, swiglu_gemm
+    from chronicals_fx.kernels import swiglu_gemm
 
     dy, w_down, gate, up = swiglu_inputs(n, hidden, inter)
     dg, du, y = (torch.empty_like(gate) for _ in range(3))
@@ -94,8 +94,6 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
     parts = {
         "op (dispatch + body + launch)": lambda: op(dy, w_down, gate, up, 0),
         "op under no_grad": op_no_grad,
-        "op's function, no dispatcher": lambda: swiglu.swiglu_linear_backward_gemm._init_fn(
-            dy, w_down, gate, up, 0),
         "body (swiglu_linear_backward)": lambda: swiglu_gemm.swiglu_linear_backward(
             dy, w_down, gate, up, 0),
         "3 outputs (empty_like)": lambda: [torch.empty_like(gate) for _ in range(3)],

@@ -63,21 +63,57 @@ def ws_launch_kwargs(tile: GemmTile, programs: int) -> dict:
                 LOAD_REGS=tile.load_regs, num_warps=tile.mma_warps, maxnreg=tile.maxnreg)
 
 
-def launcher(kernel, grid: tuple, args: tuple, kwargs: dict):
+def launcher(kernel, grid: tuple, args: tuple, kwargs: dict, key=None):
     """A callable launching ``kernel[grid](*args, **kwargs)`` (``warmup=True``: compile only);
     it carries kernel, grid, args and kwargs for offline compiles
-    (benchmarks/swiglu_gemm_gluon.py's ``compile_offline``)."""
+    (benchmarks/swiglu_gemm_gluon.py's ``compile_offline``). ``key``: ``fast_launch``'s (what
+    fixes every specialization of the launch), when the caller has one."""
     def launch(warmup: bool = False):
         if warmup:
             return kernel.warmup(*args, grid=grid, **kwargs)
-        return fast_launch(kernel)[grid](*args, **kwargs)
+        return fast_launch(kernel, key)[grid](*args, **kwargs)
     launch.kernel, launch.grid, launch.args, launch.kwargs = kernel, grid, args, kwargs
     return launch
 
 
-def tma_descriptor(t: Tensor, block: list[int]) -> TensorDescriptor:
-    """A host TMA descriptor of ``t`` in ``block``-shaped tiles, NVMMA-swizzled in shared memory."""
-    return TensorDescriptor.from_tensor(t, block, _nvmma_layout(tuple(block), t.dtype))
+def tma_descriptor(t: Tensor, block: list[int], rows: int | None = None) -> TensorDescriptor:
+    """A host TMA descriptor of ``t`` in ``block``-shaped tiles, NVMMA-swizzled in shared memory;
+    with ``rows``, of a contiguous ``t`` of any rank read as [rows, last dim].
+
+    Built without the dataclass's checks (~4 µs of host time a descriptor, four a SwiGLU-backward
+    GEMM call, 24 calls a step): every caller has checked what TMA needs, a base and row stride
+    of 16-byte multiples and unit column stride (``unusable`` and the launch's own checks)."""
+    if rows is None:
+        shape, strides = list(t.shape), list(t.stride())
+    else:
+        shape, strides = [rows, t.shape[-1]], [t.shape[-1], 1]
+    layout = _nvmma_layout(tuple(block), t.dtype)
+    if _DESCRIPTOR_DEFAULTS is None:       # a TensorDescriptor this function can't build
+        return TensorDescriptor(t, shape, strides, block, layout)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=shape, strides=strides,
+                         block_shape=block, layout=layout)
+    return desc
+
+
+def _descriptor_defaults() -> dict | None:
+    """The defaults of TensorDescriptor's fields other than the five set above (padding, and
+    round_f32_to_tf32 in later Tritons), or None where it is not a plain dataclass of them."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(TensorDescriptor) or hasattr(TensorDescriptor, "__slots__"):
+        return None
+    fields = dataclasses.fields(TensorDescriptor)
+    given = {"base", "shape", "strides", "block_shape", "layout"}
+    if not given <= {f.name for f in fields}:
+        return None
+    rest = [f for f in fields if f.name not in given]
+    if any(f.default is dataclasses.MISSING for f in rest):
+        return None
+    return {f.name: f.default for f in rest}
+
+
+_DESCRIPTOR_DEFAULTS = _descriptor_defaults()
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,11 +136,18 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int | None) -> int:
+    """The compute capability's major version (asked once a device: the fused loss asks per
+    token chunk)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def hopper_unusable(*tensors: Tensor) -> str | None:
     """Why a Gluon Hopper kernel can't take these tensors (None: it can): static facts only
     (device, dtype), so the answer is the same on fake tensors while tracing."""
     t = tensors[0]
-    if t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] != 9:
+    if t.device.type != "cuda" or _cuda_major(t.device.index) != 9:
         return "needs a CUDA device of compute capability 9.x (Hopper)"
     if any(x.dtype != t.dtype for x in tensors) or t.dtype not in GL_DTYPES:
         return "bf16 or fp16, one dtype"

@@ -266,7 +266,11 @@ def make_launch(h: Tensor, weight: Tensor, x: Tensor, pm: Tensor, ps: Tensor,
             scale, softcap if softcap > 0 else 1.0)
     kwargs = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=pzsum is not None,
                   **ws_launch_kwargs(tile, progs))
-    return launcher(logits_stats_kernel, grid, args, kwargs)
+    # what the kernel specializes on, given that every pointer is 16-byte aligned (callers
+    # check: _misaligned) and the descriptors' blocks come from the tile
+    key = (m, n, k, t, x.stride(0), h.dtype, x.dtype, scale, softcap, pzsum is not None, tile,
+           progs)
+    return launcher(logits_stats_kernel, grid, args, kwargs, key=key)
 
 
 def tile_stats_buffers(rows: int, hidden: int, vocab: int, smoothing: bool,

@@ -47,6 +47,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
+from ._library import opaque_op
 from ._post_grad import ChainedPostGradPass
 from ._triton import ROUND_CODES, autograd_graph_kept, launch_of, launchable, round_to
 
@@ -447,24 +448,23 @@ def fused_gemm_unusable(dy: Tensor, weight: Tensor, gate: Tensor) -> str | None:
     return swiglu_gemm.unusable(dy, weight, gate)
 
 
-@torch.library.custom_op("chronicals::swiglu_linear_backward_gemm", mutates_args=())
+def _swiglu_linear_backward_gemm_fake(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
+                                      activation: int) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(gate, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+# registered on the dispatcher directly (kernels/_library.py): 24 calls a step
+@opaque_op("swiglu_linear_backward_gemm", _swiglu_linear_backward_gemm_fake)
 def swiglu_linear_backward_gemm(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
                                 activation: int) -> tuple[Tensor, Tensor, Tensor]:
     """(d gate, d up, act(gate)·up) of ``linear(act(gate)·up, weight)`` from its output's
     gradient ``dy``, by the fused GEMM; cuBLAS and the pass where that kernel declines at run
     time (alignment, a failed compile). Opaque to Inductor (a Gluon kernel)."""
     from . import swiglu_gemm
-    g, u = as_rows(gate), as_rows(up)
-    out = swiglu_gemm.swiglu_linear_backward(as_rows(dy), weight, g, u, activation)
+    out = swiglu_gemm.swiglu_linear_backward(dy, weight, gate, up, activation)
     if out is None:
         return _backward_into_new(dy @ weight, gate, up, activation, with_y=True)
-    return tuple(t.view(gate.shape) for t in out)
-
-
-@swiglu_linear_backward_gemm.register_fake
-def _(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, activation: int
-      ) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.empty_like(gate, memory_format=torch.contiguous_format) for _ in range(3))
+    return out
 
 
 @triton_op("chronicals::swiglu_backward_recompute", mutates_args=())

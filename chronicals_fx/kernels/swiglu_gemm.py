@@ -196,39 +196,51 @@ def round_code(dtype: torch.dtype, hw_round: bool) -> int:
 def make_launch(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor, dg: Tensor, du: Tensor,
                 y: Tensor | None, activation: int, tile: GemmTile = DEFAULT_TILE,
                 w_kmajor: bool = False):
-    """A callable running the kernel on [M, K] dy, W [K, N] (``w_kmajor``: Wᵀ [N, K]) and
-    [M, N] gate, up, dg, du (and y, when given); all contiguous, one dtype, 16-byte aligned."""
-    m, k = dy.shape
+    """A callable running the kernel on dy [.., K] (M rows in all), W [K, N] (``w_kmajor``: Wᵀ
+    [N, K]) and gate, up, dg, du (and y, when given) [.., N]; all contiguous, one dtype,
+    16-byte aligned (read as the [M, K] and [M, N] matrices they hold: no views made)."""
+    k = dy.shape[-1]
+    m = dy.numel() // k if k else 0
     n = weight.shape[0] if w_kmajor else weight.shape[1]
-    for t in (dy, weight, gate, up, dg, du, *([y] if y is not None else [])):
-        assert t.is_contiguous() and t.dtype == dy.dtype and t.data_ptr() % 16 == 0
-    assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
     assert n % tile.bn == 0, "only the last row block may be partial"
-    a = tma_descriptor(dy, [tile.bm, tile.bk])
+    assert tile.bn % tile.split == 0 and (tile.bn // tile.split) % 8 == 0
+    assert gate.numel() == up.numel() == dg.numel() == m * n
+    a = tma_descriptor(dy, [tile.bm, tile.bk], rows=m)
     b = tma_descriptor(weight, [tile.bn, tile.bk] if w_kmajor else [tile.bk, tile.bn])
     progs = num_sms(dy.device)
     programs = min(progs, triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn))
-    rounding = round_code(gate.dtype, tile.hw_round)
-    g = tma_descriptor(gate, [tile.bm, tile.bn // tile.split])
-    u = tma_descriptor(up, [tile.bm, tile.bn // tile.split])
+    g = tma_descriptor(gate, [tile.bm, tile.bn // tile.split], rows=m)
+    u = tma_descriptor(up, [tile.bm, tile.bn // tile.split], rows=m)
     args = (a, b, g, u, dg, du, y if y is not None else dg, m, n, k)
-    kwargs = dict(ACT=activation, ROUND=rounding, STORE_Y=y is not None,
-                  EVEN_M=m % tile.bm == 0, W_KMAJOR=w_kmajor,
+    # everything the kernel specializes on follows from these (each tensor is aligned and of
+    # gate's dtype: checked by the callers)
+    key = (m, n, k, gate.dtype, activation, y is not None, w_kmajor, tile, progs)
+    kwargs = dict(ACT=activation, ROUND=round_code(gate.dtype, tile.hw_round),
+                  STORE_Y=y is not None, EVEN_M=m % tile.bm == 0, W_KMAJOR=w_kmajor,
                   **ws_launch_kwargs(tile, progs))
-    return launcher(swiglu_bwd_gemm_kernel, (programs,), args, kwargs)
+    return launcher(swiglu_bwd_gemm_kernel, (programs,), args, kwargs, key=key)
+
+
+def _launchable(*tensors: Tensor) -> bool:
+    """All contiguous and 16-byte aligned: what the descriptors and the epilogue's stores need."""
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def swiglu_linear_backward(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
                            activation: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(d gate, d up, act(gate)·up) as [M, N] from dy [M, O], W_down [O, N], gate and up
-    [M, N], by the fused kernel; None where it can't run (the caller takes cuBLAS + the pass).
-    A failure to compile or launch is warned about once, and the kernel is not tried again."""
-    dy = dy.contiguous()
-    weight = weight.contiguous()
-    if any(t.data_ptr() % 16 for t in (dy, weight, gate, up)) or not (
-            gate.is_contiguous() and up.is_contiguous()):
+    """(d gate, d up, act(gate)·up), of gate's shape, from dy [.., O], W_down [O, N], gate and
+    up [.., N] (same leading dimensions), by the fused kernel; None where it can't run (the
+    caller takes cuBLAS + the pass). A failure to compile or launch is warned about once, and
+    the kernel is not tried again."""
+    if not gate.is_cuda:
         return None
-    dg, du, y = (torch.empty_like(gate) for _ in range(3))
+    if not _launchable(dy, weight, gate, up):
+        dy, weight = dy.contiguous(), weight.contiguous()
+        if not _launchable(dy, weight, gate, up):
+            return None
+    dg, du, y = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+                 for _ in range(3))
+    assert dy.dtype == weight.dtype == up.dtype == gate.dtype
     if not launch_or_disable(lambda: make_launch(dy, weight, gate, up, dg, du, y, activation)(),
                              _failed, "the fused SwiGLU-backward GEMM",
                              "using cuBLAS and the SwiGLU kernel"):

@@ -110,3 +110,16 @@ def test_descriptor_key_holds_geometry_tile_and_layout():
     assert key != _triton._arg_key(Descriptor(t, [32, 64]))
     assert key != _triton._arg_key(Descriptor(t, [64, 64], layout="b"))
     assert key != _triton._arg_key(Descriptor(t[:64], [64, 64]))
+
+
+def test_a_callers_key_stands_for_the_arguments(jit):
+    """With the caller's key, the arguments are not keyed: the same key launches the compiled
+    kernel with this call's values (in parameter order); another key compiles again."""
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    compiled = _triton.fast_launch(_kernel, key=("a", 64))[(4,)](x, 64, 0.5, BLOCK=16)
+    y = torch.ones(64, dtype=torch.bfloat16)
+    again = _triton.fast_launch(_kernel, key=("a", 64))[(2,)](y, 64, 0.25, BLOCK=16)
+    assert again is compiled and len(jit) == 1
+    assert compiled.launches == [((2, 1, 1), (y, 64, 0.25, 16, True))]
+    _triton.fast_launch(_kernel, key=("a", 128))[(4,)](x, 128, 0.5, BLOCK=16)
+    assert len(jit) == 2

@@ -195,6 +195,27 @@ def test_swiglu_linear_gradcheck_and_opcheck(activation):
                           (dy, g.detach(), u.detach(), code), test_utils=checks)
 
 
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_backward_gemm_op_registered_on_the_dispatcher(activation):
+    """swiglu_linear_backward_gemm, registered without custom_op (kernels/_library.py): its
+    schema, fake and dispatch pass opcheck; off CUDA it is the unfused backward, bit for bit;
+    each output a new tensor, of gate's shape (the alias check custom_op would have made); the
+    values those of the float64 reference. (fp32, which the Gluon kernel does not take: on a
+    GPU too the unfused path; the fused kernel's own tests are in test_swiglu_gemm.py.)"""
+    code = K.ACTIVATIONS[activation]
+    g, u = (torch.randn(2, 3, 8, device=DEVICE) for _ in range(2))
+    w, dy = torch.randn(5, 8, device=DEVICE), torch.randn(2, 3, 5, device=DEVICE)
+    op = torch.ops.chronicals.swiglu_linear_backward_gemm.default
+    torch.library.opcheck(op, (dy, w, g, u, code),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    dg, du, y = op(dy, w, g, u, code)
+    want_y, want_dg, want_du = _reference(g, u, dy @ w, activation)
+    for got, want in ((dg, want_dg), (du, want_du), (y, want_y)):
+        assert got.shape == g.shape and rel_err(got, want) < TOLERANCE[torch.float32]
+    storages = {t.untyped_storage().data_ptr() for t in (dg, du, y, dy, w, g, u)}
+    assert len(storages) == 7
+
 def _projections(dtype=torch.float32):
     torch.manual_seed(0)
     x = torch.randn(6, 16, dtype=dtype, requires_grad=True)

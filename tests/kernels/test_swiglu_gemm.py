@@ -83,3 +83,23 @@ def test_swiglu_linear_backward_takes_the_fused_gemm():
     assert torch.equal(grads[True][3], grads[False][3])
     for a, b in zip(grads[True][:3], grads[False][:3]):
         torch.testing.assert_close(a, b)
+
+
+@needs_hopper
+def test_leading_dimensions_are_read_as_rows():
+    """dy [B, T, K], gate and up [B, T, N] (as a decoder layer's backward passes them, no views
+    made): the values of the [M, ·] call, outputs of gate's shape; through the registered op
+    (kernels/_library.py) too, each output a new tensor."""
+    from chronicals_fx.kernels import swiglu_gemm
+
+    dy, w, g, u = _inputs(8 * 1024, 896, 4864)
+    flat = swiglu_gemm.swiglu_linear_backward(dy, w, g, u, 0)
+    lead = [t.view(8, 1024, -1) for t in (dy, g, u)]
+    nd = swiglu_gemm.swiglu_linear_backward(lead[0], w, lead[1], lead[2], 0)
+    op = torch.ops.chronicals.swiglu_linear_backward_gemm(lead[0], w, lead[1], lead[2], 0)
+    assert not swiglu_gemm._failed, swiglu_gemm._failed
+    for a, b, c in zip(nd, op, flat):
+        assert a.shape == b.shape == (8, 1024, 4864)
+        assert torch.equal(a.view_as(c), c) and torch.equal(b.view_as(c), c)
+    pointers = {t.data_ptr() for t in (*nd, *op, dy, w, g, u)}
+    assert len(pointers) == 10
