@@ -109,6 +109,81 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
     return rows
 
 
+def loss_breakdown(calls: int, n: int = 8192, hidden: int = 896, vocab: int = 151936
+                   ) -> list[list]:
+    """Host µs per call of the parts of one fused-loss call (the op, its function, the [N]-sized
+    torch ops before and after the chunk loop, and each step of one token chunk), each timed
+    alone over ``calls`` calls. The chunk's row passes turn its logits into d in place, so the
+    values after the first call are not a loss's: host time only."""
+    from chronicals_fx.kernels import linear_ce as L
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(n, hidden, generator=g, **bf16)
+    weight = torch.randn(vocab, hidden, generator=g, **bf16) * 0.02
+    labels = torch.randint(0, vocab, (n,), generator=g, device="cuda")
+    f32 = dict(dtype=torch.float32, device="cuda")
+    rows = L.row_chunk(n, vocab, h.element_size())
+    r0, r1 = rows, 2 * rows                            # the second chunk
+    x = torch.empty((rows, vocab), **bf16)
+    row_w = L.row_weights(torch.ones((), **f32), labels, -100, "mean", torch.float32)
+    lse, zt, zsum = torch.empty((3, n), **f32)
+    dh, dw = torch.empty_like(h), torch.empty_like(weight)
+    stats = L._tile_stats_buffers(h, weight, None, rows, 0.0)
+    op = torch.ops.chronicals.linear_cross_entropy_grad_in_forward
+    args = (h, weight, None, labels, -100, "mean", 0.0, 1.0, 0.0, 0.0)
+    parts = {
+        "op (dispatch + body)": lambda: op(*args, torch.float32, True, True, False),
+        "lce_forward_with_grads": lambda: L.lce_forward_with_grads(*args, True, True, False),
+        "row_weights": lambda: L.row_weights(torch.ones((), **f32), labels, -100, "mean",
+                                             torch.float32),
+        "finish_loss": lambda: L.finish_loss(lse, zt, None, labels, vocab, -100, "mean", 0.0,
+                                             0.0),
+        "chunk: 7 row slices": lambda: (h[r0:r1], labels[r0:r1], row_w[r0:r1], lse[r0:r1],
+                                        zt[r0:r1], zsum[r0:r1], dh[r0:r1]),
+        "chunk: logits GEMM + tile statistics": lambda: L._logits_with_tile_stats(
+            h[r0:r1], weight, x, stats, 1.0, 0.0),
+        "chunk: row passes (combine + d)": lambda: L.lce_rows(
+            x, labels[r0:r1], row_w[r0:r1], lse[r0:r1], zt[r0:r1], zsum[r0:r1], 1.0, 0.0, 0.0,
+            0.0, tile_stats=stats),
+        "chunk: dH mm": lambda: torch.mm(x, weight, out=dh[r0:r1]),
+        "chunk: dW addmm": lambda: dw.addmm_(x.t(), h[r0:r1]),
+    }
+    out = []
+    for name, part in parts.items():
+        host, total, _ = time_calls(part, calls)
+        out.append([name, calls, f"{host:.1f}", f"{total:.1f}"])
+    return out
+
+
+def profile_loss(calls: int, top: int = 30) -> str:
+    """cProfile of ``calls`` calls of the fused loss's function (not the op: through the
+    dispatcher torch books the whole body to one wrapper), by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    from chronicals_fx.kernels import linear_ce as L
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(8192, 896, generator=g, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(151936, 896, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+    labels = torch.randint(0, 151936, (8192,), generator=g, device="cuda")
+    args = (h, weight, None, labels, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
+    for _ in range(2):
+        L.lce_forward_with_grads(*args)
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        L.lce_forward_with_grads(*args)
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def profile_op(calls: int, top: int = 25, n: int = 8192, hidden: int = 896, inter: int = 4864
                ) -> str:
     """cProfile of ``calls`` back-to-back SwiGLU-backward GEMM ops: the Python functions the
@@ -141,9 +216,15 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="cProfile the SwiGLU-backward GEMM op's calls (Python functions, "
                         "own time)")
+    p.add_argument("--loss-breakdown", action="store_true",
+                   help="time the parts of one fused-loss call (host µs each)")
+    p.add_argument("--profile-loss", action="store_true",
+                   help="cProfile the fused loss's function (Python functions, own time)")
+    p.add_argument("--only-breakdowns", action="store_true",
+                   help="skip the launch-path comparison")
     args = p.parse_args(argv)
     rows = []
-    for name, call in op_calls().items():
+    for name, call in ([] if args.only_breakdowns else op_calls().items()):
         calls = args.calls if "swiglu" in name else max(4, args.calls // 8)
         times: dict[bool, list] = {False: [], True: []}
         outputs = {}
@@ -166,8 +247,13 @@ def main(argv=None) -> int:
     if args.breakdown:
         print(tabulate(swiglu_breakdown(args.calls), headers=[
             "part of a SwiGLU-backward GEMM call", "calls", "host µs", "call µs"]))
+    if args.loss_breakdown:
+        print(tabulate(loss_breakdown(max(4, args.calls // 4)), headers=[
+            "part of a fused-loss call", "calls", "host µs", "call µs"]))
     if args.profile:
         print(profile_op(args.calls))
+    if args.profile_loss:
+        print(profile_loss(max(4, args.calls // 8)))
     return 0 if all(r[-1] == "bit-equal" for r in rows) else 1
 
 

@@ -100,7 +100,8 @@ def _build_bench(variant):
 
     from chronicals_fx.bench import build_variant
 
-    build_variant(Namespace(model="tiny-llama", layers=0, lora=0, passes=None), variant)
+    build_variant(Namespace(model="tiny-llama", layers=0, lora=0, passes=None, autocast=False),
+                  variant, device="cpu")
     return {}
 
 
