@@ -652,7 +652,9 @@ def _tile_stats_buffers(h: Tensor, weight: Tensor, bias: Tensor | None, rows: in
 
 
 def _logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap) -> bool:
-    return _gluon_gemms().logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap)
+    """The fused logits GEMM on one chunk, after :func:`_tile_stats_buffers` found it usable."""
+    return _gluon_gemms().logits_with_tile_stats(hc, weight, x, tile_stats, scale, softcap,
+                                                 checked=True)
 
 
 def _dh_with_gemm(d, weight, out) -> bool:
@@ -718,6 +720,7 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
     lse, zt, zsum = torch.empty((3, n), **f32)
     buf = torch.empty((min(rows, n), vocab), dtype=h.dtype, device=h.device) if n else None
     tile_stats = _tile_stats_buffers(h, weight, bias, min(rows, n), label_smoothing)
+    cols, block_v, warps = _row_tiles(vocab, cols, block_v, warps)   # once, not once a chunk
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         hc, x = h[r0:r1], buf[:r1 - r0]

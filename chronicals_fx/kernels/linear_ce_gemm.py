@@ -284,11 +284,14 @@ def tile_stats_buffers(rows: int, hidden: int, vocab: int, smoothing: bool,
 
 def logits_with_tile_stats(h: Tensor, weight: Tensor, x: Tensor,
                            stats: tuple[Tensor, Tensor, Tensor | None], scale: float,
-                           softcap: float) -> bool:
+                           softcap: float, checked: bool = False) -> bool:
     """x = h @ weightᵀ and the per-tile statistics into ``stats`` (rows [:len(h)]) by the fused
     kernel; False where it did not run (the caller takes cuBLAS and both row passes). A failure
-    to compile or launch is warned about once, and the kernel is not tried again."""
-    if unusable(h, weight, None) or _misaligned(x, h, weight):
+    to compile or launch is warned about once, and the kernel is not tried again. ``checked``:
+    :func:`unusable` has said None for these rows' hidden states and this weight (once a call
+    of the fused loss, not once a chunk); then only an earlier failure and this chunk's
+    alignment are checked."""
+    if (_failed if checked else unusable(h, weight, None)) or _misaligned(x, h, weight):
         return False
     pm, ps, pzsum = (t[:h.shape[0]] if t is not None else None for t in stats)
     return launch_or_disable(lambda: make_launch(h, weight, x, pm, ps, pzsum, scale, softcap)(),

@@ -135,6 +135,22 @@ def test_peft_wrapped_model():
     assert chronicals.report_of(optimized).counts["rmsnorm"] == 5
 
 
+def _skip_if_torch_compile_fails_too(eager, prompt, error) -> None:
+    """Skip when plain ``torch.compile`` can't compile the same generate either: torch 2.11's
+    C++ code generation for the CPU emits an undeclared variable in a gather's bound check
+    here (CppCompileError, "'tmp2' was not declared"; it passes with torch 2.13), not ours
+    to fix."""
+    plain = copy.deepcopy(eager)
+    plain.compile()
+    torch._dynamo.reset()
+    try:
+        plain.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    except torch._inductor.exc.InductorError as plain_error:
+        pytest.skip(f"plain torch.compile fails here too on torch {torch.__version__}: "
+                    f"{str(plain_error).splitlines()[0][:200]} (ours: "
+                    f"{str(error).splitlines()[0][:200]})")
+
+
 def test_generate_after_a_training_step_equals_eager_greedy_decoding():
     """The usual fine-tuning loop samples from the model between steps: ``generate`` (eval
     mode, KV cache, a growing length: new graphs, symbolic shapes) after a training step gives
@@ -148,7 +164,11 @@ def test_generate_after_a_training_step_equals_eager_greedy_decoding():
     prompt = inputs["input_ids"][:, :8]
     with torch.no_grad():
         expected = eager.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        got = optimized.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        try:
+            got = optimized.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        except torch._inductor.exc.InductorError as error:
+            _skip_if_torch_compile_fails_too(eager, prompt, error)
+            raise
     assert got.shape == (2, 14)
     assert torch.equal(got, expected)
     report = chronicals.report_of(optimized)
