@@ -84,17 +84,7 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
             torch._dynamo.reset()
             pieces.clear()
             model = _model(_SIZE[bucket_mb], checkpointing)
-            if engine == "ddp":
-                wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
-            else:
-                from torch.distributed.device_mesh import init_device_mesh
-                from torch.distributed.fsdp import fully_shard
-
-                # a CPU mesh: without one FSDP2 shards onto the accelerator when there is one
-                mesh = init_device_mesh("cpu", (WORLD,))
-                for layer in model.model.layers:
-                    fully_shard(layer, mesh=mesh)
-                wrapped = fully_shard(model, mesh=mesh)
+            wrapped = _wrapped(model, engine, bucket_mb)
             chronicals.optimize(wrapped, strict=True,
                                 compiler="eager" if checkpointing else "aot_eager")
             losses = _train(wrapped, _batches(STEPS), rank, WORLD)
@@ -104,11 +94,47 @@ def _worker(rank: int, port: int, engine: str, bucket_mb: float, out: str) -> No
             report = chronicals.report_of(wrapped)
             results[checkpointing] = (losses / WORLD, [p.detach() for p in params],
                                       report.counts, report.graphs, report.declines,
-                                      list(pieces))
+                                      list(pieces), _dynamo_traces_the_layers(
+                                          engine, bucket_mb, checkpointing))
         if rank == 0:
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
+
+
+def _wrapped(model, engine: str, bucket_mb: float):
+    if engine == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # a CPU mesh: without one FSDP2 shards onto the accelerator when there is one
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _dynamo_traces_the_layers(engine: str, bucket_mb: float, checkpointing: bool) -> bool:
+    """Whether Dynamo itself, under a backend that only records, puts a decoder layer's MLP
+    (its SiLU) in any graph of this setup. torch 2.11 does not for FSDP2-sharded layers under
+    activation checkpointing: it breaks on FSDP2's torch._dynamo.disable'd hooks inside the
+    checkpoint's higher-order op and runs those layers eager, whatever the backend."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = _model(_SIZE[bucket_mb], checkpointing)
+    ids = _batches(1)[0].chunk(WORLD)[dist.get_rank()]
+    torch.compile(_wrapped(model, engine, bucket_mb), backend=record)(
+        input_ids=ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    # (checkpointed regions are subgraphs of a higher-order op: submodules of the graph)
+    return any("silu" in str(node.target) for gm in graphs for sub in gm.modules()
+               if isinstance(sub, torch.fx.GraphModule) for node in sub.graph.nodes)
 
 
 def _reference(size: dict):
@@ -154,9 +180,17 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
             torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
 
     layers = _SIZE[bucket_mb].get("num_hidden_layers", 2)
-    for checkpointing, (_, _, counts, graphs, declines, pieces) in results.items():
+    for checkpointing, (_, _, counts, graphs, declines, pieces, traced) in results.items():
         where = f"checkpointing={checkpointing}"
-        if engine == "ddp":
+        if not traced:
+            # torch 2.11, FSDP2 with checkpointing (see _dynamo_traces_the_layers): the layers
+            # run eager with any backend; what Dynamo compiles around them (the final norm, the
+            # loss) is matched in full. torch 2.13 traces them (the branches below).
+            assert engine == "fsdp2" and checkpointing, (where, "Dynamo left the layers eager")
+            assert counts == {"rmsnorm": 1, "swiglu": 0, "rope": 0, "attention": 0,
+                              "linear_cross_entropy": 1, "lora": 0}, (where, counts)
+            assert not declines, (where, declines)
+        elif engine == "ddp":
             # One Dynamo graph, rewritten whole before DDP's optimizer cut it: every site of
             # every layer is found (the causal mask, built before the first layer, is proven
             # for all of them), nothing is declined, and the report counts the graph once.
