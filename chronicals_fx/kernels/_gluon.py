@@ -73,6 +73,7 @@ def launcher(kernel, grid: tuple, args: tuple, kwargs: dict, key=None):
             return kernel.warmup(*args, grid=grid, **kwargs)
         return fast_launch(kernel, key)[grid](*args, **kwargs)
     launch.kernel, launch.grid, launch.args, launch.kwargs = kernel, grid, args, kwargs
+    launch.key = key
     return launch
 
 
