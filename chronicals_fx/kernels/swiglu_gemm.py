@@ -238,9 +238,9 @@ def swiglu_linear_backward(dy: Tensor, weight: Tensor, gate: Tensor, up: Tensor,
         dy, weight = dy.contiguous(), weight.contiguous()
         if not _launchable(dy, weight, gate, up):
             return None
+    assert dy.dtype == weight.dtype == up.dtype == gate.dtype
     dg, du, y = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
                  for _ in range(3))
-    assert dy.dtype == weight.dtype == up.dtype == gate.dtype
     if not launch_or_disable(lambda: make_launch(dy, weight, gate, up, dg, du, y, activation)(),
                              _failed, "the fused SwiGLU-backward GEMM",
                              "using cuBLAS and the SwiGLU kernel"):
