@@ -156,13 +156,30 @@ def loss_breakdown(calls: int, n: int = 8192, hidden: int = 896, vocab: int = 15
     return out
 
 
-def profile_loss(calls: int, top: int = 30) -> str:
-    """cProfile of ``calls`` calls of the fused loss's function (not the op: through the
-    dispatcher torch books the whole body to one wrapper), by own time."""
+def _profiled(call, calls: int, top: int) -> str:
+    """cProfile of ``calls`` back-to-back calls of ``call`` (after 2 warm-up calls and with the
+    GPU idle at the start), the ``top`` functions by own time."""
     import cProfile
     import io
     import pstats
 
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        call()
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def profile_loss(calls: int, top: int = 30) -> str:
+    """cProfile of the fused loss's function (not the op: through the dispatcher torch books the
+    whole body to one wrapper), by own time."""
     from chronicals_fx.kernels import linear_ce as L
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -170,42 +187,16 @@ def profile_loss(calls: int, top: int = 30) -> str:
     weight = torch.randn(151936, 896, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
     labels = torch.randint(0, 151936, (8192,), generator=g, device="cuda")
     args = (h, weight, None, labels, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
-    for _ in range(2):
-        L.lce_forward_with_grads(*args)
-    torch.cuda.synchronize()
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(calls):
-        L.lce_forward_with_grads(*args)
-    profile.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
-    return text.getvalue()
+    return _profiled(lambda: L.lce_forward_with_grads(*args), calls, top)
 
 
 def profile_op(calls: int, top: int = 25, n: int = 8192, hidden: int = 896, inter: int = 4864
                ) -> str:
-    """cProfile of ``calls`` back-to-back SwiGLU-backward GEMM ops: the Python functions the
-    op's host time is spent in, by own time."""
-    import cProfile
-    import io
-    import pstats
-
+    """cProfile of back-to-back SwiGLU-backward GEMM ops: the Python functions the op's host
+    time is spent in, by own time."""
     dy, w_down, gate, up = swiglu_inputs(n, hidden, inter)
     op = torch.ops.chronicals.swiglu_linear_backward_gemm
-    for _ in range(3):
-        op(dy, w_down, gate, up, 0)
-    torch.cuda.synchronize()
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(calls):
-        op(dy, w_down, gate, up, 0)
-    profile.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
-    return text.getvalue()
+    return _profiled(lambda: op(dy, w_down, gate, up, 0), calls, top)
 
 
 def main(argv=None) -> int:
