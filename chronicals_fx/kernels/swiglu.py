@@ -791,7 +791,10 @@ def _reuse_in_kernel_call(graph: torch.fx.Graph, g: _Graph, node: torch.fx.Node,
     node.kwargs = immutable_dict({**node.kwargs, "kwargs": immutable_dict(args)})
     if "eager_input_vals" in node.meta:
         vals, kwvals = node.meta["eager_input_vals"]
-        inner = {**kwvals["kwargs"], "DG": fresh[0].meta["val"], "DU": fresh[1].meta["val"]}
+        # immutable_dict as the node's own kwargs: torch 2.11's pattern matcher maps the node's
+        # kwargs and these together (pytree) and refuses a dict against an immutable_dict
+        inner = immutable_dict({**kwvals["kwargs"], "DG": fresh[0].meta["val"],
+                                "DU": fresh[1].meta["val"]})
         node.meta["eager_input_vals"] = (vals, immutable_dict({**kwvals, "kwargs": inner}))
 
 
