@@ -16,6 +16,32 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _interpreter_incompatibility() -> str | None:
+    """Why Triton's interpreter can't run the kernel tests here (None: it can). Triton 3.6's
+    interpreter converts one-element arrays to Python scalars, which numpy 2.3 turned into an
+    error: most kernel tests would fail for that alone (session 22, torch 2.11 + triton 3.6)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 3):
+        return (f"triton {triton.__version__}'s interpreter fails with numpy "
+                f"{numpy.__version__} (a one-element array converted to a scalar): install "
+                f"numpy<2.3, or torch 2.13 with its triton (scripts/setup.sh does on a machine "
+                f"without torch)")
+    return None
+
+
+def pytest_configure(config):
+    reason = _interpreter_incompatibility()
+    if reason:
+        raise pytest.UsageError(reason)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
