@@ -81,12 +81,20 @@ def explain(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     Nothing is trained: the forward runs once (the rewritten graph, op by op, no Inductor);
     no backward and no optimizer step run, so no parameter changes. Grad mode is left as the
     caller has it, since graphs captured without grad can differ from training graphs.
-    Options of :func:`optimize` go in the keyword ``chronicals_options``.
+    Options of :func:`optimize` go in the keyword ``chronicals_options``. The report also
+    lists Dynamo's graph breaks in this capture (``graph_breaks``): ops in the code between
+    graphs run eager with any backend, neither matched nor declined.
     """
+    from torch._dynamo.utils import counters
+
     options = kwargs.pop("chronicals_options", {}) or {}
     config = Config.from_options({**options, "compiler": "eager"})
     report = Report()
     backend = functools.partial(chronicals_backend, options=config, on_report=report.extend)
     compiled = torch.compile(model, backend=backend, dynamic=False)
+    before = dict(counters["graph_break"])
     compiled(*args, **kwargs)
+    report.graph_breaks = {reason: times - before.get(reason, 0)
+                           for reason, times in counters["graph_break"].items()
+                           if times > before.get(reason, 0)}
     return report

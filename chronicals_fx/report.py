@@ -35,6 +35,10 @@ class Report:
     matches: list[Match] = field(default_factory=list)
     declines: list[Decline] = field(default_factory=list)
     graphs: int = 0
+    # Dynamo's graph breaks while the graphs were captured (``explain`` records them): reason →
+    # times. The code between graphs runs eager whatever the backend, so an op in it is never
+    # offered to the passes (no match, no decline): this says where such ops went.
+    graph_breaks: dict[str, int] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -55,6 +59,8 @@ class Report:
         self.matches += [Match(m.op, m.where, m.detail, m.graph + offset) for m in other.matches]
         self.declines += [Decline(d.op, d.where, d.reason, d.graph + offset) for d in other.declines]
         self.graphs += other.graphs
+        for reason, times in other.graph_breaks.items():
+            self.graph_breaks[reason] = self.graph_breaks.get(reason, 0) + times
 
     def __str__(self) -> str:
         summary = tabulate(
@@ -68,4 +74,10 @@ class Report:
         if self.declines:
             parts.append(tabulate([(d.op, d.where, d.reason) for d in self.declines],
                                   headers=("declined", "where", "reason")))
+        if self.graph_breaks:
+            parts.append(tabulate(
+                [(times, reason.strip().splitlines()[0]) for reason, times in
+                 self.graph_breaks.items()],
+                headers=("graph breaks", "Dynamo's reason (the code between graphs runs eager, "
+                                         "with any backend)")))
         return "\n\n".join(parts)

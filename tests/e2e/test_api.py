@@ -119,6 +119,43 @@ def test_report_table_lists_every_op():
     assert "model.layers.0.input_layernorm" in text
 
 
+def _norm(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+@torch._dynamo.disable
+def _norm_dynamo_skips(x, w):
+    return _norm(x, w)
+
+
+class _NormsAroundASkippedOne(torch.nn.Module):
+    def __init__(self, skip: bool):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.rand(16) + 0.5)
+        self.skip = skip
+
+    def forward(self, x):
+        y = _norm(x, self.w)
+        y = (_norm_dynamo_skips if self.skip else _norm)(y.tanh(), self.w)
+        return _norm(y.tanh(), self.w).sum()
+
+
+def test_report_names_dynamos_graph_breaks():
+    """A norm Dynamo will not trace (a torch._dynamo.disable'd function, as FSDP2's hooks are) is
+    in no graph, so neither matched nor declined: the report lists the graph break and Dynamo's
+    reason instead, in its table too. Without the break, all three norms match and none is
+    listed."""
+    x = torch.randn(2, 4, 16)
+    report = chronicals.explain(_NormsAroundASkippedOne(skip=True), x)
+    assert report.counts["rmsnorm"] == 2 and report.graphs == 2 and not report.declines
+    [(reason, times)] = report.graph_breaks.items()
+    assert times == 1 and "skip" in reason
+    text = str(report)
+    assert "graph breaks" in text and reason.strip().splitlines()[0] in text
+    report = chronicals.explain(_NormsAroundASkippedOne(skip=False), x)
+    assert report.counts["rmsnorm"] == 3 and report.graphs == 1 and report.graph_breaks == {}
+
+
 def test_peft_wrapped_model():
     peft = pytest.importorskip("peft")
     base = tiny_causal_lm("qwen2")
