@@ -37,8 +37,7 @@ def op_calls(n: int = 8192, hidden: int = 896, inter: int = 4864, vocab: int = 1
 
     dy, w_down = rand(n, hidden, scale=1e-3), rand(hidden, inter, scale=0.02)
     gate, up = rand(n, inter), rand(n, inter)
-    h, w_head = rand(n, hidden), rand(vocab, hidden, scale=0.02)
-    labels = torch.randint(0, vocab, (n,), generator=g, device="cuda")
+    h, w_head, labels = loss_inputs(n, hidden, vocab)
     labels[::7] = -100
     ops = torch.ops.chronicals
     return {
@@ -109,6 +108,17 @@ def swiglu_breakdown(calls: int, n: int = 8192, hidden: int = 896, inter: int = 
     return rows
 
 
+def loss_inputs(n: int = 8192, hidden: int = 896, vocab: int = 151936) -> tuple:
+    """(h [n, hidden], lm_head weight [vocab, hidden], labels [n]): random bf16 inputs of one
+    fused-loss call, the same on every call."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(n, hidden, generator=g, **bf16)
+    weight = torch.randn(vocab, hidden, generator=g, **bf16) * 0.02
+    labels = torch.randint(0, vocab, (n,), generator=g, device="cuda")
+    return h, weight, labels
+
+
 def loss_breakdown(calls: int, n: int = 8192, hidden: int = 896, vocab: int = 151936
                    ) -> list[list]:
     """Host µs per call of the parts of one fused-loss call (the op, its function, the [N]-sized
@@ -117,11 +127,8 @@ def loss_breakdown(calls: int, n: int = 8192, hidden: int = 896, vocab: int = 15
     values after the first call are not a loss's: host time only."""
     from chronicals_fx.kernels import linear_ce as L
 
-    g = torch.Generator(device="cuda").manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    h = torch.randn(n, hidden, generator=g, **bf16)
-    weight = torch.randn(vocab, hidden, generator=g, **bf16) * 0.02
-    labels = torch.randint(0, vocab, (n,), generator=g, device="cuda")
+    h, weight, labels = loss_inputs(n, hidden, vocab)
     f32 = dict(dtype=torch.float32, device="cuda")
     rows = L.row_chunk(n, vocab, h.element_size())
     r0, r1 = rows, 2 * rows                            # the second chunk
@@ -182,10 +189,7 @@ def profile_loss(calls: int, top: int = 30) -> str:
     whole body to one wrapper), by own time."""
     from chronicals_fx.kernels import linear_ce as L
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(8192, 896, generator=g, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(151936, 896, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
-    labels = torch.randint(0, 151936, (8192,), generator=g, device="cuda")
+    h, weight, labels = loss_inputs()
     args = (h, weight, None, labels, -100, "mean", 0.0, 1.0, 0.0, 0.0, True, True, False)
     return _profiled(lambda: L.lce_forward_with_grads(*args), calls, top)
 

@@ -24,11 +24,10 @@ def _interpreter_incompatibility() -> str | None:
         return None
     import numpy
     import triton
+    from packaging.version import Version
 
-    def version(text: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
-
-    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 3):
+    if (Version(triton.__version__) < Version("3.7")
+            and Version(numpy.__version__) >= Version("2.3")):
         return (f"triton {triton.__version__}'s interpreter fails with numpy "
                 f"{numpy.__version__} (a one-element array converted to a scalar): install "
                 f"numpy<2.3, or torch 2.13 with its triton (scripts/setup.sh does on a machine "

@@ -27,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._triton import fast_launch, tile_coords
+from ._triton import fast_launch, multiprocessor_count, tile_coords
 
 GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 GROUP_M = 8
@@ -129,12 +129,8 @@ def num_sms(device: torch.device) -> int:
     """Programs of a persistent launch: one per SM."""
     if device.type != "cuda":
         return 132      # compiled offline (no driver): an H100/H200's count
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return multiprocessor_count(device.index if device.index is not None
+                                else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
