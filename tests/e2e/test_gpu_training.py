@@ -46,6 +46,29 @@ def test_cuda_graphs_mode_trains_like_eager_and_keeps_last_steps_losses():
 
 
 @pytest.mark.gpu
+def test_without_donated_buffers_trains_like_eager_on_gpu():
+    """With AOTAutograd's donated buffers off, the SwiGLU backward may not overwrite the saved
+    gate and up: the pass gives its in-place kernel fresh buffers instead (the branch torch 2.11
+    traced with a plain dict and failed to compile). Same run as with donated buffers, and
+    like eager."""
+    runs = {}
+    for variant in ("eager", "donated", "not donated"):
+        model = build_model("tiny-llama", dtype=torch.bfloat16, device="cuda")
+        torch._dynamo.reset()
+        with torch._functorch.config.patch(donated_buffer=variant != "not donated"):
+            if variant != "eager":
+                chronicals.optimize(model, strict=True)
+            runs[variant] = train(model, byte_batches(8, 256, device="cuda"), 12, lr=1e-3)
+        if variant != "eager":
+            assert chronicals.report_of(model).counts["swiglu"] == 4
+    ours = runs["not donated"]
+    assert not ours.proof_of_training(), ours.proof_of_training()
+    assert ours.losses == runs["donated"].losses      # the same kernels on the same values
+    for a, b in zip(runs["eager"].losses, ours.losses):
+        assert abs(a - b) <= 0.02 * abs(a), (runs["eager"].losses, ours.losses)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "phi3", "mistral"])
 def test_families_bf16_train_like_eager_on_gpu(family, record_property):
     """The convergence suite on the GPU: bf16, Inductor, every pass on, 30 steps of real text.
