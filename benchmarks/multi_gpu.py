@@ -17,7 +17,10 @@ padding); the step time is the slowest rank's;
 tokens/s counts the real tokens of all ranks. Prints one table: tokens/s, the ratio to
 torch.compile under the same engine, the median step ms (the slowest rank's), rank 0's median
 host ms (time to enqueue a step: near the step time, the step is host-bound) and SM clock (a
-step slower at the same host time on a lower clock is the power limit, gpu_clock.py), peak GiB
+step slower at the same host time on a lower clock is the power limit, gpu_clock.py), rank 0's
+GPU's energy a timed step and its average power over its timed steps (NVML's energy counter,
+gpu_energy.py: ``energy_j_per_step``, ``avg_power_w`` in the JSON, over rank 0's own step
+times; nan without the counter; the other GPUs are not read), peak GiB
 per GPU (the largest rank), loss first→last,
 the largest per-step loss gap to the reference, the smallest grad norm; a run that failed
 keeps its row with the error (its log is written next to ``--json``, else to the temp dir).
@@ -62,7 +65,7 @@ import sys
 import tempfile
 import time
 
-from chronicals_fx.bench import clock_sampler, file_safe, spawn_worker
+from chronicals_fx.bench import clock_sampler, energy_counter, file_safe, spawn_worker
 
 # NVLink multicast (NVLS) is unavailable on the lent GPU machines: NCCL and symmetric memory
 # must not try it. Set here so every torchrun job inherits it.
@@ -192,7 +195,10 @@ def run_worker(args) -> dict | None:
     batches = shard()
     with clock_sampler() as clock:   # this rank's GPU: the table shows rank 0's clock and host
         stats = train(wrapped, batches, args.steps, lr=args.lr, warmup_steps=args.warmup,
-                      optimizer=optimizer, clock=clock)
+                      optimizer=optimizer, clock=clock, energy=energy_counter())
+    # this rank's GPU's energy over this rank's own steps (before step_ms becomes the slowest
+    # rank's below): the table shows rank 0's
+    energy = {"energy_j_per_step": stats.energy_j_per_step, "avg_power_w": stats.avg_power_w}
     profile = None
     if args.profile and args.engine != "single":
         profile = _profile(args, wrapped, batches, optimizer, stats, rank, world)
@@ -206,7 +212,7 @@ def run_worker(args) -> dict | None:
         stats.step_ms = reduce(stats.step_ms, "max")
         (stats.peak_gib,) = reduce([stats.peak_gib], "max")
         stats.tokens_per_step *= world
-    result = stats.to_dict()
+    result = {**stats.to_dict(), **energy}
     result.update(engine=args.engine, variant=variant, world=world,
                   checkpointing=args.checkpointing, compile_scope=args.compile_scope,
                   problems=stats.proof_of_training())
@@ -476,7 +482,7 @@ def summary_table(results: list[dict]) -> str:
     for r in results:
         engine = "1 process" if r["engine"] == "single" else r["engine"]
         if "error" in r:
-            rows.append((engine, r["variant"], "failed", "", "", "", "", "", "", "", "",
+            rows.append((engine, r["variant"], "failed", "", "", "", "", "", "", "", "", "", "",
                          r["error"][:70]))
             continue
         gap = (max(abs(a - b) for a, b in zip(r["losses"], reference["losses"]))
@@ -485,13 +491,16 @@ def summary_table(results: list[dict]) -> str:
         rows.append((engine, r["variant"], f"{r['tokens_per_s']:,.0f}",
                      f"{r['tokens_per_s'] / base:.2f}x" if base else "",
                      f"{r['median_step_ms']:.1f}", f"{r.get('median_host_ms', float('nan')):.1f}",
-                     f"{r.get('median_sm_mhz', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
+                     f"{r.get('median_sm_mhz', float('nan')):.0f}",
+                     f"{r.get('energy_j_per_step', float('nan')):.1f}",
+                     f"{r.get('avg_power_w', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      "" if gap is None else f"{gap:.3f}", f"{r['min_grad_norm']:.3f}",
                      "; ".join(r["problems"]) or "trained"))
     return tabulate(rows, headers=("engine", "variant", "tok/s (global)", "vs compile",
                                    "step ms", "host ms (rank 0)", "SM MHz (rank 0)",
-                                   "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
+                                   "J/step (rank 0)", "avg W (rank 0)", "peak GiB/GPU",
+                                   "loss first→last", "max |Δloss| vs 1 proc",
                                    "min grad norm", "proof"), disable_numparse=True)
 
 

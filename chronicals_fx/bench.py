@@ -17,16 +17,20 @@ torch.compile's mean (where two variants' ranges overlap, read no order into the
 ``--interleave R`` runs every variant in one process instead: all models are built and warmed
 up, then the timed steps alternate between the variants over R rounds (the order reversed every
 round), so a slow drift of the card or the host falls on all of them alike — for differences
-of a percent or less. Peak memory is then the process's, not a variant's (shown as nan): take
-memory from a run without it. Nor take host-bound comparisons from it: a process holding several
-compiled models spends more host time a step (H200, session 19: torch.compile's median host
-59.3 ms in a three-model process, 35.9 in its own), and a variant near host-bound loses there
-what it would not alone.
+of a percent or less. Each step runs between two syncs, so its energy reading is its own
+variant's: J/step and avg W stay per variant. Peak memory is then the process's, not a
+variant's (shown as nan): take memory from a run without it. Nor take host-bound comparisons
+from it: a process holding several compiled models spends more host time a step (H200, session
+19: torch.compile's median host 59.3 ms in a three-model process, 35.9 in its own), and a
+variant near host-bound loses there what it would not alone.
 
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
 first→last, min grad norm, the largest per-step loss gap to eager, and the ratio to
-torch.compile. A variant whose run did not train (non-finite loss, zero grad norm) is flagged.
+torch.compile; with them the GPU's SM clock and power (nvidia-smi's samples, gpu_clock.py)
+and its energy a timed step and average power over the timed steps (NVML's energy counter,
+gpu_energy.py: ``energy_j_per_step``, ``avg_power_w`` in the JSON; NaN without one). A
+variant whose run did not train (non-finite loss, zero grad norm) is flagged.
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ def run_variant(args) -> dict:
     with clock_sampler() as clock:
         stats = train(model, byte_batches(args.batch, args.seq, device=_device()), args.steps,
                       lr=args.lr, warmup_steps=args.warmup, clock=clock,
-                      autocast=_autocast_dtype(args))
+                      autocast=_autocast_dtype(args), energy=energy_counter())
     return _result(args.variant, model, stats)
 
 
@@ -149,22 +153,47 @@ def _autocast_dtype(args):
 
 
 def clock_sampler():
-    """The GPU's clock sampled during the steps (gpu_clock.py); samples nothing on a CPU."""
+    """The current GPU's clock sampled during the steps (gpu_clock.py); samples nothing on a
+    CPU."""
     import torch
 
     from chronicals_fx.gpu_clock import ClockSampler
 
     if not torch.cuda.is_available():
         return contextlib.nullcontext()
-    # nvidia-smi numbers the GPUs as the driver does, and CUDA_VISIBLE_DEVICES may renumber
-    # them: torch's own mapping to the driver's index (what torch.cuda.clock_rate uses), else
-    # the UUID, the name both agree on.
-    device = torch.cuda.current_device()
+    return ClockSampler(nvml_gpu_id(torch.cuda.current_device()))
+
+
+def energy_counter():
+    """The current GPU's NVML energy counter (gpu_energy.py); None on a CPU, or where the
+    counter cannot be read."""
+    import torch
+
+    from chronicals_fx.gpu_energy import open_energy_counter
+
+    if not torch.cuda.is_available():
+        return None
+    return open_energy_counter(nvml_gpu_id(torch.cuda.current_device()))
+
+
+def nvml_gpu_id(device: int) -> int | str:
+    """CUDA's GPU ``device`` as nvidia-smi and NVML name it. They number the GPUs as the driver
+    does (PCI order), and CUDA_VISIBLE_DEVICES may renumber them (and CUDA_DEVICE_ORDER reorder
+    them) for CUDA: the PCI bus id, which both agree on, where torch's device properties carry
+    it (``pci_domain_id``, ``pci_bus_id``, ``pci_device_id``: torch.numa uses them); else torch's
+    own mapping to the driver's index (what torch.cuda.clock_rate uses); else the UUID."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
     try:
-        return ClockSampler(torch.cuda._get_nvml_device_index(device))
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except (AttributeError, TypeError, ValueError):   # a torch without the fields
+        pass
+    try:
+        return torch.cuda._get_nvml_device_index(device)
     except Exception:  # noqa: BLE001 (a private helper: absent, or needing pynvml for UUIDs)
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        return ClockSampler(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        uuid = str(props.uuid)
+        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
 def run_interleaved(args) -> list[dict]:
@@ -174,10 +203,12 @@ def run_interleaved(args) -> list[dict]:
     from chronicals_fx.workload import Trainer, byte_batches
 
     started = time.perf_counter()
+    energy = energy_counter()     # one GPU, one counter: each step reads it around its own span
     runs = []
     for variant in args.variants:
         model = build_variant(args, variant)
-        runs.append((variant, model, Trainer(model, lr=args.lr, autocast=_autocast_dtype(args)),
+        runs.append((variant, model, Trainer(model, lr=args.lr, autocast=_autocast_dtype(args),
+                                             energy=energy),
                      byte_batches(args.batch, args.seq, device=_device())))
     for variant, _model, trainer, batches in runs:     # warm-up: compilation, autotuning
         for _ in range(min(args.warmup, args.steps)):
@@ -433,13 +464,13 @@ def _save(args, header: str, results: list[dict]) -> None:
 def merged_runs(results: list[dict]) -> list[dict]:
     """One record per variant, in first-seen order: a single run as it is; several (``--repeat``)
     with mean tokens/s and its range (``tokens_per_s_range``), the median step of all their
-    steps, the largest peak, the smallest grad norm, the first run's losses, and every run's
+    steps, J a step and average W over all their timed steps, the largest peak, the smallest grad norm, the first run's losses, and every run's
     losses under ``runs_losses`` (all of them are checked against eager's). A failed run is not
     averaged away: it is a problem of the variant's record (or the record, if none ran)."""
     import math
     import statistics
 
-    from chronicals_fx.workload import median_of_numbers, timed_values
+    from chronicals_fx.workload import energy_figures, median_of_numbers, timed_values
 
     by_variant: dict[str, list[dict]] = {}
     for r in results:
@@ -459,8 +490,13 @@ def merged_runs(results: list[dict]) -> list[dict]:
             continue
         tps = [r["tokens_per_s"] for r in ok]
 
+        def all_timed(key: str) -> list:
+            return [v for r in ok for v in timed_values(r, key)]
+
         def median_of_timed(key: str) -> float:
-            return median_of_numbers([v for r in ok for v in timed_values(r, key)])
+            return median_of_numbers(all_timed(key))
+
+        joules, watts = energy_figures(all_timed("energy_j"), all_timed("step_ms"))
 
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),
@@ -469,6 +505,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
                     "median_sm_mhz": median_of_timed("sm_mhz"),
                     "median_power_w": median_of_timed("power_w"),
                     "mean_gc_ms": statistics.fmean(r.get("mean_gc_ms", math.nan) for r in ok),
+                    "energy_j_per_step": joules, "avg_power_w": watts,
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})
@@ -483,7 +520,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "", "",
+            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "", "", "", "",
                          r["error"][:60]))
             continue
         gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
@@ -497,6 +534,8 @@ def summary_table(results: list[dict]) -> str:
                      f"{r.get('median_host_ms', float('nan')):.1f}",
                      f"{r.get('median_sm_mhz', float('nan')):.0f}",
                      f"{r.get('median_power_w', float('nan')):.0f}",
+                     f"{r.get('energy_j_per_step', float('nan')):.1f}",
+                     f"{r.get('avg_power_w', float('nan')):.0f}",
                      f"{r.get('mean_gc_ms', float('nan')):.1f}", f"{r['peak_gib']:.1f}",
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      f"{r['min_grad_norm']:.3f}", f"{gap:.3f}",
@@ -506,9 +545,12 @@ def summary_table(results: list[dict]) -> str:
     # SM MHz, W: the GPU's clock and power draw while the steps ran (gpu_clock.py; nan without
     # nvidia-smi). W at the card's limit with the clock below its maximum: the step is
     # power-bound; W low with the clock at its maximum: the GPU waited (on the host, mostly).
+    # J/step, avg W: the GPU's energy a timed step (mean; sync to sync) and that energy over
+    # the steps' time, from NVML's cumulative energy counter (gpu_energy.py; nan without it):
+    # at a power cap, two variants' J/step compare their work where their clocks differ.
     # GC ms: Python's garbage collector inside a step, mean over the timed steps (host time).
     return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
-                                   "GC ms",
+                                   "J/step", "avg W", "GC ms",
                                    "peak GiB", "loss first→last",
                                    "min grad norm", "max |Δloss| vs eager", "vs compile",
                                    "proof"))

@@ -119,6 +119,9 @@ class TrainStats:
     # The GPU's SM clock and power while each step ran (NaN where not sampled: gpu_clock.py).
     sm_mhz: list[float] = field(default_factory=list)
     power_w: list[float] = field(default_factory=list)
+    # The GPU's energy between each step's two syncs, in J, from NVML's cumulative counter
+    # (gpu_energy.py; NaN where not read): what a power-capped step costs, every joule counted.
+    energy_j: list[float] = field(default_factory=list)
     # cudaMalloc + cudaFree calls of the caching allocator inside each step (CUDA only): past
     # the first steps they should be 0; each one may synchronize the device, which makes a
     # step's host time equal its step time for a reason other than a full launch queue.
@@ -162,6 +165,14 @@ class TrainStats:
         return median_of_numbers(self.power_w[self.warmup_steps:])
 
     @property
+    def energy_j_per_step(self) -> float:
+        return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[0]
+
+    @property
+    def avg_power_w(self) -> float:
+        return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[1]
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.median_step_ms * 1000
 
@@ -184,6 +195,7 @@ class TrainStats:
         return {**asdict(self), "median_step_ms": self.median_step_ms,
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
                 "median_power_w": self.median_power_w, "mean_gc_ms": self.mean_gc_ms,
+                "energy_j_per_step": self.energy_j_per_step, "avg_power_w": self.avg_power_w,
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
@@ -224,6 +236,16 @@ def allocator_note(result: dict) -> str:
     return f", {calls} cudaMalloc/cudaFree in the timed steps" if calls else ""
 
 
+def energy_figures(energy_j: list[float], step_ms: list[float]) -> tuple[float, float]:
+    """(J a step, average W) of timed steps: their energy's mean, and their energy over their
+    time (the steps' own spans, sync to sync). NaN where a step's energy is (no counter) or
+    there is no step: a figure over some of the steps would not be the run's."""
+    if not energy_j or len(energy_j) != len(step_ms) or any(math.isnan(e) for e in energy_j):
+        return math.nan, math.nan
+    total, seconds = math.fsum(energy_j), math.fsum(step_ms) / 1000
+    return total / len(energy_j), total / seconds if seconds > 0 else math.nan
+
+
 def median_of_numbers(values: list[float]) -> float:
     """The median of the values that are numbers (NaN when none is)."""
     values = [v for v in values if not math.isnan(v)]
@@ -262,13 +284,22 @@ class Trainer:
 
     Device values are collected without syncing inside the step and read once in
     :meth:`stats`, so the loop adds no host synchronization of its own beyond the per-step
-    timer. Steps of several trainers may be interleaved (``chronicals bench --interleave``).
+    timer. Steps of several trainers may be interleaved (``chronicals bench --interleave``):
+    each step is between two syncs, so its time and energy are its own.
+
+    ``energy``: an :class:`~chronicals_fx.gpu_energy.EnergyCounter` of the GPU the steps run
+    on, read right after the sync before each step and right after the one that ends it:
+    outside the timed span, so the readings cost the step's time nothing (the energy includes
+    the idle GPU's draw while a reading runs, a call into the driver, short against a step;
+    not measured yet). The counter advances in increments, so one step's energy is rough and
+    the sum over consecutive steps is the figure (gpu_energy.py). None: every step's is NaN.
     """
 
     def __init__(self, model: nn.Module, lr: float = 3e-4, max_grad_norm: float = 1.0,
                  optimizer: torch.optim.Optimizer | None = None,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, energy=None):
         self.model = model
+        self.energy = energy
         # mixed precision as HF Trainer's bf16=True/fp16=True: the forward under torch.autocast
         self.autocast = autocast
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -279,6 +310,7 @@ class Trainer:
         self.step_ms: list[float] = []
         self.host_ms: list[float] = []
         self.spans: list[tuple[float, float]] = []  # each step's (start, end), perf_counter
+        self.energy_j: list[float] = []
         self.device_allocs: list[int] = []
         self.gc_ms: list[float] = []
         self._gc = gc_time()
@@ -296,11 +328,15 @@ class Trainer:
         _sync(self.device)
         gc_before = self._gc.total_s
         switches = _involuntary_switches()
+        joules_before = self._joules()
         start = time.perf_counter()
         self.enqueue(batch)
         enqueued = time.perf_counter()
         _sync(self.device)
         end = time.perf_counter()
+        joules_after = self._joules()
+        self.energy_j.append(math.nan if joules_before is None or joules_after is None
+                             else joules_after - joules_before)
         self.gc_ms.append((self._gc.total_s - gc_before) * 1000)
         self.preempted.append(_involuntary_switches() - switches)
         if allocs is not None:
@@ -309,6 +345,9 @@ class Trainer:
         self.step_ms.append((end - start) * 1000)
         self.spans.append((start, end))
         self.tokens_per_step = _real_tokens(batch)
+
+    def _joules(self) -> float | None:
+        return self.energy.joules() if self.energy is not None else None
 
     def enqueue(self, batch: dict) -> None:
         """One training step on ``batch``, launched without a host sync or a timer of its own
@@ -330,6 +369,7 @@ class Trainer:
         (the process's, where several trainers share it). ``clock``: a
         :class:`~chronicals_fx.gpu_clock.ClockSampler` that ran during the steps."""
         stats = TrainStats(step_ms=list(self.step_ms), host_ms=list(self.host_ms),
+                           energy_j=list(self.energy_j),
                            device_allocs=list(self.device_allocs), gc_ms=list(self.gc_ms),
                            preempted=list(self.preempted), cpus=_usable_cpus(),
                            tokens_per_step=self.tokens_per_step, warmup_steps=warmup_steps)
@@ -347,11 +387,11 @@ class Trainer:
 def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-4,
           warmup_steps: int = 2, max_grad_norm: float = 1.0, progress: str | None = None,
           optimizer: torch.optim.Optimizer | None = None, clock=None,
-          autocast: torch.dtype | None = None) -> TrainStats:
+          autocast: torch.dtype | None = None, energy=None) -> TrainStats:
     """``steps`` steps of a :class:`Trainer` on ``batches``; the first ``warmup_steps`` untimed
-    (``clock``: as :meth:`Trainer.stats`; ``autocast``: as :class:`Trainer`)."""
+    (``clock``: as :meth:`Trainer.stats`; ``autocast``, ``energy``: as :class:`Trainer`)."""
     trainer = Trainer(model, lr=lr, max_grad_norm=max_grad_norm, optimizer=optimizer,
-                      autocast=autocast)
+                      autocast=autocast, energy=energy)
     iterator = range(steps)
     if progress:
         from tqdm.auto import tqdm
