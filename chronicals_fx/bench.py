@@ -179,19 +179,20 @@ def energy_counter():
 def nvml_gpu_id(device: int) -> int | str:
     """CUDA's GPU ``device`` as nvidia-smi and NVML name it. They number the GPUs as the driver
     does (PCI order), and CUDA_VISIBLE_DEVICES may renumber them (and CUDA_DEVICE_ORDER reorder
-    them) for CUDA: the PCI bus id, which both agree on, where torch's device properties carry
-    it (``pci_domain_id``, ``pci_bus_id``, ``pci_device_id``: torch.numa uses them); else torch's
-    own mapping to the driver's index (what torch.cuda.clock_rate uses); else the UUID."""
+    them) for CUDA: torch's own mapping to the driver's index (what torch.cuda.clock_rate uses,
+    and what the clock sampler has used on the GPU machines since session 17); else the PCI bus
+    id, which both agree on, where torch's device properties carry it (``pci_domain_id``,
+    ``pci_bus_id``, ``pci_device_id``); else the UUID."""
     import torch
 
+    try:
+        return torch.cuda._get_nvml_device_index(device)
+    except Exception:  # noqa: BLE001 (a private helper: absent, or needing pynvml for UUIDs)
+        pass
     props = torch.cuda.get_device_properties(device)
     try:
         return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
     except (AttributeError, TypeError, ValueError):   # a torch without the fields
-        pass
-    try:
-        return torch.cuda._get_nvml_device_index(device)
-    except Exception:  # noqa: BLE001 (a private helper: absent, or needing pynvml for UUIDs)
         uuid = str(props.uuid)
         return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 

@@ -314,14 +314,12 @@ def test_bench_energy_counter_on_a_cpu_is_none():
     assert bench.energy_counter() is None
 
 
-def test_nvml_gpu_id_prefers_the_pci_bus_id(monkeypatch):
+def test_nvml_gpu_id_prefers_the_drivers_index(monkeypatch):
     from chronicals_fx.bench import nvml_gpu_id
 
     props = types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x19, pci_device_id=0,
                                   uuid="5f2c1e7a-0000")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    assert nvml_gpu_id(0) == "00000000:19:00.0"
-    del props.pci_bus_id                                        # a torch without the fields
     monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda device: 4, raising=False)
     assert nvml_gpu_id(0) == 4
 
@@ -329,6 +327,8 @@ def test_nvml_gpu_id_prefers_the_pci_bus_id(monkeypatch):
         raise RuntimeError("Can't get device UUIDs")
 
     monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", no_index, raising=False)
+    assert nvml_gpu_id(0) == "00000000:19:00.0"
+    del props.pci_bus_id                                        # a torch without the fields
     assert nvml_gpu_id(0) == "GPU-5f2c1e7a-0000"
 
 
