@@ -482,6 +482,18 @@ def _row_variant() -> str:
     return stats
 
 
+def _launch_key(tensors: tuple[Tensor, ...], *scalars) -> tuple:
+    """``fast_launch``'s key for one launch of ours, in place of the one it builds from every
+    argument (~0.4 µs an argument, ~20 arguments a row pass): each tensor's dtype and 16-byte
+    alignment — all Triton specializes a pointer on; the [C] slices of the [N] vectors start at
+    row r0, so theirs changes from chunk to chunk —, then ``scalars`` as they are. The caller
+    lists every int argument there by value (which fixes its class: 1, a multiple of 16, other;
+    and its width), every float (Python floats: an int where a float goes would be keyed equal
+    to it, 2 == 2.0, and specialized as an int), and every constexpr and launch option that
+    can vary between calls (literals in the launch can't)."""
+    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), scalars
+
+
 def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, zsum: Tensor,
              scale: float, softcap: float, label_smoothing: float, z_loss: float,
              cols: int | None = None, block_v: int | None = None, warps: int | None = None,
@@ -495,28 +507,47 @@ def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, 
     if n == 0:
         return
     cols, block_v, warps = _row_tiles(vocab, cols, block_v, warps)
-    flags = dict(HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=bool(label_smoothing), BLOCK_V=block_v,
+    # floats as floats (see _launch_key); 1 − ε and ε / V are Python floats already
+    scale, cap, z_loss = float(scale), float(softcap or 1.0), float(z_loss)
+    has_softcap, smoothing = softcap > 0, bool(label_smoothing)
+    flags = dict(HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=smoothing, BLOCK_V=block_v,
                  num_warps=warps)
     split = triton.cdiv(vocab, cols)
+    stride = x.stride(0)
+    # what both passes' launches specialize on, beside their tensors (n: n·split programs)
+    shape = (stride, vocab, split, cols, n, scale, cap, has_softcap, smoothing, block_v, warps)
     if tile_stats is None:
         n_stats = split
-        pm, ps, pzt, pzsum = torch.empty((4, n, split), dtype=torch.float32, device=x.device)
-        fast_launch(lce_row_stats_kernel)[(n * split,)](
-            x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, vocab, split, cols, scale,
-            softcap or 1.0, LANES=_row_variant() == "lanes", **flags)
+        stats = torch.empty((4, n, split), dtype=torch.float32, device=x.device).unbind()
+        lanes = _row_variant() == "lanes"
+        key = _launch_key((x, labels, row_w, *stats), *shape, lanes)
+        fast_launch(lce_row_stats_kernel, key)[(n * split,)](
+            x, stride, labels, row_w, *stats, vocab, split, cols, scale, cap, LANES=lanes,
+            **flags)
     else:
         from .linear_ce_gemm import combine_tile_stats_kernel
         n_stats = 1
-        pm, ps, pzt, pzsum = torch.empty((4, n), dtype=torch.float32, device=x.device)
+        stats = torch.empty((4, n), dtype=torch.float32, device=x.device).unbind()
         tm, ts, tz = (t[:n] if t is not None else None for t in tile_stats)
-        fast_launch(combine_tile_stats_kernel)[(n,)](
-            x, x.stride(0), labels, row_w, tm, ts, tz if tz is not None else tm, tm.shape[1],
-            pm, ps, pzt, pzsum, vocab, scale, softcap or 1.0, HAS_SOFTCAP=softcap > 0,
-            HAS_SMOOTHING=bool(label_smoothing), BLOCK_T=1024, num_warps=4)
-    fast_launch(lce_row_grad_kernel)[(n * split,)](
-        x, x.stride(0), labels, row_w, pm, ps, pzt, pzsum, lse, zt, zsum, vocab, split, cols,
-        n * split, n_stats, scale, softcap or 1.0, 1.0 - label_smoothing,
-        label_smoothing / vocab, z_loss, BLOCK_S=triton.next_power_of_2(n_stats), **flags)
+        tz = tz if tz is not None else tm
+        tiles = tm.shape[1]
+        key = _launch_key((x, labels, row_w, tm, ts, tz, *stats), *shape, tiles)
+        fast_launch(combine_tile_stats_kernel, key)[(n,)](
+            x, stride, labels, row_w, tm, ts, tz, tiles, *stats, vocab, scale, cap,
+            HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=smoothing, BLOCK_T=1024, num_warps=4)
+    target_weight, uniform_weight = 1.0 - label_smoothing, label_smoothing / vocab
+    key = _launch_key((x, labels, row_w, *stats, lse, zt, zsum), *shape, n_stats, target_weight,
+                      uniform_weight, z_loss)
+    fast_launch(lce_row_grad_kernel, key)[(n * split,)](
+        x, stride, labels, row_w, *stats, lse, zt, zsum, vocab, split, cols, n * split, n_stats,
+        scale, cap, target_weight, uniform_weight, z_loss,
+        BLOCK_S=triton.next_power_of_2(n_stats), **flags)
+
+
+def _runs_here(kernel, t: Tensor) -> bool:
+    """Whether ``kernel`` (ours, ``@triton.jit``) can run on ``t``'s device: CUDA, or anywhere
+    under ``TRITON_INTERPRET=1`` (which makes it an interpreted function, not a JITFunction)."""
+    return t.is_cuda or not isinstance(kernel, triton.runtime.JITFunction)
 
 
 def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
@@ -525,9 +556,8 @@ def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
     else ``mul_``."""
     if t.numel() == 0:
         return
-    runs = t.is_cuda or not isinstance(scale_inplace_kernel, triton.runtime.JITFunction)
     dense = t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())
-    if not runs or not dense or g.device != t.device:
+    if not _runs_here(scale_inplace_kernel, t) or not dense or g.device != t.device:
         t.mul_(g)
         return
     fast_launch(scale_inplace_kernel)[(triton.cdiv(t.numel(), block),)](
@@ -536,17 +566,144 @@ def scale_inplace(t: Tensor, g: Tensor, block: int = 4096) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the kernel path and the reference share: the per-row loss and the row weights, [N]-sized
-# torch ops on the device (no host sync).
+# The loss and the row weights from [N] vectors, once a call: one small Triton kernel each on
+# the device (one launch in place of ~8 torch ops of host time each; no host sync), with the
+# plain-torch references (*_reference: off CUDA, for float64, and what the tests compare to).
 # ---------------------------------------------------------------------------------------------
+# One program sweeps the N rows in tiles of this many, with this many warps (N ≤ ~10⁵: a few
+# dozen tiles). Each lane keeps its own partial sums, reduced once at the end: a fixed order,
+# so the loss is deterministic.
+VEC_BLOCK = 4096
+VEC_WARPS = 8
+
+
+@triton.jit
+def _valid_rows(LABELS, rows, n, ignore_index):
+    """Which of ``rows`` are rows (< n) whose label is not ignore_index."""
+    return tl.load(LABELS + rows, mask=rows < n, other=ignore_index) != ignore_index
+
+
+@triton.jit
+def row_weights_kernel(LABELS, G, W, n, ignore_index,
+                       UNIT_G: tl.constexpr,     # g = 1, G not read
+                       MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """w_i = g / max(n_valid, 1) ("mean") or g ("sum") on valid rows, 0 on ignored rows: never
+    nan (a mean over no rows divides by 1). For "mean" a first sweep counts the valid rows."""
+    if UNIT_G:
+        g = tl.full([], 1.0, tl.float32)
+    else:
+        g = tl.load(G).to(tl.float32)
+    if MEAN:
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        for r0 in range(0, n, BLOCK):
+            count += _valid_rows(LABELS, r0 + tl.arange(0, BLOCK), n, ignore_index).to(tl.int32)
+        n_valid = tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32)
+        g = tl.math.div_rn(g, n_valid)          # IEEE division, as torch's ('/' may be approximate)
+    for r0 in range(0, n, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        valid = _valid_rows(LABELS, rows, n, ignore_index)
+        tl.store(W + rows, tl.where(valid, g, 0.0), mask=rows < n)
+
+
+@triton.jit
+def finish_loss_kernel(LSE, ZT, ZSUM, LABELS, OUT, n, ignore_index,
+                       target_weight,           # 1 − ε
+                       uniform_weight,          # ε / V
+                       z_loss,                  # λ
+                       HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+                       MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """loss = Σ_{i valid} ℓ_i (/ n_valid for "mean") into the 0-d OUT, with
+    ℓ_i = lse_i − (1 − ε) zt_i − (ε / V) zsum_i + λ lse_i². Ignored rows are not read (their
+    statistics may be anything). "mean" of no rows is nan, as eager's 0/0."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for r0 in range(0, n, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        valid = _valid_rows(LABELS, rows, n, ignore_index)
+        lse = tl.load(LSE + rows, mask=valid, other=0.0)
+        ell = lse - target_weight * tl.load(ZT + rows, mask=valid, other=0.0)
+        if HAS_SMOOTHING:
+            ell = ell - uniform_weight * tl.load(ZSUM + rows, mask=valid, other=0.0)
+        if HAS_Z_LOSS:
+            ell = ell + z_loss * lse * lse
+        total += tl.where(valid, ell, 0.0)
+        count += valid.to(tl.int32)
+    loss = tl.sum(total, axis=0)
+    if MEAN:
+        n_valid = tl.sum(count, axis=0)
+        # 0/0 written out as nan (the interpreter warns on 0/0)
+        mean = tl.math.div_rn(loss, tl.maximum(n_valid, 1).to(tl.float32))
+        loss = tl.where(n_valid > 0, mean, float("nan"))
+    tl.store(OUT, loss)
+
+
 def _valid(labels: Tensor, ignore_index: int) -> Tensor:
     return labels != ignore_index
+
+
+def _vectors(labels: Tensor, *rows: Tensor) -> bool:
+    """Whether ``labels`` and the fp32 vectors ``rows`` are what the [N] kernels read: dense,
+    one device, one element a row."""
+    n = labels.numel()
+    return labels.is_contiguous() and all(
+        t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n
+        and t.device == labels.device for t in rows)
 
 
 def finish_loss(lse: Tensor, zt: Tensor, zsum: Tensor | None, labels: Tensor, vocab: int,
                 ignore_index: int, reduction: str, label_smoothing: float,
                 z_loss: float) -> Tensor:
-    """ℓ_i from the row statistics, reduced. "mean" of nothing is 0/0 = nan, as eager's."""
+    """ℓ_i from the row statistics, reduced (fp32, 0-d): :func:`finish_loss_kernel` where it can
+    run (fp32 statistics; CUDA, or CPU under ``TRITON_INTERPRET=1``), else
+    :func:`finish_loss_reference`. "mean" of nothing is nan, as eager's 0/0."""
+    smoothing, has_z_loss = bool(label_smoothing), bool(z_loss)
+    stats = (lse, zt, zsum) if smoothing else (lse, zt)
+    if not (_runs_here(finish_loss_kernel, lse) and _vectors(labels, *stats)):
+        return finish_loss_reference(lse, zt, zsum, labels, vocab, ignore_index, reduction,
+                                     label_smoothing, z_loss)
+    out = torch.empty((), dtype=torch.float32, device=lse.device)
+    n, mean = labels.numel(), reduction == "mean"
+    target_weight, uniform_weight = 1.0 - label_smoothing, label_smoothing / vocab
+    z_loss = float(z_loss)
+    zsum = zsum if smoothing else lse                    # not read without smoothing
+    key = _launch_key((lse, zt, zsum, labels, out), n, ignore_index, target_weight,
+                      uniform_weight, z_loss, smoothing, has_z_loss, mean, VEC_BLOCK, VEC_WARPS)
+    fast_launch(finish_loss_kernel, key)[(1,)](
+        lse, zt, zsum, labels, out, n, ignore_index, target_weight, uniform_weight, z_loss,
+        HAS_SMOOTHING=smoothing, HAS_Z_LOSS=has_z_loss, MEAN=mean, BLOCK=VEC_BLOCK,
+        num_warps=VEC_WARPS)
+    return out
+
+
+def row_weights(grad: Tensor | None, labels: Tensor, ignore_index: int, reduction: str,
+                dtype: torch.dtype) -> Tensor:
+    """w_i = g / n_valid (mean) or g (sum) on valid rows, 0 on ignored rows (never nan); g =
+    ``grad`` (a one-element tensor), or 1 for None. :func:`row_weights_kernel` where it can run
+    (fp32 weights; CUDA, or CPU under ``TRITON_INTERPRET=1``), else
+    :func:`row_weights_reference`."""
+    if not (dtype == torch.float32 and _runs_here(row_weights_kernel, labels)
+            and _vectors(labels) and (grad is None or (grad.numel() == 1
+                                                       and grad.device == labels.device))):
+        if grad is None:
+            grad = torch.ones((), dtype=dtype, device=labels.device)
+        return row_weights_reference(grad, labels, ignore_index, reduction, dtype)
+    w = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+    n, mean = labels.numel(), reduction == "mean"
+    if n == 0:
+        return w
+    g = labels if grad is None else grad                # not read for g = 1
+    key = _launch_key((labels, g, w), n, ignore_index, grad is None, mean, VEC_BLOCK, VEC_WARPS)
+    fast_launch(row_weights_kernel, key)[(1,)](
+        labels, g, w, n, ignore_index, UNIT_G=grad is None, MEAN=mean, BLOCK=VEC_BLOCK,
+        num_warps=VEC_WARPS)
+    return w
+
+
+def finish_loss_reference(lse: Tensor, zt: Tensor, zsum: Tensor | None, labels: Tensor,
+                          vocab: int, ignore_index: int, reduction: str, label_smoothing: float,
+                          z_loss: float) -> Tensor:
+    """ℓ_i from the row statistics, reduced, in torch ops (in the statistics' dtype). "mean" of
+    nothing is 0/0 = nan, as eager's."""
     valid = _valid(labels, ignore_index)
     per_row = lse - (1.0 - label_smoothing) * zt
     if label_smoothing:
@@ -559,9 +716,10 @@ def finish_loss(lse: Tensor, zt: Tensor, zsum: Tensor | None, labels: Tensor, vo
     return total
 
 
-def row_weights(grad: Tensor, labels: Tensor, ignore_index: int, reduction: str,
-                dtype: torch.dtype) -> Tensor:
-    """w_i = g / n_valid (mean) or g (sum) on valid rows, 0 on ignored rows (never nan)."""
+def row_weights_reference(grad: Tensor, labels: Tensor, ignore_index: int, reduction: str,
+                          dtype: torch.dtype) -> Tensor:
+    """w_i = g / n_valid (mean) or g (sum) on valid rows, 0 on ignored rows (never nan), in
+    torch ops."""
     valid = _valid(labels, ignore_index)
     g = grad.to(dtype)
     if reduction == "mean":
@@ -710,7 +868,7 @@ def lce_forward_with_grads(h: Tensor, weight: Tensor, bias: Tensor | None, label
     rows = rows or row_chunk(n, vocab, h.element_size())
     labels = labels.contiguous()
     f32 = dict(dtype=torch.float32, device=h.device)
-    row_w = row_weights(torch.ones((), **f32), labels, ignore_index, reduction, torch.float32)
+    row_w = row_weights(None, labels, ignore_index, reduction, torch.float32)
     dh = torch.empty_like(h) if need_h else None
     db = torch.zeros(vocab, **f32) if need_b else None
     # many chunks (large N): dW summed in fp32, rounded once at the end
@@ -793,8 +951,8 @@ def linear_cross_entropy_reference(h: Tensor, weight: Tensor, bias: Tensor | Non
         zt = zt + torch.where(inside, z.gather(1, col[:, None])[:, 0], 0.0)
         zsum = zsum + z.sum(1)
     lse = m + torch.log(s)
-    loss = finish_loss(lse, zt, zsum, labels, vocab, ignore_index, reduction, label_smoothing,
-                       z_loss)
+    loss = finish_loss_reference(lse, zt, zsum, labels, vocab, ignore_index, reduction,
+                                 label_smoothing, z_loss)
     return loss, lse
 
 
@@ -811,7 +969,7 @@ def linear_cross_entropy_backward_reference(
     hf, wf = h.to(acc), weight.to(acc)
     bf = None if bias is None else bias.to(acc)
     lse = lse.to(acc)
-    row_w = row_weights(grad, labels, ignore_index, reduction, acc)
+    row_w = row_weights_reference(grad, labels, ignore_index, reduction, acc)
     dh = torch.zeros_like(hf)
     dw = torch.empty_like(wf)
     db = torch.empty(vocab, dtype=acc, device=h.device)
@@ -842,8 +1000,8 @@ def linear_cross_entropy_with_grads_reference(
     rows = rows or row_chunk(n, vocab, 4)
     hf, wf = h.to(acc), weight.to(acc)
     bf = None if bias is None else bias.to(acc)
-    row_w = row_weights(torch.ones((), dtype=acc, device=h.device), labels, ignore_index,
-                        reduction, acc)
+    row_w = row_weights_reference(torch.ones((), dtype=acc, device=h.device), labels,
+                                  ignore_index, reduction, acc)
     lse, zt, zsum = torch.zeros((3, n), dtype=acc, device=h.device)
     dh, dw = torch.zeros_like(hf), torch.zeros_like(wf)
     db = torch.zeros(vocab, dtype=acc, device=h.device)
@@ -861,8 +1019,8 @@ def linear_cross_entropy_with_grads_reference(
         dh[r0:r1] = d @ wf
         dw += d.t() @ hf[r0:r1]
         db += d.sum(0)
-    loss = finish_loss(lse, zt, zsum, labels, vocab, ignore_index, reduction, label_smoothing,
-                       z_loss)
+    loss = finish_loss_reference(lse, zt, zsum, labels, vocab, ignore_index, reduction,
+                                 label_smoothing, z_loss)
     # the layouts of h and weight, as the CUDA path (and the op's fake) give them
     return (loss, torch.empty_like(h).copy_(dh) if need_h else None,
             torch.empty_like(weight).copy_(dw) if need_w else None,

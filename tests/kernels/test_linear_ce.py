@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import chronicals  # noqa: F401  (registers the ops)
+from chronicals_fx.kernels import _triton
 from chronicals_fx.kernels import linear_ce as K
 from tests.conftest import DEVICE
 
@@ -355,6 +356,316 @@ def test_scale_inplace_kernel():
     xt = before.clone().t()
     K.scale_inplace(xt, torch.tensor(0.5, device=DEVICE, dtype=torch.bfloat16), block=256)
     assert torch.equal(xt, before.t() * 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' own fast_launch keys (_launch_key): a key must fix everything Triton specializes
+# on, or a compiled kernel is launched with arguments it was not compiled for (a kernel compiled
+# for aligned pointers, on a misaligned slice). Under the interpreter fast_launch leaves the
+# kernels to it, so the keys are checked as keys (against the key fast_launch would build from
+# every argument); the gpu-marked twins run the launches for real.
+# ---------------------------------------------------------------------------------------------
+def test_launch_key_holds_dtype_alignment_and_values():
+    buf = torch.zeros(64)
+    key = K._launch_key((buf[4:8], buf[8:]), 150, 0.5, True)
+    assert key == K._launch_key((buf[8:12], torch.ones(3)), 150, 0.5, True)   # other pointers
+    assert key != K._launch_key((buf[5:9], buf[8:]), 150, 0.5, True)          # 4 bytes off 16
+    assert key != K._launch_key((buf[4:8].double(), buf[8:]), 150, 0.5, True)
+    assert key != K._launch_key((buf[4:8], buf[8:]), 151, 0.5, True)
+    assert key != K._launch_key((buf[4:8], buf[8:]), 150, 0.25, True)
+    assert key != K._launch_key((buf[4:8], buf[8:]), 150, 0.5, False)
+
+
+class _RecordedLaunch:
+    """Stands in for ``fast_launch``: records (kernel, caller's key, args, kwargs) of each
+    launch, then launches as fast_launch does."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __call__(self, kernel, key=None):
+        real, launches = _triton.fast_launch(kernel, key), self.launches
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((kernel, key, args, kwargs))
+                    return real[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+
+def _recorded_launches(monkeypatch):
+    launches = []
+    monkeypatch.setattr(K, "fast_launch", _RecordedLaunch(launches))
+    return launches
+
+
+def _jit_key(args, kwargs):
+    """The key fast_launch builds from every argument: what the JIT specializes on, or finer."""
+    return (tuple(map(_triton._arg_key, args)),
+            tuple((name, _triton._arg_key(v)) for name, v in kwargs.items()))
+
+
+def _check_keys_fix_specialization(launches, at_least):
+    """Each caller's key stands for one argument key (no two launches with one caller's key and
+    two specializations), and the launches saw ``at_least`` caller's keys a kernel."""
+    by_kernel = {}
+    for kernel, key, args, kwargs in launches:
+        assert key is not None, f"{kernel.__name__} launched without a caller's key"
+        seen = by_kernel.setdefault(kernel.__name__, {})
+        assert seen.setdefault(key, _jit_key(args, kwargs)) == _jit_key(args, kwargs), (
+            f"{kernel.__name__}: one key for two specializations")
+    assert by_kernel and all(len(keys) >= at_least for keys in by_kernel.values()), {
+        name: len(keys) for name, keys in by_kernel.items()}
+
+
+# Chunks at these row offsets of the [N] vectors: int64 labels 16-byte aligned at even offsets,
+# fp32 vectors at multiples of 4 — both, labels only, neither.
+ROW_OFFSETS = (0, 1, 2, 4, 6)
+
+
+def _rows_at_offsets(monkeypatch, cfg, tile_stats, fast, offsets=ROW_OFFSETS, c=3, vocab=150,
+                     width=150, tile=16, **tiling):
+    """lce_rows over chunks of c rows at ``offsets`` of [N] vectors (as lce_forward_with_grads
+    slices them), on ``vocab`` columns of logits of row stride ``width`` (tile statistics of
+    ``tile`` columns): (d, lse, zt, zsum) of each chunk, with fast_launch on or off."""
+    monkeypatch.setattr(_triton, "FAST_LAUNCH", fast)
+    x, labels, row_w = (t[:c] for t in _large_logits())
+    x, labels = x[:, :vocab], labels.clamp(max=vocab - 1)
+    kw = dict(scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0) | cfg
+    tiles = None
+    if tile_stats:
+        from chronicals_fx.kernels import linear_ce_gemm
+        tiles = linear_ce_gemm.tile_stats_reference(x, tile, kw["scale"], kw["softcap"],
+                                                    bool(kw["label_smoothing"]))
+        tiles = tuple(t.to(DEVICE) if t is not None else None for t in tiles)
+    n = max(offsets) + c
+    labels_n = torch.zeros(n, dtype=torch.int64, device=DEVICE)
+    row_w_n = torch.zeros(n, device=DEVICE)
+    out = []
+    for r0 in offsets:
+        rows = slice(r0, r0 + c)
+        labels_n[rows], row_w_n[rows] = labels, row_w
+        stats = torch.full((3, n), 7.0, device=DEVICE)
+        d = torch.zeros(c, width, device=DEVICE)[:, :vocab]
+        d.copy_(x)
+        K.lce_rows(d, labels_n[rows], row_w_n[rows], *(t[rows] for t in stats), kw["scale"],
+                   kw["softcap"], kw["label_smoothing"], kw["z_loss"], tile_stats=tiles,
+                   **(dict(cols=64, block_v=32) | tiling))
+        out.append((d, *stats[:, rows]))
+    return out
+
+
+# One thing changed at a time from the first configuration (each at the first two offsets), so
+# a key that left it out would stand for two specializations. (7 rows, and slices of 60
+# columns, keep the slice count and the alignment of the statistics buffers: only n, or cols,
+# changes; softcap 1.0 keeps the value passed for "no softcap".)
+ROW_KEY_CHANGES = [dict(z_loss=1e-3), dict(label_smoothing=0.1), dict(label_smoothing=0.2),
+                   dict(softcap=30.0), dict(softcap=20.0), dict(softcap=1.0), dict(scale=0.5),
+                   dict(c=7), dict(vocab=130), dict(width=160), dict(tile=32), dict(cols=60),
+                   dict(block_v=16), dict(warps=2), dict(variant="tile")]
+_CFG_KEYS = ("z_loss", "label_smoothing", "softcap", "scale")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")   # softcap 1 on logits of 100
+@pytest.mark.parametrize("tile_stats", [False, True], ids=["row_stats", "tile_stats"])
+def test_row_pass_keys_fix_what_the_jit_specializes_on(tile_stats, monkeypatch):
+    """Both row passes' caller's keys, over chunks whose [N] slices differ in alignment, and over
+    changes of each scalar, constexpr and launch option: never one key for two
+    specializations."""
+    launches = _recorded_launches(monkeypatch)
+    _rows_at_offsets(monkeypatch, {}, tile_stats, fast=True)
+    for change in ROW_KEY_CHANGES:
+        change = dict(change)
+        _row_variant(monkeypatch, change.pop("variant", "lanes"))
+        cfg = {k: change.pop(k) for k in _CFG_KEYS if k in change}
+        _rows_at_offsets(monkeypatch, cfg, tile_stats, fast=True, offsets=ROW_OFFSETS[:2],
+                         **change)
+    # the three alignment cases at least, and more with the changes
+    _check_keys_fix_specialization(launches, at_least=3 + len(ROW_KEY_CHANGES) // 2)
+
+
+@pytest.mark.parametrize("tile_stats", [False, True], ids=["row_stats", "tile_stats"])
+def test_row_passes_keyed_launches_equal_the_jit(tile_stats, monkeypatch):
+    """The keyed launches give exactly what the JIT gives, chunk by chunk. On a GPU the aligned
+    chunk comes first, so a kernel compiled for aligned pointers is in fast_launch's cache when
+    the misaligned chunks come."""
+    cfg = dict(label_smoothing=0.1, z_loss=1e-3, softcap=30.0)
+    fast = _rows_at_offsets(monkeypatch, cfg, tile_stats, fast=True)
+    jit = _rows_at_offsets(monkeypatch, cfg, tile_stats, fast=False)
+    for r0, got, want in zip(ROW_OFFSETS, fast, jit):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"chunk at row {r0}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_stats", [False, True], ids=["row_stats", "tile_stats"])
+def test_gpu_row_passes_keyed_launches_equal_the_jit(tile_stats, monkeypatch):
+    """The same with compiled kernels (``pytest -m gpu``): fast_launch's cache in play."""
+    test_row_passes_keyed_launches_equal_the_jit(tile_stats, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The [N] kernels: the row weights, and the loss from the row statistics
+# ---------------------------------------------------------------------------------------------
+def _row_vectors(n, ignore_every=3, seed=12):
+    """(lse, zt, zsum, labels) [n] as the row passes leave them; the ignored rows' statistics
+    nan and ±inf (which must not reach the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    lse = torch.rand(n, generator=g) * 4 + 8
+    zt, zsum = torch.randn(n, generator=g) * 3, torch.randn(n, generator=g) * 300
+    labels = torch.randint(0, 1000, (n,), generator=g)
+    labels[::ignore_every] = -100
+    lse[::ignore_every] = float("nan")
+    zt[::2 * ignore_every], zsum[ignore_every::2 * ignore_every] = float("inf"), float("-inf")
+    return lse, zt, zsum, labels
+
+
+# (reduction, ε, λ)
+LOSS_CFGS = {
+    "mean": ("mean", 0.0, 0.0),
+    "sum": ("sum", 0.0, 0.0),
+    "smoothing_z_loss": ("mean", 0.1, 1e-3),
+    "sum_smoothing_z_loss": ("sum", 0.2, 1e-2),
+}
+
+
+_REFERENCES = {name: getattr(K, name) for name in ("finish_loss_reference",
+                                                   "row_weights_reference")}
+
+
+def _no_reference(monkeypatch, name):
+    """Make the plain-torch fallback ``name`` fail: the kernel must be what runs. Returns the
+    real one."""
+    real = _REFERENCES[name]
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran, not the kernel")
+    monkeypatch.setattr(K, name, fail)
+    return real
+
+
+def _check_finish_loss(monkeypatch, n, cfg):
+    reduction, smoothing, z_loss = cfg
+    reference = _no_reference(monkeypatch, "finish_loss_reference")
+    lse, zt, zsum, labels = _row_vectors(n)
+    args = (1000, -100, reduction, smoothing, z_loss)
+    loss = K.finish_loss(*(t.to(DEVICE) for t in (lse, zt, zsum, labels)), *args)
+    truth = reference(lse.double(), zt.double(), zsum.double(), labels, *args)
+    assert loss.dtype == torch.float32 and loss.shape == () and loss.device.type == DEVICE
+    assert torch.isfinite(truth) and abs(loss.item() - truth.item()) < 1e-6 * abs(truth.item())
+
+
+def _check_row_weights(monkeypatch, n, grad, reduction):
+    """Exactly the torch reference's weights (one IEEE division), which are float64's rounded
+    to fp32 (a division rounded twice, to 53 bits and then 24, is rounded once); 0 on ignored
+    rows."""
+    reference = _no_reference(monkeypatch, "row_weights_reference")
+    *_, labels = _row_vectors(n)
+    w = K.row_weights(None if grad is None else grad.to(DEVICE), labels.to(DEVICE), -100,
+                      reduction, torch.float32)
+    g = torch.tensor(1.0) if grad is None else grad
+    assert w.dtype == torch.float32 and w.shape == labels.shape
+    assert torch.equal(w.cpu(), reference(g, labels, -100, reduction, torch.float32))
+    assert torch.equal(w.cpu(), reference(g, labels, -100, reduction, torch.float64).float())
+
+
+GRADS = {"one": None, "fp32": torch.tensor(0.37), "bf16": torch.tensor(-2.5, dtype=torch.bfloat16)}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_CFGS))
+def test_finish_loss_kernel_equals_float64(name, monkeypatch):
+    """Over three tiles of VEC_BLOCK rows (the last partial)."""
+    _check_finish_loss(monkeypatch, 2 * K.VEC_BLOCK + 777, LOSS_CFGS[name])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n", [0, 5])
+def test_finish_loss_kernel_every_row_ignored(reduction, n, monkeypatch):
+    """No valid row (or no row): "mean" is nan (eager's 0/0), "sum" is 0."""
+    reference = _no_reference(monkeypatch, "finish_loss_reference")
+    lse, zt, zsum, labels = _row_vectors(n)
+    labels[:] = -100
+    args = (1000, -100, reduction, 0.1, 1e-3)
+    loss = K.finish_loss(*(t.to(DEVICE) for t in (lse, zt, zsum, labels)), *args)
+    torch.testing.assert_close(loss.cpu(), reference(lse, zt, zsum, labels, *args), equal_nan=True)
+    assert loss.isnan() if reduction == "mean" else loss.item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("grad", sorted(GRADS))
+def test_row_weights_kernel_equals_reference(grad, reduction, monkeypatch):
+    """g = 1 (no tensor), fp32 and bf16; over three tiles of VEC_BLOCK rows."""
+    _check_row_weights(monkeypatch, 2 * K.VEC_BLOCK + 777, GRADS[grad], reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_row_weights_kernel_every_row_ignored(reduction, monkeypatch):
+    """No valid row: every weight 0 (a mean over no rows divides by 1, not 0: no nan)."""
+    _no_reference(monkeypatch, "row_weights_reference")
+    labels = torch.full((9,), 0, device=DEVICE)
+    w = K.row_weights(torch.tensor(3.0, device=DEVICE), labels, 0, reduction, torch.float32)
+    assert torch.equal(w, torch.zeros(9, device=DEVICE))
+    assert K.row_weights(None, labels[:0], 0, reduction, torch.float32).shape == (0,)
+
+
+@pytest.mark.gpu
+def test_gpu_vector_kernels_at_real_length(monkeypatch):
+    """The [N] kernels compiled, at a real N (12 chunks of 8192 tokens and a partial one)."""
+    for cfg in LOSS_CFGS.values():
+        _check_finish_loss(monkeypatch, 100_003, cfg)
+    for grad in GRADS.values():
+        for reduction in ("mean", "sum"):
+            _check_row_weights(monkeypatch, 100_003, grad, reduction)
+    test_finish_loss_kernel_every_row_ignored("mean", 5, monkeypatch)
+
+
+def test_vector_kernels_leave_float64_to_the_reference():
+    lse, zt, zsum, labels = (t.double() if t.is_floating_point() else t
+                             for t in _row_vectors(10))
+    loss = K.finish_loss(lse, zt, zsum, labels, 1000, -100, "mean", 0.1, 0.0)
+    assert loss.dtype == torch.float64
+    assert torch.equal(loss, K.finish_loss_reference(lse, zt, zsum, labels, 1000, -100, "mean",
+                                                     0.1, 0.0))
+    w = K.row_weights(None, labels, -100, "mean", torch.float64)
+    assert w.dtype == torch.float64 and torch.equal(w, K.row_weights_reference(
+        torch.tensor(1.0, dtype=torch.float64), labels, -100, "mean", torch.float64))
+
+
+# (reduction, ε, λ, V, ignore_index): one changed at a time
+VECTOR_KEY_CHANGES = [("mean", 0.0, 0.0, 1000, -100), ("sum", 0.0, 0.0, 1000, -100),
+                      ("mean", 0.1, 0.0, 1000, -100), ("mean", 0.2, 0.0, 1000, -100),
+                      ("mean", 0.1, 0.0, 999, -100), ("mean", 0.0, 1e-3, 1000, -100),
+                      ("mean", 0.0, 1e-2, 1000, -100), ("mean", 0.0, 0.0, 1000, 0)]
+
+
+def test_vector_kernels_keys_fix_what_the_jit_specializes_on(monkeypatch):
+    """The [N] kernels' caller's keys over [N] vectors at offsets of other alignments, of other
+    lengths (1 is a constant to Triton, 16 a multiple of 16), and over changes of each scalar."""
+    launches = _recorded_launches(monkeypatch)
+    monkeypatch.setattr(_triton, "FAST_LAUNCH", True)
+    lse, zt, zsum, labels = (t.to(DEVICE) for t in _row_vectors(40))
+    for r0 in ROW_OFFSETS:
+        for n in (30, 16, 1):
+            rows = slice(r0, r0 + n)
+            for reduction, smoothing, z_loss, vocab, ignore in VECTOR_KEY_CHANGES:
+                K.finish_loss(lse[rows], zt[rows], zsum[rows], labels[rows], vocab, ignore,
+                              reduction, smoothing, z_loss)
+                K.row_weights(None, labels[rows], ignore, reduction, torch.float32)
+                K.row_weights(lse[0], labels[rows], ignore, reduction, torch.float32)
+    _check_keys_fix_specialization(launches, at_least=2)
+
+
+def test_grad_in_forward_path_takes_the_vector_kernels(monkeypatch):
+    """lce_forward_with_grads gets its row weights and its loss from the [N] kernels."""
+    for name in ("finish_loss_reference", "row_weights_reference"):
+        _no_reference(monkeypatch, name)
+    h, w, _, y = make(12, 16, 100, dtype=torch.float32, seed=5, device=DEVICE)
+    truth, _ = float64_truth(h, w, None, y, label_smoothing=0.1)
+    loss, *_ = K.lce_forward_with_grads(h, w, None, y, -100, "mean", 0.1, 1.0, 0.0, 0.0, True,
+                                        False, False, rows=8, cols=64, block_v=32)
+    assert rel(loss, truth) < 1e-5
 
 
 def _gif_leaves(bias=True, seed=9):
