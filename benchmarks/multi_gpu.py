@@ -198,7 +198,8 @@ def run_worker(args) -> dict | None:
                       optimizer=optimizer, clock=clock, energy=energy_counter())
     # this rank's GPU's energy over this rank's own steps (before step_ms becomes the slowest
     # rank's below): the table shows rank 0's
-    energy = {"energy_j_per_step": stats.energy_j_per_step, "avg_power_w": stats.avg_power_w}
+    energy = {"energy_j_per_step": stats.energy_j_per_step, "avg_power_w": stats.avg_power_w,
+              "energy_resolution_j": stats.energy_resolution_j}
     profile = None
     if args.profile and args.engine != "single":
         profile = _profile(args, wrapped, batches, optimizer, stats, rank, world)
@@ -475,6 +476,8 @@ def main(argv=None) -> int:
 def summary_table(results: list[dict]) -> str:
     from tabulate import tabulate
 
+    from chronicals_fx.workload import energy_cell
+
     reference = next((r for r in results if r["engine"] == "single" and "error" not in r), None)
     compile_tps = {r["engine"]: r["tokens_per_s"] for r in results
                    if r["variant"] == "compile" and "error" not in r}
@@ -492,7 +495,8 @@ def summary_table(results: list[dict]) -> str:
                      f"{r['tokens_per_s'] / base:.2f}x" if base else "",
                      f"{r['median_step_ms']:.1f}", f"{r.get('median_host_ms', float('nan')):.1f}",
                      f"{r.get('median_sm_mhz', float('nan')):.0f}",
-                     f"{r.get('energy_j_per_step', float('nan')):.1f}",
+                     energy_cell(r.get("energy_j_per_step", float("nan")),
+                                 r.get("energy_resolution_j", float("nan"))),
                      f"{r.get('avg_power_w', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      "" if gap is None else f"{gap:.3f}", f"{r['min_grad_norm']:.3f}",

@@ -497,7 +497,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
         def median_of_timed(key: str) -> float:
             return median_of_numbers(all_timed(key))
 
-        joules, watts = energy_figures(all_timed("energy_j"), all_timed("step_ms"))
+        joules, watts, resolution = energy_figures(all_timed("energy_j"), all_timed("step_ms"))
 
         out.append({**ok[0], "tokens_per_s": statistics.fmean(tps),
                     "tokens_per_s_range": (min(tps), max(tps)),
@@ -507,6 +507,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
                     "median_power_w": median_of_timed("power_w"),
                     "mean_gc_ms": statistics.fmean(r.get("mean_gc_ms", math.nan) for r in ok),
                     "energy_j_per_step": joules, "avg_power_w": watts,
+                    "energy_resolution_j": resolution,
                     "peak_gib": max(r["peak_gib"] for r in ok),
                     "min_grad_norm": min(r["min_grad_norm"] for r in ok),
                     "problems": problems, "runs_losses": [r["losses"] for r in ok]})
@@ -514,6 +515,10 @@ def merged_runs(results: list[dict]) -> list[dict]:
 
 
 def summary_table(results: list[dict]) -> str:
+    import math
+
+    from chronicals_fx.workload import energy_cell
+
     results = merged_runs(results)
     ok = {r["variant"]: r for r in results if "error" not in r}
     compile_tps = ok.get("compile", {}).get("tokens_per_s")
@@ -535,7 +540,8 @@ def summary_table(results: list[dict]) -> str:
                      f"{r.get('median_host_ms', float('nan')):.1f}",
                      f"{r.get('median_sm_mhz', float('nan')):.0f}",
                      f"{r.get('median_power_w', float('nan')):.0f}",
-                     f"{r.get('energy_j_per_step', float('nan')):.1f}",
+                     energy_cell(r.get("energy_j_per_step", math.nan),
+                                 r.get("energy_resolution_j", math.nan)),
                      f"{r.get('avg_power_w', float('nan')):.0f}",
                      f"{r.get('mean_gc_ms', float('nan')):.1f}", f"{r['peak_gib']:.1f}",
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
@@ -547,8 +553,9 @@ def summary_table(results: list[dict]) -> str:
     # nvidia-smi). W at the card's limit with the clock below its maximum: the step is
     # power-bound; W low with the clock at its maximum: the GPU waited (on the host, mostly).
     # J/step, avg W: the GPU's energy a timed step (mean; sync to sync) and that energy over
-    # the steps' time, from NVML's cumulative energy counter (gpu_energy.py; nan without it):
-    # at a power cap, two variants' J/step compare their work where their clocks differ.
+    # the steps' time, from NVML's cumulative energy counter (gpu_energy.py; nan without it),
+    # ± its resolution (the counter moves in increments: workload.energy_figures): at a power
+    # cap, two variants' J/step compare their work where their clocks differ.
     # GC ms: Python's garbage collector inside a step, mean over the timed steps (host time).
     return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
                                    "J/step", "avg W", "GC ms",

@@ -173,6 +173,10 @@ class TrainStats:
         return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[1]
 
     @property
+    def energy_resolution_j(self) -> float:
+        return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[2]
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.median_step_ms * 1000
 
@@ -196,6 +200,7 @@ class TrainStats:
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
                 "median_power_w": self.median_power_w, "mean_gc_ms": self.mean_gc_ms,
                 "energy_j_per_step": self.energy_j_per_step, "avg_power_w": self.avg_power_w,
+                "energy_resolution_j": self.energy_resolution_j,
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 
@@ -236,14 +241,27 @@ def allocator_note(result: dict) -> str:
     return f", {calls} cudaMalloc/cudaFree in the timed steps" if calls else ""
 
 
-def energy_figures(energy_j: list[float], step_ms: list[float]) -> tuple[float, float]:
-    """(J a step, average W) of timed steps: their energy's mean, and their energy over their
-    time (the steps' own spans, sync to sync). NaN where a step's energy is (no counter) or
-    there is no step: a figure over some of the steps would not be the run's."""
+def energy_figures(energy_j: list[float], step_ms: list[float]) -> tuple[float, float, float]:
+    """(J a step, average W, ± J a step) of timed steps: their energy's mean, their energy over
+    their time (the steps' own spans, sync to sync), and the mean's resolution. NVML's counter
+    moves in increments (H200, session 23: one of ~65–70 J about every 100 ms, so a 60 ms
+    step read 0 or one increment): the sum over the steps is off by at least one increment,
+    which the largest step's reading gives, so ± is that over the number of steps (12 steps of
+    60 ms: ±6 J, a tenth of a step). A floor, not a bound: two 12-step runs of one variant gave
+    53.9 and 39.2 J a step there. Take ~100 timed steps or more. NaN where a step's energy is
+    (no counter) or there is no step: a figure over some of the steps would not be the run's."""
+    nan = (math.nan, math.nan, math.nan)
     if not energy_j or len(energy_j) != len(step_ms) or any(math.isnan(e) for e in energy_j):
-        return math.nan, math.nan
+        return nan
     total, seconds = math.fsum(energy_j), math.fsum(step_ms) / 1000
-    return total / len(energy_j), total / seconds if seconds > 0 else math.nan
+    steps = len(energy_j)
+    return (total / steps, total / seconds if seconds > 0 else math.nan,
+            max(energy_j) / steps)
+
+
+def energy_cell(joules: float, resolution: float) -> str:
+    """A table's J/step: "44.1±5.8" (nan without a counter)."""
+    return "nan" if math.isnan(joules) else f"{joules:.1f}±{resolution:.1f}"
 
 
 def median_of_numbers(values: list[float]) -> float:

@@ -236,7 +236,8 @@ def test_no_counter_or_a_failed_reading_is_nan():
 def test_energy_figures():
     from chronicals_fx.workload import energy_figures
 
-    assert energy_figures([30.0, 50.0], [50.0, 150.0]) == (40.0, 400.0)   # 80 J over 0.2 s
+    # 80 J over 0.2 s; ± the largest step's reading over the steps (one counter increment)
+    assert energy_figures([30.0, 50.0], [50.0, 150.0]) == (40.0, 400.0, 25.0)
     for energy, steps in (([], []), ([30.0, math.nan], [50.0, 50.0]), ([30.0], [50.0, 50.0])):
         assert all(math.isnan(v) for v in energy_figures(energy, steps))
 
@@ -249,8 +250,8 @@ def _record(variant, energy_j, step_ms=(99.0, 50.0, 50.0), tps=1000.0):
         from chronicals_fx.workload import energy_figures
 
         record["energy_j"] = list(energy_j)
-        j, w = energy_figures(record["energy_j"][1:], record["step_ms"][1:])
-        record.update(energy_j_per_step=j, avg_power_w=w)
+        j, w, r = energy_figures(record["energy_j"][1:], record["step_ms"][1:])
+        record.update(energy_j_per_step=j, avg_power_w=w, energy_resolution_j=r)
     return record
 
 
@@ -283,10 +284,12 @@ def test_bench_table_and_merge_show_energy_or_nan():
     merged = {r["variant"]: r for r in merged_runs(results)}
     assert merged["chronicals"]["energy_j_per_step"] == 25.0      # (20+24+26+30) / 4
     assert merged["chronicals"]["avg_power_w"] == pytest.approx(100.0 / 0.2)
-    rows = _columns(summary_table(results))      # (tabulate writes 32.0 as 32)
-    assert (float(rows["compile"]["J/step"]), float(rows["compile"]["avg W"])) == (32.0, 640.0)
-    assert (float(rows["chronicals"]["J/step"]), float(rows["chronicals"]["avg W"])) == (25.0,
-                                                                                       500.0)
+    assert merged["chronicals"]["energy_resolution_j"] == 7.5     # 30 J over the 4 steps
+    rows = _columns(summary_table(results))
+    # J a step ± the largest step's reading over the steps (one counter increment at most)
+    assert (rows["compile"]["J/step"], float(rows["compile"]["avg W"])) == ("32.0±17.0", 640.0)
+    assert (rows["chronicals"]["J/step"], float(rows["chronicals"]["avg W"])) == ("25.0±7.5",
+                                                                                 500.0)
     for variant in ("eager", "liger"):
         assert (rows[variant]["J/step"], rows[variant]["avg W"]) == ("nan", "nan")
     assert rows["liger_compile"]["tok/s"] == "failed"
@@ -350,6 +353,7 @@ def test_multi_gpu_reports_rank_0s_energy(monkeypatch, tmp_path):
     rows = _columns(multi_gpu.summary_table(
         [record, unread, {"engine": "fsdp2", "variant": "eager", "error": "boom"}]))
     energy = ("J/step (rank 0)", "avg W (rank 0)")
-    assert [rows["1 process"][c] for c in energy] == ["10.0", f"{record['avg_power_w']:.0f}"]
+    # 20 J over two steps, ± the larger reading (12 J) over them
+    assert [rows["1 process"][c] for c in energy] == ["10.0±6.0", f"{record['avg_power_w']:.0f}"]
     assert [rows["ddp"][c] for c in energy] == ["nan", "nan"]
     assert rows["fsdp2"]["tok/s (global)"] == "failed" and rows["fsdp2"]["proof"] == "boom"
