@@ -16,8 +16,9 @@ loss reported per step is the global batch's mean (the ranks' means averaged: eq
 padding); the step time is the slowest rank's;
 tokens/s counts the real tokens of all ranks. Prints one table: tokens/s, the ratio to
 torch.compile under the same engine, the median step ms (the slowest rank's), rank 0's median
-host ms (time to enqueue a step: near the step time, the step is host-bound) and SM clock (a
-step slower at the same host time on a lower clock is the power limit, gpu_clock.py), rank 0's
+host ms (time to enqueue a step: near the step time, the step is host-bound), SM clock (a
+step slower at the same host time on a lower clock is the power limit, gpu_clock.py) and the
+share of its clock samples held down for power (cap %: the driver's clock-event reasons), rank 0's
 GPU's energy a timed step and its average power over its timed steps (NVML's energy counter,
 gpu_energy.py: ``energy_j_per_step``, ``avg_power_w`` in the JSON, over rank 0's own step
 times; nan without the counter; the other GPUs are not read), peak GiB
@@ -485,7 +486,7 @@ def summary_table(results: list[dict]) -> str:
     for r in results:
         engine = "1 process" if r["engine"] == "single" else r["engine"]
         if "error" in r:
-            rows.append((engine, r["variant"], "failed", "", "", "", "", "", "", "", "", "", "",
+            rows.append((engine, r["variant"], "failed", "", "", "", "", "", "", "", "", "", "", "",
                          r["error"][:70]))
             continue
         gap = (max(abs(a - b) for a, b in zip(r["losses"], reference["losses"]))
@@ -495,6 +496,7 @@ def summary_table(results: list[dict]) -> str:
                      f"{r['tokens_per_s'] / base:.2f}x" if base else "",
                      f"{r['median_step_ms']:.1f}", f"{r.get('median_host_ms', float('nan')):.1f}",
                      f"{r.get('median_sm_mhz', float('nan')):.0f}",
+                     f"{100 * r.get('power_capped_share', float('nan')):.0f}",
                      energy_cell(r.get("energy_j_per_step", float("nan")),
                                  r.get("energy_resolution_j", float("nan"))),
                      f"{r.get('avg_power_w', float('nan')):.0f}", f"{r['peak_gib']:.1f}",
@@ -503,6 +505,7 @@ def summary_table(results: list[dict]) -> str:
                      "; ".join(r["problems"]) or "trained"))
     return tabulate(rows, headers=("engine", "variant", "tok/s (global)", "vs compile",
                                    "step ms", "host ms (rank 0)", "SM MHz (rank 0)",
+                                   "cap % (rank 0)",
                                    "J/step (rank 0)", "avg W (rank 0)", "peak GiB/GPU",
                                    "loss first→last", "max |Δloss| vs 1 proc",
                                    "min grad norm", "proof"), disable_numparse=True)

@@ -27,8 +27,8 @@ variant near host-bound loses there what it would not alone.
 Random init, bf16 parameters, fused AdamW, SDPA attention, the byte corpus of
 :mod:`chronicals_fx.workload` (every token real). Prints real tokens/s, step ms, peak GiB, loss
 first→last, min grad norm, the largest per-step loss gap to eager, and the ratio to
-torch.compile; with them the GPU's SM clock and power (nvidia-smi's samples, gpu_clock.py)
-and its energy a timed step and average power over the timed steps (NVML's energy counter,
+torch.compile; with them the GPU's SM clock and power (nvidia-smi's samples, gpu_clock.py),
+the share of those samples with the clock held down for power (cap %), and its energy a timed step and average power over the timed steps (NVML's energy counter,
 gpu_energy.py: ``energy_j_per_step``, ``avg_power_w`` in the JSON; NaN without one). A
 variant whose run did not train (non-finite loss, zero grad norm) is flagged.
 """
@@ -471,7 +471,8 @@ def merged_runs(results: list[dict]) -> list[dict]:
     import math
     import statistics
 
-    from chronicals_fx.workload import energy_figures, median_of_numbers, timed_values
+    from chronicals_fx.workload import (energy_figures, mean_of_numbers, median_of_numbers,
+                                        timed_values)
 
     by_variant: dict[str, list[dict]] = {}
     for r in results:
@@ -505,6 +506,7 @@ def merged_runs(results: list[dict]) -> list[dict]:
                     "median_host_ms": median_of_timed("host_ms"),
                     "median_sm_mhz": median_of_timed("sm_mhz"),
                     "median_power_w": median_of_timed("power_w"),
+                    "power_capped_share": mean_of_numbers(all_timed("power_capped")),
                     "mean_gc_ms": statistics.fmean(r.get("mean_gc_ms", math.nan) for r in ok),
                     "energy_j_per_step": joules, "avg_power_w": watts,
                     "energy_resolution_j": resolution,
@@ -526,7 +528,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "", "", "", "",
+            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "", "", "", "", "",
                          r["error"][:60]))
             continue
         gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
@@ -540,6 +542,7 @@ def summary_table(results: list[dict]) -> str:
                      f"{r.get('median_host_ms', float('nan')):.1f}",
                      f"{r.get('median_sm_mhz', float('nan')):.0f}",
                      f"{r.get('median_power_w', float('nan')):.0f}",
+                     f"{100 * r.get('power_capped_share', math.nan):.0f}",
                      energy_cell(r.get("energy_j_per_step", math.nan),
                                  r.get("energy_resolution_j", math.nan)),
                      f"{r.get('avg_power_w', float('nan')):.0f}",
@@ -557,7 +560,10 @@ def summary_table(results: list[dict]) -> str:
     # ± its resolution (the counter moves in increments: workload.energy_figures): at a power
     # cap, two variants' J/step compare their work where their clocks differ.
     # GC ms: Python's garbage collector inside a step, mean over the timed steps (host time).
+    # cap %: the share of the clock samples inside the timed steps in which the driver held
+    # the clock down for power (its clock-event reasons: SW power cap, HW power brake).
     return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
+                                   "cap %",
                                    "J/step", "avg W", "GC ms",
                                    "peak GiB", "loss first→last",
                                    "min grad norm", "max |Δloss| vs eager", "vs compile",

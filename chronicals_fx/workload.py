@@ -119,6 +119,9 @@ class TrainStats:
     # The GPU's SM clock and power while each step ran (NaN where not sampled: gpu_clock.py).
     sm_mhz: list[float] = field(default_factory=list)
     power_w: list[float] = field(default_factory=list)
+    # The share of each step's samples with the clock held down for power (the driver's
+    # clock-event reasons: gpu_clock.ClockSampler.power_capped; NaN where not sampled).
+    power_capped: list[float] = field(default_factory=list)
     # The GPU's energy between each step's two syncs, in J, from NVML's cumulative counter
     # (gpu_energy.py; NaN where not read): what a power-capped step costs, every joule counted.
     energy_j: list[float] = field(default_factory=list)
@@ -165,6 +168,11 @@ class TrainStats:
         return median_of_numbers(self.power_w[self.warmup_steps:])
 
     @property
+    def power_capped_share(self) -> float:
+        """The timed steps' mean share of samples held down for power (NaN: not sampled)."""
+        return mean_of_numbers(self.power_capped[self.warmup_steps:])
+
+    @property
     def energy_j_per_step(self) -> float:
         return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[0]
 
@@ -199,6 +207,7 @@ class TrainStats:
         return {**asdict(self), "median_step_ms": self.median_step_ms,
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
                 "median_power_w": self.median_power_w, "mean_gc_ms": self.mean_gc_ms,
+                "power_capped_share": self.power_capped_share,
                 "energy_j_per_step": self.energy_j_per_step, "avg_power_w": self.avg_power_w,
                 "energy_resolution_j": self.energy_resolution_j,
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
@@ -262,6 +271,12 @@ def energy_figures(energy_j: list[float], step_ms: list[float]) -> tuple[float, 
 def energy_cell(joules: float, resolution: float) -> str:
     """A table's J/step: "44.1±5.8" (nan without a counter)."""
     return "nan" if math.isnan(joules) else f"{joules:.1f}±{resolution:.1f}"
+
+
+def mean_of_numbers(values: list[float]) -> float:
+    """The mean of the values that are numbers (NaN when none is)."""
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
 
 
 def median_of_numbers(values: list[float]) -> float:
@@ -395,6 +410,7 @@ class Trainer:
             during = [clock.during(start, end) for start, end in self.spans]
             stats.sm_mhz = [mhz for mhz, _ in during]
             stats.power_w = [watts for _, watts in during]
+            stats.power_capped = [clock.power_capped(start, end) for start, end in self.spans]
         stats.losses = [float(x) for x in torch.stack(self.losses).float().cpu()]
         stats.grad_norms = [float(x) for x in torch.stack(self.grad_norms).float().cpu()]
         if self.device.type == "cuda":

@@ -12,7 +12,9 @@ from chronicals_fx.gpu_clock import ClockSampler, parse_sample
 
 
 def test_parse_sample_takes_only_well_formed_lines():
-    assert parse_sample("1980, 512.31\n") == (1980.0, 512.31)
+    assert parse_sample("1980, 512.31\n") == (1980.0, 512.31, None)
+    assert parse_sample("1755, 699.8, 0x0000000000000004\n") == (1755.0, 699.8, 4)
+    assert parse_sample("1755, 699.8, [N/A]") == (1755.0, 699.8, None)   # a sample, no reasons
     assert parse_sample("clocks.current.sm [MHz], power.draw [W]") is None   # a header
     assert parse_sample("1755, [N/A]") is None
     assert parse_sample("No devices were found") is None
@@ -33,13 +35,13 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
     return _fake_smi(tmp_path, monkeypatch, "clocks.sm,power.draw.instant")
 
 
-def _fake_smi(tmp_path, monkeypatch, fields):
+def _fake_smi(tmp_path, monkeypatch, fields, line="1830, 650.5"):
     script = tmp_path / "nvidia-smi"
     script.write_text("#!/bin/sh\n"
                       f'case "$*" in *--query-gpu={fields}\\ *) ;; *) echo "bad field"; exit 2;; esac\n'
-                      'case "$*" in *--loop-ms*) ;; *) echo "1830, 650.5"; exit 0;; esac\n'
+                      f'case "$*" in *--loop-ms*) ;; *) echo "{line}"; exit 0;; esac\n'
                       'echo "clocks.current.sm [MHz], power.draw [W]"\n'
-                      "while true; do echo '1830, 650.5'; sleep 0.01; done\n")
+                      f"while true; do echo '{line}'; sleep 0.01; done\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     return script
@@ -55,6 +57,27 @@ def test_sampler_reads_the_loop_and_stops_it(fake_nvidia_smi):
     assert len(clock.samples) >= 3                       # the header line is not a sample
     assert clock.during(start, end) == (1830.0, 650.5)
     assert clock._process.poll() is not None              # the loop ended with the block
+
+
+def test_sampler_reads_the_clock_event_reasons(tmp_path, monkeypatch):
+    """A driver with the clock-event reasons: the sampler asks for them and gives each span the
+    share of its samples held down for power (SW power cap 0x4, HW power brake 0x80), not for
+    other reasons (0x1: idle)."""
+    from chronicals_fx.gpu_clock import QUERIES
+
+    _fake_smi(tmp_path, monkeypatch, QUERIES[0], line="1755, 699.8, 0x0000000000000004")
+    with ClockSampler() as clock:
+        start = time.perf_counter()
+        deadline = start + 10
+        while len(clock.reasons) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        end = time.perf_counter()
+    assert f"--query-gpu={QUERIES[0]}" in clock.command
+    assert clock.during(start, end) == (1755.0, 699.8)
+    assert clock.power_capped(start, end) == 1.0
+    clock.reasons = [(1.0, 0x4), (2.0, 0x1), (3.0, 0x80), (4.0, 0x0)]
+    assert clock.power_capped(0.5, 4.5) == 0.5
+    assert math.isnan(clock.power_capped(5.0, 6.0))           # no sample in the span
 
 
 def test_sampler_falls_back_to_the_average_power(tmp_path, monkeypatch):
@@ -109,6 +132,11 @@ def test_trainer_gives_each_step_its_clock_and_host_time():
     assert stats.power_w[:2] == [500.0, 690.0]
     assert stats.median_sm_mhz == 1600.0                  # timed steps only, NaN skipped
     assert stats.median_power_w == 690.0
+    assert all(math.isnan(v) for v in stats.power_capped)   # the samples had no reasons
+    clock.reasons = [((s1 + e1) / 2, 0x4), ((s0 + e0) / 2, 0x0)]
+    stats = trainer.stats(warmup_steps=1, clock=clock)
+    assert stats.power_capped[:2] == [0.0, 1.0] and math.isnan(stats.power_capped[2])
+    assert stats.power_capped_share == 1.0                 # timed steps only, NaN skipped
     assert len(stats.host_ms) == 3
     assert all(0 < h <= s for h, s in zip(stats.host_ms, stats.step_ms))
     assert stats.device_allocs == []                       # CPU: no driver allocator to count
@@ -163,3 +191,26 @@ def test_a_collection_inside_a_step_is_timed():
         gc.enable()
     assert quiet.gc_ms == [0.0]
     assert busy.gc_ms[0] > 1.0
+
+
+def test_bench_table_shows_the_power_capped_share():
+    """bench's cap %: the timed steps' mean share of power-capped samples, over every run of a
+    variant (--repeat), nan where the driver gave no reasons."""
+    from chronicals_fx.bench import summary_table
+    from chronicals_fx.workload import TrainStats
+
+    def record(variant, capped):     # as TrainStats.to_dict gives it
+        share = TrainStats(power_capped=capped, warmup_steps=1).power_capped_share
+        return {"variant": variant, "tokens_per_s": 1000.0, "losses": [3.0, 2.0],
+                "step_ms": [99.0, 50.0, 50.0], "warmup_steps": 1, "median_step_ms": 50.0,
+                "peak_gib": 2.0, "min_grad_norm": 1.0, "problems": [], "counts": None,
+                "power_capped": capped, "power_capped_share": share}
+
+    table = summary_table([record("compile", [0.0, 0.5, 0.0]),
+                           record("chronicals", [0.0, 1.0, 1.0]),
+                           record("chronicals", [0.0, 0.5, math.nan]),   # --repeat
+                           record("eager", [math.nan] * 3)])
+    header, _, *rows = table.splitlines()
+    column = header.index("cap %")
+    cells = {row.split()[0]: row[column:column + 5].split()[0] for row in rows}
+    assert cells == {"compile": "25", "chronicals": "83", "eager": "nan"}
