@@ -1,6 +1,6 @@
 """Data-parallel training benchmark: DDP and FSDP2, torch.compile vs chronicals, one run.
 
-    python -m benchmarks.multi_gpu [--engines ddp fsdp2] [--variants compile chronicals]
+    python -m benchmarks.multi_gpu [--engines ddp fsdp2 simple_fsdp] [--variants compile chronicals]
         [--nproc 2] [--model qwen2.5-0.5b] [--batch 8] [--seq 1024] [--steps 10] [--warmup 4]
         [--checkpointing] [--compile-scope model|layers] [--reference eager] [--json out.json]
         [--profile [--profile-steps 2] [--profile-trace]]
@@ -27,6 +27,10 @@ the largest per-step loss gap to the reference, the smallest grad norm; a run th
 keeps its row with the error (its log is written next to ``--json``, else to the temp dir).
 Chronicals runs print their counts and, per pass, each distinct decline reason with how often it
 came and where first (also in the worker's log and the JSON).
+
+``--engines simple_fsdp`` shards every parameter as a DTensor gathered by a parametrization
+instead of FSDP2's hooks (benchmarks/simple_fsdp.py), so the whole step is one Dynamo graph and
+every pass sees every layer (compile scope model only).
 
 ``--compile-scope layers`` is the per-layer recipe for FSDP2 (any engine takes it): every decoder
 layer's forward goes through one shared compiled function, the decoder stack's own forward
@@ -71,12 +75,12 @@ from chronicals_fx.bench import clock_sampler, energy_counter, file_safe, spawn_
 # NVLink multicast (NVLS) is unavailable on the lent GPU machines: NCCL and symmetric memory
 # must not try it. Set here so every torchrun job inherits it.
 _ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-ENGINES = ("ddp", "fsdp2")
+ENGINES = ("ddp", "fsdp2", "simple_fsdp")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--engines", nargs="*", default=["ddp", "fsdp2"], choices=ENGINES)
     p.add_argument("--variants", nargs="*", default=["compile", "chronicals"],
                    help="eager, compile, chronicals, chronicals:<pass>,<pass>, with options "
                         "as in chronicals_fx.bench (chronicals@mode=reduce-overhead)")
@@ -182,6 +186,14 @@ def run_worker(args) -> dict | None:
             fully_shard(group if len(group) > 1 else group[0],
                         reshard_after_forward=not args.no_reshard)
         wrapped = fully_shard(model)
+    elif args.engine == "simple_fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from benchmarks.simple_fsdp import shard_parameters
+
+        if args.compile_scope != "model":
+            raise ValueError("simple_fsdp compiles the whole model (--compile-scope model)")
+        wrapped = shard_parameters(model, init_device_mesh(args.device, (world,)))
     variant = args.variant
     report = _apply_variant(args, model, wrapped, compiler)
 

@@ -1,7 +1,7 @@
 """DDP and FSDP2 with the chronicals backend, two CPU processes over gloo: the rewritten graphs
 (rewritten whole, then split by DDP's optimizer at gradient-bucket boundaries; or cut at FSDP2's
-per-layer hooks) train exactly like one process with the same global batch, with and without
-activation checkpointing. Under DDP every site of every layer is found however many pieces the
+per-layer hooks; or, with hookless sharding (benchmarks/simple_fsdp.py), one graph) train
+exactly like one process with the same global batch, with and without activation checkpointing. Under DDP every site of every layer is found however many pieces the
 graph is cut into (chronicals_fx/ddp.py); one process with DDP's graph splitter shows a piece
 holds nothing the passes could still rewrite. LoRA+ parameter groups of a fully sharded PEFT
 model."""
@@ -110,6 +110,10 @@ def _wrapped(model, engine: str, bucket_mb: float):
 
     # a CPU mesh: without one FSDP2 shards onto the accelerator when there is one
     mesh = init_device_mesh("cpu", (WORLD,))
+    if engine == "simple_fsdp":
+        from benchmarks.simple_fsdp import shard_parameters
+
+        return shard_parameters(model, mesh)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -158,7 +162,7 @@ def _reference(size: dict):
 # graph not rewritten whole first. Checkpointed too where the engine cuts graphs (one DDP graph
 # with checkpointed layers is the single-process case).
 _CHECKPOINTING = {("ddp", 25.0): (False,), ("ddp", 1.0): (False, True),
-                  ("fsdp2", 25.0): (False, True)}
+                  ("fsdp2", 25.0): (False, True), ("simple_fsdp", 25.0): (False,)}
 
 
 def _all_sites(layers: int) -> dict[str, int]:
@@ -166,7 +170,8 @@ def _all_sites(layers: int) -> dict[str, int]:
             "linear_cross_entropy": 1, "lora": 0}
 
 
-@pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0)])
+@pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0),
+                                              ("simple_fsdp", 25.0)])
 def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
     ref_losses, ref_params = _reference(_SIZE[bucket_mb])
     out = str(tmp_path / "rank0.pt")
@@ -189,6 +194,11 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
             assert engine == "fsdp2" and checkpointing, (where, "Dynamo left the layers eager")
             assert counts == {"rmsnorm": 1, "swiglu": 0, "rope": 0, "attention": 0,
                               "linear_cross_entropy": 1, "lora": 0}, (where, counts)
+            assert not declines, (where, declines)
+        elif engine == "simple_fsdp":
+            # No hooks (benchmarks/simple_fsdp.py): Dynamo traces the parameters' all-gathers
+            # into one graph with every layer, the causal mask built inside it: every site.
+            assert graphs == 1 and counts == _all_sites(layers), (where, graphs, counts)
             assert not declines, (where, declines)
         elif engine == "ddp":
             # One Dynamo graph, rewritten whole before DDP's optimizer cut it: every site of
