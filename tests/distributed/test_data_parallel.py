@@ -198,8 +198,8 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
         elif engine == "simple_fsdp":
             # No hooks (benchmarks/simple_fsdp.py): Dynamo traces the parameters' all-gathers
             # into one graph with every layer, the causal mask built inside it: every site,
-            # checkpointed or not (the gathers inside a checkpointed layer are recomputed in
-            # its backward, as FSDP2's resharding would).
+            # checkpointed or not (a layer's gathers run where its weights are read, inside
+            # its checkpointed region).
             assert graphs == 1 and counts == _all_sites(layers), (where, graphs, counts)
             assert not declines, (where, declines)
         elif engine == "ddp":
