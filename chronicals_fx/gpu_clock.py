@@ -29,7 +29,6 @@ QUERIES = ("clocks.sm,power.draw.instant,clocks_event_reasons.active",
            "clocks.sm,power.draw.instant,clocks_throttle_reasons.active",
            "clocks.sm,power.draw.instant",
            "clocks.sm,power.draw")
-QUERY, FALLBACK_QUERY = QUERIES[0], QUERIES[-1]
 
 # The reasons that mean "held down by power": the software power cap (the board's limit, 700 W
 # on an H200) and the hardware power brake (an external signal). nvidia-smi's bit values.

@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import autograd_graph_kept, fast_launch
+from ._triton import _arg_key, autograd_graph_kept, fast_launch
 
 REDUCTIONS = ("mean", "sum")
 # [N, Vc] logits buffer: at most this many bytes ...
@@ -485,13 +485,14 @@ def _row_variant() -> str:
 def _launch_key(tensors: tuple[Tensor, ...], *scalars) -> tuple:
     """``fast_launch``'s key for one launch of ours, in place of the one it builds from every
     argument (~0.4 µs an argument, ~20 arguments a row pass): each tensor's dtype and 16-byte
-    alignment — all Triton specializes a pointer on; the [C] slices of the [N] vectors start at
-    row r0, so theirs changes from chunk to chunk —, then ``scalars`` as they are. The caller
+    alignment, as ``fast_launch`` keys a tensor — all Triton specializes a pointer on; the [C]
+    slices of the [N] vectors start at row r0, so theirs changes from chunk to chunk —, then
+    ``scalars`` as they are. The caller
     lists every int argument there by value (which fixes its class: 1, a multiple of 16, other;
     and its width), every float (Python floats: an int where a float goes would be keyed equal
     to it, 2 == 2.0, and specialized as an int), and every constexpr and launch option that
     can vary between calls (literals in the launch can't)."""
-    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), scalars
+    return tuple(map(_arg_key, tensors)), scalars
 
 
 def lce_rows(x: Tensor, labels: Tensor, row_w: Tensor, lse: Tensor, zt: Tensor, zsum: Tensor,
