@@ -65,22 +65,11 @@ def chronicals_backend(gm: GraphModule, example_inputs: Sequence[Any], mode: str
 
 
 def inductor_settings(mode: str | None, config: Config) -> dict[str, Any]:
-    """Inductor's options: ours (:data:`INDUCTOR_DEFAULTS`), then those of ``torch.compile``'s
-    ``mode`` (e.g. "reduce-overhead" turns on ``triton.cudagraphs``), then the user's own."""
-    from torch._inductor import config as inductor_config
+    """Inductor's options for ``torch.compile``'s ``mode`` (e.g. "reduce-overhead" turns on
+    ``triton.cudagraphs``), overridden by the user's own Inductor options."""
     from torch._inductor import list_mode_options
 
-    ours = {k: v for k, v in INDUCTOR_DEFAULTS.items() if hasattr(inductor_config, k)}
-    return {**ours, **(list_mode_options(mode) if mode else {}), **config.inductor}
-
-
-# Inductor options the backend sets unless the user sets them. Our triton_op kernels (norms,
-# SwiGLU, RoPE, the loss's row passes) are "user-defined" Triton kernels to Inductor, which by
-# default launches them through Triton's Python launcher while its own kernels take its C++
-# static launcher: ~2 ms of host time a step at the Qwen2.5-0.5B shape (RESULTS.md, session
-# 21's py-spy), on a step that is host-bound on slow hosts. A kernel the static launcher can't
-# take is launched as before (Inductor checks each one).
-INDUCTOR_DEFAULTS: dict[str, Any] = {"static_launch_user_defined_triton_kernels": True}
+    return {**(list_mode_options(mode) if mode else {}), **config.inductor}
 
 
 # Outputs up to this many elements are copied out of the CUDA graph pool (losses, counts).

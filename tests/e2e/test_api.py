@@ -66,23 +66,6 @@ def test_options_are_validated():
     assert config.passes == ("rmsnorm",) and config.inductor == {"max_autotune": True}
 
 
-def test_inductor_settings_layer_ours_then_the_mode_then_the_users():
-    """Our Inductor defaults (the static launcher for our Triton kernels) hold unless the user
-    sets the same key; a mode's options are added, and the user's own override both."""
-    from chronicals_fx.backend import INDUCTOR_DEFAULTS, inductor_settings
-
-    plain = inductor_settings(None, chronicals.Config())
-    assert plain == INDUCTOR_DEFAULTS
-    assert plain["static_launch_user_defined_triton_kernels"] is True
-    graphs = inductor_settings("reduce-overhead", chronicals.Config())
-    assert graphs["triton.cudagraphs"] is True
-    assert graphs["static_launch_user_defined_triton_kernels"] is True
-    mine = chronicals.Config.from_options({"static_launch_user_defined_triton_kernels": False,
-                                           "triton.cudagraphs": False})
-    assert inductor_settings("reduce-overhead", mine) == {
-        "static_launch_user_defined_triton_kernels": False, "triton.cudagraphs": False}
-
-
 def test_cuda_graph_outputs_small_ones_are_cloned_out_of_the_pool():
     """Under CUDA graphs the backend hands back its own copies of small outputs (a loss kept
     past the next replay stays valid), leaves large ones and non-tensors as they are, and keeps
