@@ -443,6 +443,11 @@ def main(argv=None) -> int:
         _save(args, header, results)
 
     print(summary_table(results))
+    if torch.cuda.is_available():
+        for r in results:
+            note = "error" not in r and workload.host_bound_note(r)
+            if note:
+                print(note)
     return 0
 
 

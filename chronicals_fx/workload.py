@@ -243,6 +243,25 @@ def host_note(result: dict) -> str:
             f"{cpus} CPU{'' if cpus == 1 else 's'}")
 
 
+# A step whose host enqueue time is at least this share of the step is paced by the host: the
+# GPU waits between kernels (H200, session 24: host 73.8 of a 74.5 ms step, 0.918× torch.compile,
+# where CUDA graphs ran 1.167×).
+HOST_BOUND_SHARE = 0.9
+
+
+def host_bound_note(result: dict) -> str:
+    """A line for a GPU run's result dict (:meth:`TrainStats.to_dict`) whose median host time is
+    at least HOST_BOUND_SHARE of its median step: its tokens/s is the host's, not the kernels'.
+    '' otherwise. (On a CPU every step is host time: callers ask only for GPU runs.)"""
+    host, step = result.get("median_host_ms"), result.get("median_step_ms")
+    if not host or not step or host < HOST_BOUND_SHARE * step:
+        return ""
+    advice = ("" if "reduce-overhead" in result["variant"] else
+              "; CUDA graphs (mode=\"reduce-overhead\") take the launches off the host")
+    return (f"{result['variant']}: host-bound — {host:.1f} ms of host time a {step:.1f} ms step "
+            f"(the GPU waits on the host, so this figure is the host's){advice}")
+
+
 def allocator_note(result: dict) -> str:
     """', N cudaMalloc/cudaFree in the timed steps' for a result dict (:meth:`TrainStats.to_dict`)
     whose timed steps called the driver's allocator; '' when none did."""

@@ -331,3 +331,20 @@ def test_pinned_worker_runs_on_the_cpus_asked_and_counts_preemptions(tmp_path):
     assert result["cpus"] == 1 and result["problems"] == []
     assert len(result["preempted"]) == 3 and all(n >= 0 for n in result["preempted"])
     assert workload.host_note(result).endswith("context switches a step on 1 CPU")
+
+
+def test_host_bound_runs_are_named_with_their_host_and_step_times():
+    """A GPU run whose host time is ≥ 90% of its step gets a line saying its figure is the
+    host's (session 24: host 73.8 of a 74.5 ms step), with the CUDA-graph advice unless it ran
+    under CUDA graphs; a run with room to spare, or without the timings, gets none."""
+    from chronicals_fx.workload import host_bound_note
+
+    bound = {"variant": "chronicals", "median_host_ms": 73.8, "median_step_ms": 74.5}
+    note = host_bound_note(bound)
+    assert note.startswith("chronicals: host-bound") and "73.8" in note and "74.5" in note
+    assert "reduce-overhead" in note
+    graphs = dict(bound, variant="chronicals@mode=reduce-overhead")
+    assert "host-bound" in host_bound_note(graphs)
+    assert "CUDA graphs" not in host_bound_note(graphs)
+    assert host_bound_note(dict(bound, median_host_ms=45.9, median_step_ms=60.0)) == ""
+    assert host_bound_note({"variant": "eager", "median_step_ms": 99.9}) == ""
