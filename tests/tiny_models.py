@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 import transformers
@@ -109,3 +110,15 @@ def keep_rewritten_graphs(monkeypatch) -> list:
 
     monkeypatch.setattr(chronicals_fx.backend, "run_pipeline", keep)
     return graphs
+
+
+class SquareLoss(torch.nn.Module):
+    """The smallest model a :class:`chronicals_fx.workload.Trainer` steps (it reads
+    ``model(**batch).loss``): a [4 → 4] linear, the loss the mean square of its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids, labels):
+        return types.SimpleNamespace(loss=self.inner(input_ids).pow(2).mean())

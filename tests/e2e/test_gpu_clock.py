@@ -105,23 +105,10 @@ def test_trainer_gives_each_step_its_clock_and_host_time():
     import torch
 
     from chronicals_fx.workload import Trainer
+    from tests.tiny_models import SquareLoss
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 4)
-
-    class Output:
-        def __init__(self, loss):
-            self.loss = loss
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, input_ids, labels):
-            return Output(self.inner(input_ids).pow(2).mean())
-
-    trainer = Trainer(Wrapped())
+    trainer = Trainer(SquareLoss())
     for _ in range(3):
         trainer.step({"input_ids": torch.randn(2, 4), "labels": torch.zeros(2)})
     clock = ClockSampler()
@@ -161,15 +148,12 @@ def test_a_collection_inside_a_step_is_timed():
     import torch
 
     from chronicals_fx.workload import Trainer
+    from tests.tiny_models import SquareLoss
 
-    class Output:
-        def __init__(self, loss):
-            self.loss = loss
-
-    class Collecting(torch.nn.Module):
+    class Collecting(SquareLoss):
         def __init__(self, collect):
             super().__init__()
-            self.inner, self.collect = torch.nn.Linear(4, 4), collect
+            self.collect = collect
 
         def forward(self, input_ids, labels):
             if self.collect:
@@ -179,7 +163,7 @@ def test_a_collection_inside_a_step_is_timed():
                     b.append(a)                 # cycles: only the collector frees them
                 del junk, a, b
                 gc.collect()
-            return Output(self.inner(input_ids).pow(2).mean())
+            return super().forward(input_ids, labels)
 
     batch = {"input_ids": torch.randn(2, 4), "labels": torch.zeros(2)}
     quiet, busy = Trainer(Collecting(False)), Trainer(Collecting(True))

@@ -183,24 +183,11 @@ class StepCounter:
         return self.total
 
 
-class _Output:
-    def __init__(self, loss):
-        self.loss = loss
-
-
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = torch.nn.Linear(4, 4)
-
-    def forward(self, input_ids, labels):
-        return _Output(self.inner(input_ids).pow(2).mean())
-
-
 def _trained(counter, steps=3, warmup=1):
     from chronicals_fx.workload import Trainer
+    from tests.tiny_models import SquareLoss
 
-    trainer = Trainer(_Model(), energy=counter)
+    trainer = Trainer(SquareLoss(), energy=counter)
     for _ in range(steps):
         trainer.step({"input_ids": torch.randn(2, 4), "labels": torch.zeros(2)})
     return trainer.stats(warmup_steps=warmup)
