@@ -211,8 +211,7 @@ def run_worker(args) -> dict | None:
                       optimizer=optimizer, clock=clock, energy=energy_counter())
     # this rank's GPU's energy over this rank's own steps (before step_ms becomes the slowest
     # rank's below): the table shows rank 0's
-    energy = {"energy_j_per_step": stats.energy_j_per_step, "avg_power_w": stats.avg_power_w,
-              "energy_resolution_j": stats.energy_resolution_j}
+    energy = stats.energy_summary()
     profile = None
     if args.profile and args.engine != "single":
         profile = _profile(args, wrapped, batches, optimizer, stats, rank, world)

@@ -172,17 +172,13 @@ class TrainStats:
         """The timed steps' mean share of samples held down for power (NaN: not sampled)."""
         return mean_of_numbers(self.power_capped[self.warmup_steps:])
 
-    @property
-    def energy_j_per_step(self) -> float:
-        return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[0]
-
-    @property
-    def avg_power_w(self) -> float:
-        return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[1]
-
-    @property
-    def energy_resolution_j(self) -> float:
-        return energy_figures(self.energy_j[self.warmup_steps:], self.timed_ms)[2]
+    def energy_summary(self) -> dict[str, float]:
+        """The timed steps' J a step, average W and the J a step's ± (:func:`energy_figures`),
+        under the keys a result dict has them."""
+        joules, watts, resolution = energy_figures(self.energy_j[self.warmup_steps:],
+                                                   self.timed_ms)
+        return {"energy_j_per_step": joules, "avg_power_w": watts,
+                "energy_resolution_j": resolution}
 
     @property
     def tokens_per_s(self) -> float:
@@ -207,9 +203,7 @@ class TrainStats:
         return {**asdict(self), "median_step_ms": self.median_step_ms,
                 "median_host_ms": self.median_host_ms, "median_sm_mhz": self.median_sm_mhz,
                 "median_power_w": self.median_power_w, "mean_gc_ms": self.mean_gc_ms,
-                "power_capped_share": self.power_capped_share,
-                "energy_j_per_step": self.energy_j_per_step, "avg_power_w": self.avg_power_w,
-                "energy_resolution_j": self.energy_resolution_j,
+                "power_capped_share": self.power_capped_share, **self.energy_summary(),
                 "tokens_per_s": self.tokens_per_s, "min_grad_norm": self.min_grad_norm}
 
 

@@ -200,24 +200,28 @@ def test_trainer_gives_each_step_its_energy():
     stats = _trained(counter)
     assert counter.readings == 6                  # one reading before, one after each step
     assert stats.energy_j == [7.0, 20.0, 30.0]
-    assert stats.energy_j_per_step == 25.0        # the warm-up step's 7 J left out
-    assert stats.avg_power_w == pytest.approx(50.0 / (sum(stats.step_ms[1:]) / 1000))
+    energy = stats.energy_summary()
+    assert energy["energy_j_per_step"] == 25.0    # the warm-up step's 7 J left out
+    assert energy["avg_power_w"] == pytest.approx(50.0 / (sum(stats.step_ms[1:]) / 1000))
     record = stats.to_dict()
     assert record["energy_j"] == [7.0, 20.0, 30.0]
     assert record["energy_j_per_step"] == 25.0
-    assert record["avg_power_w"] == stats.avg_power_w
+    assert record["avg_power_w"] == energy["avg_power_w"]
 
 
 def test_no_counter_or_a_failed_reading_is_nan():
     stats = _trained(None)
     assert len(stats.energy_j) == 3 and all(math.isnan(e) for e in stats.energy_j)
-    assert math.isnan(stats.energy_j_per_step) and math.isnan(stats.avg_power_w)
+    energy = stats.energy_summary()
+    assert math.isnan(energy["energy_j_per_step"]) and math.isnan(energy["avg_power_w"])
     # one timed step unread: a figure over the other steps would not be the run's
     stats = _trained(StepCounter([7.0, None, 30.0]))
     assert stats.energy_j[2] == 30.0 and math.isnan(stats.energy_j[1])
-    assert math.isnan(stats.energy_j_per_step) and math.isnan(stats.avg_power_w)
+    energy = stats.energy_summary()
+    assert math.isnan(energy["energy_j_per_step"]) and math.isnan(energy["avg_power_w"])
     # every step a warm-up step: nothing timed
-    assert math.isnan(_trained(StepCounter([1.0] * 3), warmup=3).energy_j_per_step)
+    assert math.isnan(_trained(StepCounter([1.0] * 3), warmup=3)
+                      .energy_summary()["energy_j_per_step"])
 
 
 def test_energy_figures():
@@ -233,12 +237,12 @@ def _record(variant, energy_j, step_ms=(99.0, 50.0, 50.0), tps=1000.0):
     record = {"variant": variant, "tokens_per_s": tps, "losses": [3.0, 2.0],
               "step_ms": list(step_ms), "warmup_steps": 1, "median_step_ms": 50.0,
               "peak_gib": 2.0, "min_grad_norm": 1.0, "problems": [], "counts": None}
-    if energy_j is not None:
-        from chronicals_fx.workload import energy_figures
+    if energy_j is not None:       # and the figures, as TrainStats.to_dict gives them
+        from chronicals_fx.workload import TrainStats
 
         record["energy_j"] = list(energy_j)
-        j, w, r = energy_figures(record["energy_j"][1:], record["step_ms"][1:])
-        record.update(energy_j_per_step=j, avg_power_w=w, energy_resolution_j=r)
+        record.update(TrainStats(energy_j=list(energy_j), step_ms=list(step_ms),
+                                 warmup_steps=1).energy_summary())
     return record
 
 
