@@ -493,11 +493,15 @@ def summary_table(results: list[dict]) -> str:
     reference = next((r for r in results if r["engine"] == "single" and "error" not in r), None)
     compile_tps = {r["engine"]: r["tokens_per_s"] for r in results
                    if r["variant"] == "compile" and "error" not in r}
+    headers = ("engine", "variant", "tok/s (global)", "vs compile", "step ms",
+               "host ms (rank 0)", "SM MHz (rank 0)", "cap % (rank 0)", "J/step (rank 0)",
+               "avg W (rank 0)", "peak GiB/GPU", "loss first→last", "max |Δloss| vs 1 proc",
+               "min grad norm", "proof")
     rows = []
     for r in results:
         engine = "1 process" if r["engine"] == "single" else r["engine"]
-        if "error" in r:
-            rows.append((engine, r["variant"], "failed", "", "", "", "", "", "", "", "", "", "", "",
+        if "error" in r:     # the error in the last column, the others empty
+            rows.append((engine, r["variant"], "failed", *[""] * (len(headers) - 4),
                          r["error"][:70]))
             continue
         gap = (max(abs(a - b) for a, b in zip(r["losses"], reference["losses"]))
@@ -514,12 +518,7 @@ def summary_table(results: list[dict]) -> str:
                      f"{r['losses'][0]:.3f}→{r['losses'][-1]:.3f}",
                      "" if gap is None else f"{gap:.3f}", f"{r['min_grad_norm']:.3f}",
                      "; ".join(r["problems"]) or "trained"))
-    return tabulate(rows, headers=("engine", "variant", "tok/s (global)", "vs compile",
-                                   "step ms", "host ms (rank 0)", "SM MHz (rank 0)",
-                                   "cap % (rank 0)",
-                                   "J/step (rank 0)", "avg W (rank 0)", "peak GiB/GPU",
-                                   "loss first→last", "max |Δloss| vs 1 proc",
-                                   "min grad norm", "proof"), disable_numparse=True)
+    return tabulate(rows, headers=headers, disable_numparse=True)
 
 
 if __name__ == "__main__":

@@ -530,11 +530,13 @@ def summary_table(results: list[dict]) -> str:
     ok = {r["variant"]: r for r in results if "error" not in r}
     compile_tps = ok.get("compile", {}).get("tokens_per_s")
     eager_losses = ok.get("eager", {}).get("losses")
+    headers = ("variant", "tok/s", "step ms", "host ms", "SM MHz", "W", "cap %", "J/step",
+               "avg W", "GC ms", "peak GiB", "loss first→last", "min grad norm",
+               "max |Δloss| vs eager", "vs compile", "proof")
     rows = []
     for r in results:
-        if "error" in r:
-            rows.append((r["variant"], "failed", "", "", "", "", "", "", "", "", "", "", "", "", "",
-                         r["error"][:60]))
+        if "error" in r:     # the error in the last column, the others empty
+            rows.append((r["variant"], "failed", *[""] * (len(headers) - 3), r["error"][:60]))
             continue
         gap = (max(abs(a - b) for losses in r.get("runs_losses", [r["losses"]])
                    for a, b in zip(losses, eager_losses))
@@ -569,12 +571,7 @@ def summary_table(results: list[dict]) -> str:
     # the clock down for power (its clock-event reasons: SW power cap, HW power brake). On the
     # H200s of session 24 it read 100 for every compiled variant, even at 548 W and 1935 MHz,
     # and 0–50 for eager: a flag of any hold-down, not of how much; the SM clock says that.
-    return tabulate(rows, headers=("variant", "tok/s", "step ms", "host ms", "SM MHz", "W",
-                                   "cap %",
-                                   "J/step", "avg W", "GC ms",
-                                   "peak GiB", "loss first→last",
-                                   "min grad norm", "max |Δloss| vs eager", "vs compile",
-                                   "proof"))
+    return tabulate(rows, headers=headers)
 
 
 if __name__ == "__main__":

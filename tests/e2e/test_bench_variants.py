@@ -349,3 +349,19 @@ def test_host_bound_runs_are_named_with_their_host_and_step_times():
     assert "CUDA graphs" not in host_bound_note(dict(bound, variant="eager"))
     assert host_bound_note(dict(bound, median_host_ms=45.9, median_step_ms=60.0)) == ""
     assert host_bound_note({"variant": "eager", "median_step_ms": 99.9}) == ""
+
+
+def test_a_failed_run_keeps_its_row_with_the_error_under_proof():
+    """bench's and multi_gpu's tables: a run that failed is a row of its own, "failed" under
+    tokens/s and its error in the last column (proof), the columns between empty."""
+    from benchmarks import multi_gpu
+    from chronicals_fx import bench
+
+    for table, first in ((bench.summary_table([{"variant": "chronicals", "error": "boom"}]),
+                          "tok/s"),
+                         (multi_gpu.summary_table([{"engine": "ddp", "variant": "compile",
+                                                    "error": "boom"}]), "tok/s (global)")):
+        header, _, row = table.splitlines()
+        assert row.index("failed") == header.index(first)
+        assert row.index("boom") == header.index("proof") and row.rstrip().endswith("boom")
+        assert row[row.index("failed") + len("failed"):row.index("boom")].strip() == ""
