@@ -16,7 +16,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import Config
 from ..report import Decline, Match, Report
-from . import attention, linear_ce, lora, rmsnorm, rope, swiglu
+from . import attention, linear_ce, lora, projections, rmsnorm, rope, swiglu
 from .graph import OUTER_NODE, where
 
 log = logging.getLogger("chronicals")
@@ -25,8 +25,9 @@ log = logging.getLogger("chronicals")
 # HunYuan's q/k norms — would otherwise take for a residual add and fuse), normalization next
 # (its output feeds the projections the MLP and attention passes look for), the loss after them
 # (it consumes the final norm's output), the adapters' precision last (the SwiGLU pass
-# recognizes LoRA'd projections as PEFT spells them).
-PIPELINE = (rope, rmsnorm, swiglu, attention, linear_ce, lora)
+# recognizes LoRA'd projections as PEFT spells them), and the shared-input projections after
+# all of them: they concatenate only what the op passes left as plain linears.
+PIPELINE = (rope, rmsnorm, swiglu, attention, linear_ce, lora, projections)
 
 
 @dataclass

@@ -167,7 +167,7 @@ _CHECKPOINTING = {("ddp", 25.0): (False,), ("ddp", 1.0): (False, True),
 
 def _all_sites(layers: int) -> dict[str, int]:
     return {"rmsnorm": 2 * layers + 1, "swiglu": layers, "rope": layers, "attention": layers,
-            "linear_cross_entropy": 1, "lora": 0}
+            "linear_cross_entropy": 1, "lora": 0, "projections": 0}
 
 
 @pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0),
@@ -193,7 +193,7 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
             # loss) is matched in full. torch 2.13 traces them (the branches below).
             assert engine == "fsdp2" and checkpointing, (where, "Dynamo left the layers eager")
             assert counts == {"rmsnorm": 1, "swiglu": 0, "rope": 0, "attention": 0,
-                              "linear_cross_entropy": 1, "lora": 0}, (where, counts)
+                              "linear_cross_entropy": 1, "lora": 0, "projections": 0}, (where, counts)
             assert not declines, (where, declines)
         elif engine == "simple_fsdp":
             # No hooks (benchmarks/simple_fsdp.py): Dynamo traces the parameters' all-gathers
@@ -219,7 +219,7 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
             # frame's input, a runtime tensor no graph of it can prove: attention declines
             # once, and SDPA keeps the mask (README "Several GPUs" says what to do).
             assert counts == {"rmsnorm": 3, "swiglu": 1, "rope": 1, "attention": 0,
-                              "linear_cross_entropy": 1, "lora": 0}, (where, counts)
+                              "linear_cross_entropy": 1, "lora": 0, "projections": 0}, (where, counts)
             assert [d.op for d in declines] == ["attention"], (where, declines)
             assert "runtime" in declines[0].reason, declines
 

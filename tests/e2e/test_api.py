@@ -112,7 +112,7 @@ def test_cuda_graphs_mode_refused_for_fsdp2_models():
 def test_report_table_lists_every_op():
     report = chronicals.explain(tiny_causal_lm("llama"), **batch())
     assert set(report.counts) == {"rmsnorm", "swiglu", "rope", "attention", "linear_cross_entropy",
-                                  "lora"}
+                                  "lora", "projections"}
     text = str(report)
     for op in report.counts:
         assert op in text

@@ -253,7 +253,8 @@ def expected(family: Family, config, masks: list[bool]) -> Expected:
     declined_counts["attention"] = len(declined)
     where = {"swiglu": sorted(f"{layer}.{g}" for layer in layers for g in family.gated),
              "rope": sorted(attn), "attention": sorted(matched_attn),
-             "linear_cross_entropy": ["lm_head"], "lora": []}
+             "linear_cross_entropy": ["lm_head"], "lora": [],
+             "projections": []}
     return Expected(counts, declined_counts, where, declined)
 
 
@@ -382,7 +383,7 @@ def test_padded_batches_keep_every_pass_but_attention_and_equal_eager(side):
     assert_same_training_signal(eager, optimized, padded)
     report = chronicals.report_of(optimized)
     assert report.counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 0,
-                             "linear_cross_entropy": 1, "lora": 0}
+                             "linear_cross_entropy": 1, "lora": 0, "projections": 0}
     reasons = [d.reason for d in report.declines]
     assert len(reasons) == 2 and all("attention_mask" in r for r in reasons), reasons
 
