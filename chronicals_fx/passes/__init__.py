@@ -1,8 +1,9 @@
 """The pass pipeline: each op is one module here with ``NAME`` and ``run(gm, ctx)``.
 
 Adding an op means adding ``passes/X.py`` (how to find it), ``kernels/X.py`` (how to compute
-it), one line in :data:`PIPELINE` and its name in ``config.OP_NAMES``. (``lora`` has no kernel: it moves fp32 adapter products
-to the model's dtype, cuBLAS computes them.)
+it), one line in :data:`PIPELINE` and its name in ``config.OP_NAMES``. (``lora`` and
+``projections`` have no kernel: one moves fp32 adapter products to the model's dtype, the other
+joins narrow projections of one input into one GEMM; cuBLAS computes both.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 An attention layer with grouped-query attention projects its input three times, twice narrowly:
 Qwen2.5-0.5B's q, k, v are 896, 128 and 128 columns of one [N, 896] input. A GEMM 128 columns
 wide leaves most of the card idle, forward and in both backward GEMMs (H200, N=8192: k's
-forward 7 µs, 250 TFLOP/s, against q's 550); one 1152 columns wide does not. No kernel of our
+forward 7 µs, 250 TFLOP/s, against ~500 for q's); one 1152 columns wide does not. No kernel of our
 own: the concatenated weight goes to cuBLAS through Inductor, and the backward is autograd's
 (split's gradient concatenates the dyᵢ; then one GEMM for dX and one for dW, whose row blocks
 are the Wᵢ's gradients). Per layer, forward + backward under Inductor
@@ -16,12 +16,17 @@ are the Wᵢ's gradients). Per layer, forward + backward under Inductor
     Qwen2.5-0.5B gate/up (4864, 4864)     670.8 µs → 871.3 µs   0.77×: left alone
     Llama-3-8B q/k/v (4096, 1024, 1024)  1814.0 µs → 1984.4 µs  0.91×: left alone
 
+In the model (H200, B=8 T=1024, benchmarks/RESULTS.md session 25): 136 → 87 µs a layer of q/k/v
+GEMMs and bias sums, against 35 µs of new copies (the weights' concatenation forward, the output
+gradients' backward); the step 59.5 → 57.8 ms (+3.0% tokens/s), 58.1 → 57.2 ms with CUDA graphs.
+
 Wide projections already run at the card's matmul rate, and concatenating them costs copies
 (the weights forward, the output gradients backward) that the saved launches don't repay: a
 group is rewritten only when one of its projections is narrower than NARROW.
 
 Values: forward, each output column is the same dot product of x with the same weight row
-(plus the same bias), in the same dtype, so y equals eager's. Backward, x's gradient
+(plus the same bias), in the same dtype: eager's up to the order in which the GEMM kernel,
+chosen for the wider matrix, accumulates it. Backward, x's gradient
 Σᵢ dyᵢ Wᵢ is one GEMM over the concatenated columns, accumulated in fp32 and rounded once,
 where eager rounds each product and each sum: the same value up to those roundings (closer to
 the exact sum). The weights' and biases' gradients are eager's. The group's projections must
@@ -58,11 +63,9 @@ def run(gm: GraphModule, ctx) -> None:
         if len(members) < 2 or min(widths) >= NARROW:
             continue
         first = min(members, key=order.__getitem__)
-        late = [v for n in members for v in _operands(n)
-                if isinstance(v, Node) and order[v] > order[first]]
-        if late:
-            ctx.declined(first, f"{len(members)} projections of one input: "
-                                f"{late[0].name} is computed after the first of them")
+        reason = _hoist_operands(first, members, order)
+        if reason:
+            ctx.declined(first, f"{len(members)} projections of one input: {reason}")
             continue
         _concatenate(gm, first, members, widths)
         ctx.matched(first, f"{len(members)} projections of one input → one GEMM "
@@ -95,7 +98,30 @@ def _operands(node: Node) -> list:
     return [linear["weight"], *([linear["bias"]] if linear["bias"] is not None else [])]
 
 
+def _hoist_operands(first: Node, members: list[Node], order: dict[Node, int]) -> str:
+    """Move what the members' weights and biases are computed from, where it comes after
+    ``first``, to just before it (a weight made right before its own projection: gathered from
+    its shards, cast), so the joined GEMM can take ``first``'s place; or the reason it can't."""
+    late = [v for n in members for v in _operands(n)
+            if isinstance(v, Node) and order[v] > order[first]]
+    chain: set[Node] = set()
+    while late:
+        node = late.pop()
+        if node in chain:
+            continue
+        if node in members:
+            return f"a weight is computed from {node.name}, one of their outputs"
+        if node.is_impure():
+            return f"{node.name}, which a weight needs, has side effects after {first.name}"
+        chain.add(node)
+        late += [a for a in node.all_input_nodes if order[a] >= order[first]]
+    for node in sorted(chain, key=order.__getitem__):
+        first.prepend(node)
+    return ""
+
+
 def _concatenate(gm: GraphModule, first: Node, members: list[Node], widths: list[int]) -> None:
+    """Replace ``members`` by one linear over their concatenated weights, at ``first``."""
     graph = gm.graph
     x = is_kind(first, "linear")["input"]
     meta = {k: v for k, v in first.meta.items() if k not in ("example_value", "val")}

@@ -167,7 +167,7 @@ _CHECKPOINTING = {("ddp", 25.0): (False,), ("ddp", 1.0): (False, True),
 
 def _all_sites(layers: int) -> dict[str, int]:
     return {"rmsnorm": 2 * layers + 1, "swiglu": layers, "rope": layers, "attention": layers,
-            "linear_cross_entropy": 1, "lora": 0, "projections": 0}
+            "linear_cross_entropy": 1, "lora": 0, "projections": layers}
 
 
 @pytest.mark.parametrize("engine,bucket_mb", [("ddp", 25.0), ("ddp", 1.0), ("fsdp2", 25.0),
@@ -219,7 +219,7 @@ def test_data_parallel_matches_single_process(engine, bucket_mb, tmp_path):
             # frame's input, a runtime tensor no graph of it can prove: attention declines
             # once, and SDPA keeps the mask (README "Several GPUs" says what to do).
             assert counts == {"rmsnorm": 3, "swiglu": 1, "rope": 1, "attention": 0,
-                              "linear_cross_entropy": 1, "lora": 0, "projections": 0}, (where, counts)
+                              "linear_cross_entropy": 1, "lora": 0, "projections": 1}, (where, counts)
             assert [d.op for d in declines] == ["attention"], (where, declines)
             assert "runtime" in declines[0].reason, declines
 
@@ -274,7 +274,7 @@ def test_ddp_rewrites_the_whole_graph_once_and_pieces_hold_nothing_more(monkeypa
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
     new = list(backend.RECENT_REPORTS)
     assert [r.graphs for r in new] == [1], new
-    assert new[0].counts == {**_all_sites(layers), "swiglu": 0}, new[0].counts
+    assert new[0].counts == {**_all_sites(layers), "swiglu": 0, "projections": 0}, new[0].counts
     assert not new[0].declines, new[0].declines
     assert len(reruns) > 2, len(reruns)   # pieces
     for report, unchanged in reruns:

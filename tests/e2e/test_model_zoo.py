@@ -114,6 +114,9 @@ class Family:
     # skipped where torch.compile alone can't capture this transformers' model in one graph
     # (the experts' fallback op of some versions can't be traced backward: transformers 5.17)
     one_graph_probe: bool = False
+    # where each layer's groups of narrow projections of one input sit (the first projection's
+    # module; one projections site each): q/k/v, unless a q/k norm reads q and k directly
+    projections: tuple[str, ...] = ("self_attn.q_proj",)
     layers: str = "model.layers"  # module path of the decoder layers
     attn: str = "self_attn"       # attention module's name inside a layer
     # (op, where-suffix, text): every match of op at a module ending in where-suffix has text
@@ -154,7 +157,7 @@ FAMILIES = {
                                         ("rmsnorm", "norm", "weight 1+w")]),
     # OLMo 2: no input norm; post-attention and post-feedforward norms, and q_norm / k_norm over
     # the whole q / k projection (heads · head_dim), not per head.
-    "olmo2": Family("Olmo2Config", dict(GQA, eos_token_id=2), norms_per_layer=4,
+    "olmo2": Family("Olmo2Config", dict(GQA, eos_token_id=2), norms_per_layer=4, projections=(),
                     details=lambda c: [
                         ("rmsnorm", "q_norm", f"H={c.num_attention_heads * c.head_dim},"),
                         ("rmsnorm", "k_norm", f"H={c.num_key_value_heads * c.head_dim},")]),
@@ -170,7 +173,7 @@ FAMILIES = {
     "gpt_neox": Family("GPTNeoXConfig",
                        dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                              "partial_rotary_factor": 0.5}),
-                       norms_per_layer=0, final_norm=False, gated=(),
+                       norms_per_layer=0, final_norm=False, gated=(), projections=(),
                        layers="gpt_neox.layers", attn="attention",
                        details=lambda c: [("rope", "attention", "partial R=%d" % int(
                            c.hidden_size // c.num_attention_heads
@@ -197,7 +200,8 @@ FAMILIES = {
                         details=lambda c: [("swiglu", "experts", "experts of a mixture")]),
     "olmoe": Family("OlmoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                         eos_token_id=2),
-                    norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True),
+                    norms_per_layer=4, gated=("mlp.experts",), one_graph_probe=True,
+                    projections=()),
     "qwen2_moe": Family("Qwen2MoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=40,
                                                shared_expert_intermediate_size=64),
@@ -248,13 +252,14 @@ def expected(family: Family, config, masks: list[bool]) -> Expected:
     rmsnorm = family.norms_per_layer * L + int(family.final_norm)
     counts = dict.fromkeys(OP_NAMES, 0)
     counts.update(rmsnorm=rmsnorm, swiglu=L * len(family.gated), rope=L,
-                  attention=len(matched_attn), linear_cross_entropy=1)
+                  attention=len(matched_attn), linear_cross_entropy=1,
+                  projections=L * len(family.projections))
     declined_counts = dict.fromkeys(OP_NAMES, 0)
     declined_counts["attention"] = len(declined)
     where = {"swiglu": sorted(f"{layer}.{g}" for layer in layers for g in family.gated),
              "rope": sorted(attn), "attention": sorted(matched_attn),
              "linear_cross_entropy": ["lm_head"], "lora": [],
-             "projections": []}
+             "projections": sorted(f"{layer}.{p}" for layer in layers for p in family.projections)}
     return Expected(counts, declined_counts, where, declined)
 
 
@@ -383,7 +388,7 @@ def test_padded_batches_keep_every_pass_but_attention_and_equal_eager(side):
     assert_same_training_signal(eager, optimized, padded)
     report = chronicals.report_of(optimized)
     assert report.counts == {"rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 0,
-                             "linear_cross_entropy": 1, "lora": 0, "projections": 0}
+                             "linear_cross_entropy": 1, "lora": 0, "projections": 2}
     reasons = [d.reason for d in report.declines]
     assert len(reasons) == 2 and all("attention_mask" in r for r in reasons), reasons
 

@@ -43,7 +43,7 @@ def test_checkpointed_layers_packed_batch(monkeypatch):
     report = chronicals.report_of(model)
     assert report.graphs == 1 and report.counts == {
         "rmsnorm": 5, "swiglu": 2, "rope": 2, "attention": 2, "linear_cross_entropy": 1, "lora": 0,
-        "projections": 0
+        "projections": 2
     }, str(report)
     assert not report.declines, str(report)
     assert all("document kernel" in m.detail for m in report.matches if m.op == "attention")

@@ -1,7 +1,8 @@
 """Shared-input projections pass: q/k/v of every HF family concatenated into one GEMM (counts
 exact, loss and every gradient equal to eager); wide projections, projections of different
-inputs, mixed bias and SwiGLU's claimed gate/up left alone; a weight computed after the first
-projection declined with the reason."""
+inputs, mixed bias and SwiGLU's claimed gate/up left alone; weights made between the
+projections (gathered from shards, cast) moved before the first; a weight computed from one of
+their outputs declined with the reason."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ import chronicals
 from chronicals_fx.passes.projections import NARROW
 from tests.tiny_models import assert_same_training_signal, batch, optimized_matches_eager, twins
 
-# The pass is opt-in (config.DEFAULT_PASSES): every test here turns it on beside the defaults.
-ALL = (*chronicals.DEFAULT_PASSES, "projections")
 
 
 def _projections(report):
@@ -38,7 +37,8 @@ HF_CASES = {
 
 
 @pytest.mark.parametrize("family", HF_CASES)
-@pytest.mark.parametrize("passes", [("projections",), ALL], ids=["alone", "all passes"])
+@pytest.mark.parametrize("passes", [("projections",), chronicals.DEFAULT_PASSES],
+                         ids=["alone", "defaults"])
 def test_hf_attention_projections(family, passes):
     """One group per layer (q, k, v), the MLP's gate/up not taken when SwiGLU's op reads them
     (all passes) and taken when nothing claims them (alone); eager's loss and gradients."""
@@ -67,7 +67,7 @@ def test_lora_projections_match_eager():
                              lora_dropout=0.0, init_lora_weights=False)  # B ≠ 0
     eager = peft.get_peft_model(eager, config)
     optimized = copy.deepcopy(eager)
-    chronicals.optimize(optimized, strict=True, compiler="aot_eager", passes=ALL)
+    chronicals.optimize(optimized, strict=True, compiler="aot_eager")
     assert_same_training_signal(eager, optimized, batch())
     matches, _ = _projections(chronicals.report_of(optimized))
     details = sorted(m.detail for m in matches)
@@ -86,9 +86,13 @@ class SharedInput(nn.Module):
                          -1)
 
 
+def test_on_by_default():
+    assert "projections" in chronicals.DEFAULT_PASSES
+
+
 def test_narrow_group_matches_eager():
     model = SharedInput((40, 8, 8))
-    optimized = optimized_matches_eager(model, torch.randn(3, 5, 32), passes=ALL)
+    optimized = optimized_matches_eager(model, torch.randn(3, 5, 32))
     matches, _ = _projections(chronicals.report_of(optimized))
     assert [m.detail for m in matches] == [
         "3 projections of one input → one GEMM (40 + 8 + 8 = 56 columns)"]
@@ -100,7 +104,7 @@ def test_narrow_group_matches_eager():
     SharedInput((8,)),                              # alone
 ], ids=["wide", "mixed bias", "single"])
 def test_left_alone(model):
-    optimized = optimized_matches_eager(model, torch.randn(3, 5, 32), passes=ALL)
+    optimized = optimized_matches_eager(model, torch.randn(3, 5, 32))
     assert _projections(chronicals.report_of(optimized)) == ([], [])
 
 
@@ -125,13 +129,37 @@ class LateWeight(nn.Module):
         return a + F.linear(x, self.w2 * a.mean())
 
 
+class WeightsMadeInTurn(nn.Module):
+    """Each weight made right before its own projection (as a sharded weight is gathered, or a
+    weight cast), after the previous projection's output is already read."""
+
+    def __init__(self):
+        super().__init__()
+        # nn.Linear's scale: outputs of order 1, where fp32 GEMMs of other widths agree to ~1e-7
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(n, 32) / 32 ** 0.5) for n in (40, 8, 8))
+
+    def forward(self, x):
+        q = F.linear(x, self.w[0] * 0.5).sum(-1, keepdim=True)
+        k = F.linear(x, self.w[1] * 2.0) * 2
+        v = F.linear(x, self.w[2] * 4.0)
+        return torch.cat([q, k, v], -1)
+
+
+def test_weights_made_between_the_projections_moved_before_the_first():
+    optimized = optimized_matches_eager(WeightsMadeInTurn(), torch.randn(3, 5, 32))
+    matches, declines = _projections(chronicals.report_of(optimized))
+    assert not declines
+    assert [m.detail for m in matches] == [
+        "3 projections of one input → one GEMM (40 + 8 + 8 = 56 columns)"]
+
+
 def test_different_inputs_left_alone():
-    optimized = optimized_matches_eager(DifferentInputs(), torch.randn(3, 5, 32), passes=ALL)
+    optimized = optimized_matches_eager(DifferentInputs(), torch.randn(3, 5, 32))
     assert _projections(chronicals.report_of(optimized)) == ([], [])
 
 
 def test_weight_computed_late_declined():
-    optimized = optimized_matches_eager(LateWeight(), torch.randn(3, 5, 32), passes=ALL)
+    optimized = optimized_matches_eager(LateWeight(), torch.randn(3, 5, 32))
     matches, declines = _projections(chronicals.report_of(optimized))
     assert not matches and len(declines) == 1
-    assert "computed after the first of them" in declines[0].reason
+    assert "a weight is computed from" in declines[0].reason and "one of their outputs" in declines[0].reason
