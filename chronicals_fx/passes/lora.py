@@ -67,6 +67,10 @@ from .graph import (Canon, call_before, erase_dead, is_kind, live_canons, number
 
 NAME = "lora"
 _LOW = (torch.bfloat16, torch.float16)
+# Marks, in a node's meta, the A products this pass wrote: they are joined here or not at all
+# (``lora_concat_a``), never by the projections pass, which would change the rounding of x's
+# gradient that keeps these results autocast's.
+A_PRODUCT = "chronicals_lora_a_product"
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -185,6 +189,7 @@ def _rewrite(gm: GraphModule, site: _Site) -> tuple[Node, bool]:
     x = in_low(a["input"], a.node)
     prod_a = call_before(graph, a.node, linear,
                          (x, in_low(a["weight"], a.node), in_low(a["bias"], a.node)))
+    prod_a.meta[A_PRODUCT] = True
     upcasts = [c.node for c in strip_casts(a["input"])[1]]
     casts_to_low = [u for u in site.add.users
                     if (c := is_kind(u, "cast")) is not None and c["dtype"] == low]
@@ -235,6 +240,7 @@ def _concatenate(graph, products: list[Node]) -> None:
     cat = call_before(graph, first, torch.cat, (weights, 0))
     joined = call_before(graph, first, torch.nn.functional.linear,
                          (x, call_before(graph, first, "to", (cat, low)), None))
+    joined.meta[A_PRODUCT] = True
     pieces, start = [], 0
     for prod in products:
         rank = tensor_value(prod).shape[-1]

@@ -22,7 +22,11 @@ gradients' backward); the step 59.5 → 57.8 ms (+3.0% tokens/s), 58.1 → 57.2 
 
 Wide projections already run at the card's matmul rate, and concatenating them costs copies
 (the weights forward, the output gradients backward) that the saved launches don't repay: a
-group is rewritten only when one of its projections is narrower than NARROW.
+group is rewritten only when one of its projections is narrower than NARROW, and projections of
+WIDE columns or more stay out of it (a LoRA'd gate/up's base projections beside their rank-r
+A products; no width between 896 and 4096 has been measured). The A products of LoRA adapters
+the lora pass rewrote are its own (``lora_concat_a``): joining them would round x's gradient
+once instead of autocast's way.
 
 Values: forward, each output column is the same dot product of x with the same weight row
 (plus the same bias), in the same dtype: eager's up to the order in which the GEMM kernel,
@@ -45,10 +49,13 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .graph import erase_dead, fake_call, is_kind, tensor_value
+from .lora import A_PRODUCT
 
 NAME = "projections"
-# Output columns below which a projection counts as narrow (see the module docstring).
+# Output columns below which a projection counts as narrow, and from which one stays apart
+# (see the module docstring).
 NARROW = 256
+WIDE = 2048
 
 
 def run(gm: GraphModule, ctx) -> None:
@@ -82,6 +89,8 @@ def _group_key(node: Node) -> tuple | None:
     if x is None or w is None or w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
         return None
     if b is not None and (bias is None or bias.shape != (w.shape[0],) or bias.dtype != w.dtype):
+        return None
+    if w.shape[0] >= WIDE or node.meta.get(A_PRODUCT):
         return None
     if any(_is_chronicals_op(user) for user in node.users):
         return None

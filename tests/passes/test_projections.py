@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import chronicals
-from chronicals_fx.passes.projections import NARROW
-from tests.tiny_models import assert_same_training_signal, batch, optimized_matches_eager, twins
+from chronicals_fx.passes.projections import NARROW, WIDE
+from tests.tiny_models import (assert_same_training_signal, batch, optimized_matches_eager,
+                                tiny_causal_lm, twins)
 
 
 
@@ -60,8 +61,9 @@ def test_hf_attention_projections(family, passes):
 
 
 def test_lora_projections_match_eager():
-    """PEFT-wrapped q/k/v: the frozen base projections form one group and the LoRA A
-    projections (rank 4, no bias) another; gradients of the adapters equal eager's."""
+    """PEFT-wrapped q/k/v of an fp32 model (the lora pass leaves fp32 models alone): the frozen
+    base projections form one group and the LoRA A projections (rank 4, no bias) another;
+    gradients of the adapters equal eager's."""
     eager, _ = twins("qwen2")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
                              lora_dropout=0.0, init_lora_weights=False)  # B ≠ 0
@@ -73,6 +75,25 @@ def test_lora_projections_match_eager():
     details = sorted(m.detail for m in matches)
     assert details == sorted(["3 projections of one input → one GEMM (48 + 24 + 24 = 96 columns)",
                               "3 projections of one input → one GEMM (4 + 4 + 4 = 12 columns)"] * 2)
+
+
+def test_lora_pass_keeps_its_a_products_apart():
+    """A bf16 model with PEFT's fp32 adapters on q/k/v: the lora pass rewrites their A products
+    (autocast's precision, autocast's rounding of x's gradient), so the projections pass joins
+    the frozen base q/k/v only and leaves the A products to ``lora_concat_a``."""
+    model = tiny_causal_lm("qwen2").to(torch.bfloat16)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                             lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    chronicals.optimize(model, strict=True, compiler="aot_eager")
+    model(**batch()).loss.backward()
+    report = chronicals.report_of(model)
+    assert report.counts["lora"] == 6, str(report)
+    matches, declines = _projections(report)
+    assert not declines
+    assert [m.detail for m in matches] == [
+        "3 projections of one input → one GEMM (48 + 24 + 24 = 96 columns)"] * 2
+    assert all(m.where.endswith("q_proj.base_layer") for m in matches), matches
 
 
 class SharedInput(nn.Module):
@@ -90,6 +111,15 @@ def test_on_by_default():
     assert "projections" in chronicals.DEFAULT_PASSES
 
 
+def test_a_wide_projection_stays_apart_from_the_narrow_ones():
+    optimized = optimized_matches_eager(SharedInput((WIDE, 8, 8), hidden=16),
+                                        torch.randn(3, 5, 16))
+    matches, _ = _projections(chronicals.report_of(optimized))
+    assert [m.detail for m in matches] == [
+        "2 projections of one input → one GEMM (8 + 8 = 16 columns)"]
+    assert matches[0].where.endswith("proj.1"), matches
+
+
 def test_narrow_group_matches_eager():
     model = SharedInput((40, 8, 8))
     optimized = optimized_matches_eager(model, torch.randn(3, 5, 32))
@@ -99,7 +129,7 @@ def test_narrow_group_matches_eager():
 
 
 @pytest.mark.parametrize("model", [
-    SharedInput((NARROW, NARROW + 8)),              # all wide: the launches saved don't pay
+    SharedInput((NARROW, NARROW + 8)),              # none narrow: the launches saved don't pay
     SharedInput((8, 8), bias=(True, False)),        # bias on one only: not one linear
     SharedInput((8,)),                              # alone
 ], ids=["wide", "mixed bias", "single"])
