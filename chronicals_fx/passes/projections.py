@@ -59,7 +59,6 @@ WIDE = 2048
 
 
 def run(gm: GraphModule, ctx) -> None:
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups: dict[tuple, list[Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         key = _group_key(node)
@@ -69,6 +68,7 @@ def run(gm: GraphModule, ctx) -> None:
         widths = [tensor_value(is_kind(n, "linear")["weight"]).shape[0] for n in members]
         if len(members) < 2 or min(widths) >= NARROW:
             continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}   # as the last rewrite left it
         first = min(members, key=order.__getitem__)
         reason = _hoist_operands(first, members, order)
         if reason:

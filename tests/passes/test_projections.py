@@ -37,9 +37,10 @@ HF_CASES = {
 }
 
 
-@pytest.mark.parametrize("family", HF_CASES)
-@pytest.mark.parametrize("passes", [("projections",), chronicals.DEFAULT_PASSES],
-                         ids=["alone", "defaults"])
+@pytest.mark.parametrize("family,passes", [
+    *((family, chronicals.DEFAULT_PASSES) for family in HF_CASES),
+    ("qwen2", ("projections",)), ("phi3", ("projections",)),
+], ids=[*HF_CASES, "qwen2 alone", "phi3 alone"])
 def test_hf_attention_projections(family, passes):
     """One group per layer (q, k, v), the MLP's gate/up not taken when SwiGLU's op reads them
     (all passes) and taken when nothing claims them (alone); eager's loss and gradients."""
