@@ -70,7 +70,8 @@ def run(gm: GraphModule, ctx) -> None:
             continue
         order = {n: i for i, n in enumerate(gm.graph.nodes)}   # as the last rewrite left it
         first = min(members, key=order.__getitem__)
-        reason = _hoist_operands(first, members, order)
+        reason = _autocast_between(gm, first, members, order) or _hoist_operands(first, members,
+                                                                                 order)
         if reason:
             ctx.declined(first, f"{len(members)} projections of one input: {reason}")
             continue
@@ -105,6 +106,20 @@ def _is_chronicals_op(node: Node) -> bool:
 def _operands(node: Node) -> list:
     linear = is_kind(node, "linear")
     return [linear["weight"], *([linear["bias"]] if linear["bias"] is not None else [])]
+
+
+def _autocast_between(gm: GraphModule, first: Node, members: list[Node],
+                      order: dict[Node, int]) -> str:
+    """Why the members can't be one GEMM if an autocast region begins or ends among them (one
+    projection would run in another precision than the others), else ""."""
+    from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+
+    last = max(order[n] for n in members)
+    for node in gm.graph.nodes:
+        if order[first] < order[node] < last and node.op == "call_function" and \
+                node.target in (_enter_autocast, _exit_autocast):
+            return f"an autocast region begins or ends between them ({node.name})"
+    return ""
 
 
 def _hoist_operands(first: Node, members: list[Node], order: dict[Node, int]) -> str:

@@ -184,6 +184,28 @@ def test_weights_made_between_the_projections_moved_before_the_first():
         "3 projections of one input → one GEMM (40 + 8 + 8 = 56 columns)"]
 
 
+class AutocastBetween(nn.Module):
+    """k under torch.autocast, q and v not: one GEMM would give them one precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.ParameterList(nn.Parameter(torch.randn(n, 32) / 32 ** 0.5) for n in (40, 8, 8))
+
+    def forward(self, x):
+        q = F.linear(x, self.w[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            k = F.linear(x, self.w[1])
+        v = F.linear(x, self.w[2])
+        return torch.cat([q, k.float(), v], -1)
+
+
+def test_autocast_region_between_the_projections_declined():
+    optimized = optimized_matches_eager(AutocastBetween(), torch.randn(3, 5, 32))
+    matches, declines = _projections(chronicals.report_of(optimized))
+    assert not matches and len(declines) == 1
+    assert "autocast region" in declines[0].reason, declines
+
+
 def test_different_inputs_left_alone():
     optimized = optimized_matches_eager(DifferentInputs(), torch.randn(3, 5, 32))
     assert _projections(chronicals.report_of(optimized)) == ([], [])
