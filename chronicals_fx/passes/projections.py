@@ -42,13 +42,12 @@ taken.
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import erase_dead, fake_call, is_kind, tensor_value
+from .graph import call_before, erase_dead, insert_call, is_kind, tensor_value
 from .lora import A_PRODUCT
 
 NAME = "projections"
@@ -148,20 +147,13 @@ def _concatenate(gm: GraphModule, first: Node, members: list[Node], widths: list
     """Replace ``members`` by one linear over their concatenated weights, at ``first``."""
     graph = gm.graph
     x = is_kind(first, "linear")["input"]
-    meta = {k: v for k, v in first.meta.items() if k not in ("example_value", "val")}
-
-    def call(target, args, kwargs=None):
-        node = graph.call_function(target, args, kwargs or {})
-        node.meta = {**meta, "example_value": fake_call(target, args, kwargs)}
-        return node
-
-    with graph.inserting_before(first):
-        weight = call(torch.cat, ([is_kind(n, "linear")["weight"] for n in members],), {"dim": 0})
-        biases = [is_kind(n, "linear")["bias"] for n in members]
-        bias = call(torch.cat, (biases,), {"dim": 0}) if biases[0] is not None else None
-        y = call(torch._C._nn.linear, (x, weight, bias))
-        parts = call(torch.split, (y, widths), {"dim": -1})
-        outputs = [call(operator.getitem, (parts, i)) for i in range(len(members))]
+    weight = call_before(graph, first, torch.cat,
+                         ([is_kind(n, "linear")["weight"] for n in members], 0))
+    biases = [is_kind(n, "linear")["bias"] for n in members]
+    bias = call_before(graph, first, torch.cat, (biases, 0)) if biases[0] is not None else None
+    y = call_before(graph, first, torch._C._nn.linear, (x, weight, bias))
+    outputs = insert_call(graph, first, torch.split, (y, widths, -1), meta_from=first,
+                          n_outputs=len(members))
     for node, out in zip(members, outputs):
         node.replace_all_uses_with(out)
     erase_dead(graph, members)
